@@ -1,0 +1,237 @@
+"""The `agent-proxy` command line.
+
+Exit codes: 0 ok; 1 runtime failure; 2 usage or configuration error. Errors are one line
+on stderr each; a user mistake never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__, config as configuration
+from .config import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A runtime failure with a message for the operator (exit 1)."""
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"agent-proxy: {message}", file=sys.stderr)
+    return code
+
+
+def _load(path: str) -> configuration.Config:
+    return configuration.load(path)
+
+
+# -- init
+
+
+def _config_text(proxy_id: str, upstream_url: str, public_url: str, directory: Path) -> str:
+    data = {
+        "proxy_id": proxy_id,
+        "public_url": public_url,
+        "upstream": {"url": upstream_url},
+        "tls": {
+            "cert_file": str(directory / "tls" / "proxy.crt"),
+            "key_file": str(directory / "tls" / "proxy.key"),
+        },
+        "shared_secret_file": str(directory / "psk"),
+    }
+    header = (
+        "# agent-proxy configuration, written by `agent-proxy init`.\n"
+        "# Every other key has a default; see the README for the full list.\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.config_dir)
+    hostnames = args.hostname or [socket.getfqdn()]
+    proxy_id = args.proxy_id or socket.gethostname().split(".")[0]
+    public_url = args.public_url or f"https://{hostnames[0]}:2002"
+    files = {
+        "config": directory / "agent-proxy.yaml",
+        "cert": directory / "tls" / "proxy.crt",
+        "key": directory / "tls" / "proxy.key",
+        "secret": directory / "psk",
+    }
+    existing = [str(p) for p in files.values() if p.exists()]
+    if existing:
+        return _fail(f"refusing to overwrite {', '.join(existing)} (nothing was changed)", EXIT_FAILURE)
+    # Validate what we are about to write before touching the disk.
+    text = _config_text(proxy_id, args.upstream_url, public_url, directory)
+    try:
+        configuration.parse(
+            {**yaml.safe_load(text), "upstream": {"url": args.upstream_url, "allow_insecure": True}},
+            "--proxy-id/--upstream-url",
+            environ={},
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"agent-proxy: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from .tlsutil import fingerprint, self_signed
+
+    cert_pem, key_pem = self_signed(hostnames[0], hostnames)
+    secret = secrets.token_hex(32)
+    written: list[Path] = []
+    try:
+        (directory / "tls").mkdir(parents=True, exist_ok=True)
+        for path, content, mode in (
+            (files["key"], key_pem, 0o600),
+            (files["secret"], (secret + "\n").encode(), 0o600),
+            (files["cert"], cert_pem, 0o644),
+            (files["config"], text.encode(), 0o640),
+        ):
+            # O_EXCL: never replace a file that appeared since the check above.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            os.chmod(path, mode)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        return _fail(f"cannot write {exc.filename}: {exc.strerror} (nothing was changed)", EXIT_FAILURE)
+
+    print(f"wrote {files['config']}, {files['cert']}, {files['key']} (0600), {files['secret']} (0600)")
+    print()
+    print(f"Hand these to the upstream for proxy_id {proxy_id}:")
+    print(f"shared secret: {secret}")
+    print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)}")
+    print(cert_pem.decode().rstrip())
+    return EXIT_OK
+
+
+# -- check-config, serve, render, register
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    config.read_secret()
+    for warning in configuration.warnings(config):
+        print(f"agent-proxy: warning: {config.source}: {warning}", file=sys.stderr)
+    print(f"{config.source}: ok (proxy_id {config.proxy_id})")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args.config, port=args.port)
+
+
+def _variables(args: argparse.Namespace) -> dict:
+    variables: dict = {}
+    for path in args.vars or []:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError([f"{path}: cannot read variables: {getattr(exc, 'strerror', None) or exc}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: variables must be a mapping"])
+        variables.update(loaded)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set {item!r}: expected key=value"])
+        try:
+            variables[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError([f"--set {item!r}: cannot parse the value"]) from None
+    return variables
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import jinja2
+
+    from .render import render
+
+    config = _load(args.config)
+    try:
+        sys.stdout.write(render(args.template, config, _variables(args)))
+    except jinja2.UndefinedError as exc:
+        return _fail(f"render {args.template}: missing variable: {exc.message} (pass it with --set or --vars)", EXIT_USAGE)
+    return EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from . import registration
+
+    config = _load(args.config)
+    action = registration.register if args.command == "register" else registration.deregister
+    print(action(config))
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"agent-proxy {__version__}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent-proxy", description="A stateless, signing agent proxy.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="configuration file (default: %(default)s)")
+        return p
+
+    p = sub.add_parser("init", help="write a config, a self-signed certificate and a shared secret")
+    p.add_argument("--config-dir", default=str(Path(configuration.DEFAULT_PATH).parent))
+    p.add_argument("--proxy-id", help="default: the short host name")
+    p.add_argument("--upstream-url", required=True, help="the control plane, e.g. https://8.7.6.5:3302")
+    p.add_argument("--public-url", help="where the upstream reaches this proxy (default: https://HOSTNAME:2002)")
+    p.add_argument("--hostname", action="append", help="name or IP for the certificate (repeatable)")
+    p.set_defaults(func=cmd_init)
+
+    p = with_config(sub.add_parser("check-config", help="validate a configuration file"))
+    p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("serve", help="run one worker"))
+    p.add_argument("--port", type=int, help="override listen.port")
+    p.set_defaults(func=cmd_serve)
+
+    from .render import TEMPLATES
+
+    p = with_config(sub.add_parser("render", help="print a rendered template"))
+    p.add_argument("template", choices=sorted(TEMPLATES))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template variable (YAML value)")
+    p.add_argument("--vars", action="append", metavar="FILE", help="a YAML file of template variables")
+    p.set_defaults(func=cmd_render)
+
+    for name, text in (("register", "register this proxy with the upstream"), ("deregister", "remove this proxy from the upstream")):
+        with_config(sub.add_parser(name, help=text)).set_defaults(func=cmd_register)
+
+    sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"agent-proxy: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""The configuration file, parsed once into a typed, immutable object.
+
+Every section is a frozen dataclass; each field carries its default and, where the type
+alone does not say enough, a check. Unknown keys are errors. Every error names the key
+and the file, and all problems are reported together, one line each.
+
+Environment variables ``AGENT_PROXY_<SECTION>__<KEY>`` override the file (values are
+read as YAML scalars or flow sequences, so ``AGENT_PROXY_LIMITS__THREADS=8`` is an int and
+``AGENT_PROXY_NETWORKS__AGENTS=[10.0.0.0/24]`` a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_PATH = "/etc/agent-proxy/agent-proxy.yaml"
+ENV_PREFIX = "AGENT_PROXY_"
+PROXY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ConfigError(Exception):
+    """One or more problems with a configuration; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# -- value checks: each takes the raw value and returns the typed one or raises ValueError
+
+
+def _int(minimum: int, maximum: int | None = None):
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return check
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional(check):
+    def optional(value: Any):
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _readable_file(value: Any) -> str:
+    path = _str(value)
+    if not os.access(path, os.R_OK) or not os.path.isfile(path):
+        raise ValueError(f"cannot read file {path}")
+    return path
+
+
+def _path(value: Any) -> str:
+    # Files that `init` creates or that only the running service needs are checked
+    # where they are used, not here, so that check-config works before `init`.
+    return _str(value)
+
+
+def _proxy_id(value: Any) -> str:
+    if not isinstance(value, str) or not PROXY_ID_RE.match(value):
+        raise ValueError(f"must match [A-Za-z0-9._-]{{1,64}}, got {value!r}")
+    return value
+
+
+def _url(value: Any) -> str:
+    text = _str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must not carry credentials, a query or a fragment, got {text!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"has a bad port, got {text!r}") from None
+    return text.rstrip("/")
+
+
+def _list_of(check):
+    def checked(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list, got {value!r}")
+        return tuple(check(item) for item in value)
+
+    return checked
+
+
+def _network(value: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=True)
+    except ValueError:
+        raise ValueError(f"is not a valid CIDR network: {value!r}") from None
+
+
+def _address(value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ValueError(f"is not an IP address: {value!r}") from None
+
+
+def _host(value: Any) -> str:
+    text = _str(value)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", text):
+            raise ValueError(f"is not an IP address or host name: {text!r}") from None
+    return text
+
+
+def _port(value: Any) -> int:
+    return _int(1, 65535)(value)
+
+
+def _choice(*choices: str):
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _setting(default: Any, check) -> Any:
+    """A dataclass field with its default and its check."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("defaults must be immutable")
+    return field(default=default, metadata={"check": check})
+
+
+def _required(check) -> Any:
+    return field(default=None, metadata={"check": check, "required": True})
+
+
+def _section(cls) -> Any:
+    return field(default_factory=cls, metadata={"section": cls})
+
+
+# -- the sections
+
+
+@dataclass(frozen=True)
+class Upstream:
+    url: str = _required(_url)
+    allow_insecure: bool = _setting(False, _bool)
+    ca_file: str | None = _setting(None, _optional(_readable_file))
+    client_cert: str | None = _setting(None, _optional(_readable_file))
+    client_key: str | None = _setting(None, _optional(_readable_file))
+    connect_timeout: float = _setting(5.0, _seconds)
+    read_timeout: float = _setting(60.0, _seconds)
+    pool_size: int = _setting(32, _int(1, 4096))
+    # /_proxy/ready answers 200 while the upstream was heard from within this window.
+    ready_window: float = _setting(120.0, _seconds)
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = _setting("127.0.0.1", _host)
+    port: int = _setting(8002, _port)
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert_file: str = _setting("/etc/agent-proxy/tls/proxy.crt", _path)
+    key_file: str = _setting("/etc/agent-proxy/tls/proxy.key", _path)
+
+
+@dataclass(frozen=True)
+class Networks:
+    agents: tuple[IPNetwork, ...] = _setting(
+        (ipaddress.ip_network("10.0.0.0/24"),), _list_of(_network)
+    )
+    upstream: tuple[IPNetwork, ...] = _setting((), _list_of(_network))
+
+
+@dataclass(frozen=True)
+class Agents:
+    ports: tuple[int, ...] = _setting((2003,), _list_of(_port))
+    tls: bool = _setting(True, _bool)
+    verify: bool = _setting(False, _bool)
+    ca_file: str | None = _setting(None, _optional(_readable_file))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = _setting(10 * 1024 * 1024, _int(0))
+    threads: int = _setting(16, _int(1, 1024))
+    auth_skew_seconds: int = _setting(300, _int(1, 86400))
+    # Requests one worker holds at once (queued in waitress or relaying); past it: 503.
+    max_in_flight: int = _setting(256, _int(1, 100000))
+    # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
+    drain_seconds: float = _setting(30.0, _seconds)
+
+
+@dataclass(frozen=True)
+class Front:
+    """The node front (HAProxy or nginx on :2002) rendered from this config."""
+
+    bind: str = _setting("0.0.0.0", _host)
+    port: int = _setting(2002, _port)
+    # Local workers on listen.port, listen.port+1, ...; 0 means one per CPU core.
+    workers: int = _setting(0, _int(0, 64))
+    # Balancers allowed to send the PROXY protocol header (nobody else may).
+    balancers: tuple[IPNetwork, ...] = _setting((), _list_of(_network))
+    # Concurrent connections one source address may hold on :2002; 0 disables the limit.
+    max_conn_per_source: int = _setting(200, _int(0, 1000000))
+    stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
+
+
+@dataclass(frozen=True)
+class Logging:
+    level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+    format: str = _setting("json", _choice("json", "text"))
+
+
+@dataclass(frozen=True)
+class Config:
+    proxy_id: str = _required(_proxy_id)
+    public_url: str | None = _setting(None, _optional(_url))
+    upstream: Upstream = _section(Upstream)
+    listen: Listen = _section(Listen)
+    # Optional separate listener for the upstream-facing paths (handshake, v2/features,
+    # agents/..., metrics); when set, the agent-facing listener refuses them.
+    listen_control: Listen | None = field(default=None, metadata={"section": Listen, "optional": True})
+    tls: Tls = _section(Tls)
+    shared_secret_file: str = _setting("/etc/agent-proxy/psk", _path)
+    trusted_proxies: tuple[IPAddress, ...] = _setting(
+        (ipaddress.ip_address("127.0.0.1"),), _list_of(_address)
+    )
+    networks: Networks = _section(Networks)
+    agents: Agents = _section(Agents)
+    limits: Limits = _section(Limits)
+    front: Front = _section(Front)
+    logging: Logging = _section(Logging)
+    # Where it came from and which keys took their default (for the start-up log).
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+    defaulted: frozenset[str] = field(default=frozenset(), compare=False, metadata={"internal": True})
+
+    @property
+    def worker_count(self) -> int:
+        return self.front.workers or (os.cpu_count() or 1)
+
+    def worker_ports(self) -> list[int]:
+        return [self.listen.port + i for i in range(self.worker_count)]
+
+    def read_secret(self) -> bytes:
+        """The shared secret's bytes (the file's text, surrounding white space removed)."""
+        try:
+            secret = Path(self.shared_secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                [f"{self.source}: shared_secret_file: cannot read {self.shared_secret_file}: {_reason(exc)}"]
+            ) from None
+        if len(secret) < 16:
+            raise ConfigError(
+                [f"{self.source}: shared_secret_file: {self.shared_secret_file} holds fewer than 16 characters"]
+            )
+        return secret.encode("utf-8")
+
+    def effective(self) -> list[tuple[str, Any, bool]]:
+        """(key, value, is_default) for every setting, for the start-up log."""
+        return [(key, value, key in self.defaulted) for key, value in _flatten(self)]
+
+
+# -- parsing
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            items.extend(_flatten(value, key + "."))
+        else:
+            items.append((key, value))
+    return items
+
+
+def _build(cls, data: Any, prefix: str, problems: list[str], defaulted: set[str]):
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: must be a mapping, got {data!r}")
+        return None
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown key")
+    values = {}
+    for name, f in known.items():
+        key = f"{prefix}{name}"
+        section = f.metadata.get("section")
+        if name not in data:
+            if section and not f.metadata.get("optional"):
+                values[name] = _build(section, {}, key + ".", problems, defaulted)
+            elif f.metadata.get("required"):
+                problems.append(f"{key}: required")
+            else:
+                defaulted.add(key)
+            continue
+        raw = data[name]
+        if section:
+            if raw is None and f.metadata.get("optional"):
+                continue
+            values[name] = _build(section, raw, key + ".", problems, defaulted)
+            continue
+        try:
+            values[name] = f.metadata["check"](raw)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        return None
+    return cls(**values)
+
+
+def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            problems.append(f"{name}: cannot parse {text!r}")
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{name}: {'.'.join(path)} is not inside a section")
+                break
+            node = child
+        else:
+            node[path[-1]] = value
+
+
+def _semantic_checks(config: Config, problems: list[str]) -> None:
+    up = urlsplit(config.upstream.url)
+    if up.scheme == "http" and not config.upstream.allow_insecure:
+        problems.append(
+            "upstream.url: plain http upstream needs upstream.allow_insecure: true"
+        )
+    if (config.upstream.client_cert is None) != (config.upstream.client_key is None):
+        problems.append("upstream.client_cert: client_cert and client_key go together")
+    if not config.networks.agents:
+        problems.append("networks.agents: at least one agent network is required")
+    if not config.agents.ports:
+        problems.append("agents.ports: at least one agent port is required")
+    control = config.listen_control
+    if control and (control.host, control.port) == (config.listen.host, config.listen.port):
+        problems.append("listen_control: must differ from listen")
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that are allowed but that an operator should hear about."""
+    found = []
+    if config.public_url and config.public_url.startswith("http:"):
+        found.append("public_url: plain http; the upstream will reach this proxy without TLS")
+    if config.upstream.url.startswith("http:"):
+        found.append("upstream.url: plain http; allowed by upstream.allow_insecure")
+    if not config.networks.upstream:
+        found.append("networks.upstream: empty; control endpoints accept any source (still signed)")
+    return found
+
+
+def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from already-loaded YAML data; raise ConfigError naming every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the file must hold a mapping of keys, got {type(data).__name__}"])
+    data = _deep_copy(data)
+    _apply_environment(data, environ if environ is not None else os.environ, problems)
+    defaulted: set[str] = set()
+    config = _build(Config, data, "", problems, defaulted)
+    if config is not None and not problems:
+        _semantic_checks(config, problems)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
+
+
+def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and parse a configuration file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {_reason(exc)}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError([f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse(data, source, environ)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
