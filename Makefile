@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test test-fast demo lab-up lab-down bench compliance image clean
+.PHONY: help deps venv test test-fast demo lab-up lab-down bench compliance image vagrant-lab clean
 
 help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
 	@echo "make image       build the appliance qcow2 and Vagrant box into out/"
+	@echo "make vagrant-lab vagrant up the balancer and one node from the box (slow under TCG)"
 
 # Debian packages, from tools/apt-packages (comments and blank lines ignored).
 deps:
@@ -37,11 +38,42 @@ $(STAMP): app/pyproject.toml
 	$(VENV)/bin/pip install -q -e 'app[test]'
 	touch $@
 
+# The whole suite: unit, integration (real waitress, HAProxy, nginx, curl on loopback),
+# the namespace lab, compliance against a lab node, the Ansible/Packer/Vagrant checks, a
+# 5-second smoke of the benchmark harness, and (unless SKIP_IMAGE=1) the VM image built,
+# booted under TCG and audited.
 test: deps venv
-	$(PYTEST) tests/unit tests/integration
+	$(PYTEST) tests/unit tests/integration tests/lab tests/compliance/test_lab_node.py
+	ansible/lint.sh
+	$(PY) -m bench --smoke
+ifneq ($(SKIP_IMAGE),1)
+	packer/test-image.sh
+endif
 
 test-fast: venv
 	$(PYTEST) -q tests/unit tests/integration
+
+demo: deps venv
+	$(PY) -m lab demo
+
+lab-up: deps venv
+	$(PY) -m lab up
+
+lab-down: venv
+	$(PY) -m lab down
+
+bench: deps venv
+	$(PY) -m bench
+
+HOSTS ?= local://
+compliance: venv
+	$(PYTEST) tests/compliance --hosts='$(HOSTS)' --junitxml=out/compliance.xml
+
+image: deps venv
+	packer/build-image.sh
+
+vagrant-lab: image
+	packer/vagrant-lab.sh
 
 clean:
 	rm -rf $(VENV) out build
