@@ -1,0 +1,150 @@
+"""One worker process: waitress serving the app, with drain on SIGTERM and reload on SIGHUP.
+
+* SIGTERM: ``/_proxy/health`` answers 503 so the front stops sending new requests; the
+  worker keeps serving until no request is in flight (at most ``limits.drain_seconds``),
+  then exits 0.
+* SIGHUP: the configuration is read again and validated; if it is good, a new app is
+  swapped in atomically for new requests (in-flight requests finish with the old one);
+  if not, the worker keeps the old one and logs one line naming the key. The listen
+  address and thread count cannot change without a restart (said in the log).
+* With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``), READY=1 is sent once listening.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from waitress.server import create_server
+
+from . import __version__, config as configuration, logs
+from .app import WorkerState, create_app
+from .config import ConfigError
+from .metrics import Metrics
+
+log = logging.getLogger("agent_proxy.server")
+
+
+def sd_notify(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+
+class Switch:
+    """The WSGI callable waitress holds; points at the current app, swapped on reload."""
+
+    def __init__(self, app):
+        self.current = app
+
+    def __call__(self, env, start_response):
+        return self.current(env, start_response)
+
+
+def _log_settings(config: configuration.Config, port: int) -> None:
+    for key, value, default in config.effective():
+        if isinstance(value, tuple):
+            value = [str(v) for v in value]
+        logs.event(log, "setting", key=key, value=value, default=default)
+    logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}", config=config.source)
+    for warning in configuration.warnings(config):
+        logs.event(log, warning, logging.WARNING)
+
+
+def serve(config_path: str, port: int | None = None) -> int:
+    config = configuration.load(config_path)
+    secret = config.read_secret()
+    logs.setup(config.logging.level, config.logging.format)
+    port = port or config.listen.port
+    _log_settings(config, port)
+
+    state, metrics = WorkerState(), Metrics()
+    switch = Switch(create_app(config, secret, state, metrics))
+    limits = config.limits
+    try:
+        server = create_server(
+            switch,
+            host=config.listen.host,
+            port=port,
+            threads=limits.threads,
+            connection_limit=2000,
+            backlog=4096,
+            asyncore_use_poll=True,
+            channel_timeout=max(120, int(config.upstream.read_timeout) + 30),
+            # waitress answers bodies far over the limit itself (a bare 413); the app
+            # answers the rest with its JSON 413. Big answers stream: keep waitress's
+            # own buffer small so that it does not hold them whole.
+            max_request_body_size=2 * limits.max_body_bytes + 1024 * 1024,
+            outbuf_high_watermark=1024 * 1024,
+            ident="agent-proxy",
+            clear_untrusted_proxy_headers=False,
+        )
+    except OSError as exc:
+        logs.event(log, f"cannot listen on {config.listen.host}:{port}: {exc.strerror}", logging.ERROR)
+        return 1
+
+    stop = threading.Event()
+
+    def drain_then_stop() -> None:
+        deadline = time.monotonic() + limits.drain_seconds
+        while time.monotonic() < deadline:
+            with state.lock:
+                if state.in_flight == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            logs.event(log, "drain time is up; exiting with requests in flight", logging.WARNING, in_flight=state.in_flight)
+        stop.set()
+
+    def on_term(signum, frame):
+        if state.draining:
+            return
+        state.draining = True
+        sd_notify("STOPPING=1")
+        logs.event(log, "draining", in_flight=state.in_flight, signal=signal.Signals(signum).name)
+        threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
+
+    def on_hup(signum, frame):
+        nonlocal config
+        try:
+            new = configuration.load(config_path)
+            new_secret = new.read_secret()
+        except ConfigError as exc:
+            logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
+            return
+        switch.current = create_app(new, new_secret, state, metrics)
+        fixed = [k for k in ("listen", "limits.threads") if _get(new, k) != _get(config, k)]
+        config = new
+        logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    sd_notify("READY=1")
+    logs.event(log, "listening", address=f"{config.listen.host}:{port}", threads=limits.threads)
+    try:
+        while not stop.is_set():
+            server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+    finally:
+        server.close()
+    logs.event(log, "stopped")
+    return 0
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
