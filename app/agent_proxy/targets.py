@@ -60,12 +60,12 @@ def parse(raw_target: str, config: Config) -> Target:
         addr = ipaddress.ip_address(ip_text)
     except ValueError:
         raise bad_target(f"{ip_text!r} is not a literal IP address (host names are never accepted)") from None
-    if str(addr) != ip_text:
-        # 010.0.0.2, 0xa.0.0.2, 167772162, 10.2, upper-case or uncompressed IPv6 ...
-        raise bad_target(f"{ip_text!r} is not in canonical form (write {addr})")
     reason = _never_allowed(addr)
     if reason:
         raise forbidden("target-forbidden", f"{ip_text} is {reason}; never a target")
+    if str(addr) != ip_text:
+        # 010.0.0.2, 0xa.0.0.2, 167772162, 10.2, upper-case or uncompressed IPv6 ...
+        raise bad_target(f"{ip_text!r} is not in canonical form (write {addr})")
     networks = config.networks.agents
     inside = [net for net in networks if addr.version == net.version and addr in net]
     if not inside:

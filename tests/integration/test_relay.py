@@ -1,0 +1,253 @@
+"""The worker as a real process (`agent-proxy serve`) against a real origin, driven by curl and urllib3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import urllib3
+import yaml
+
+from agent_proxy import signing
+from tests.helpers import SECRET, free_port, start_worker, write_config
+from tests.origin import Origin
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def origin():
+    origin = Origin().start()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(origin, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    config = write_config(tmp, origin.url + "/base", upstream={"read_timeout": 2}, limits={"max_body_bytes": MAX_BODY})
+    proc = start_worker(config, tmp)
+    port = yaml.safe_load(config.read_text())["listen"]["port"]
+    yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "config": config}
+    assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture
+def http():
+    return urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", *args], capture_output=True, timeout=60)
+
+
+def headers_of(record: dict) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, value in record["headers"]:
+        found.setdefault(name.lower(), []).append(value)
+    return found
+
+
+def test_northbound_stamps_identity_and_drops_forged_headers(worker, origin, http):
+    response = http.request(
+        "GET", worker["url"] + "/agent/v1/checkin?b=2&a=%2F1",
+        headers={
+            "X-Agent-Proxy-Id": "site-evil", "X-Agent-Proxy-Client-IP": "10.6.6.6",
+            "X-Agent-Proxy-Signature": "v1 ts=1, sig=" + "0" * 64, "Forwarded": "for=10.6.6.6",
+            "X-Forwarded-Host": "evil", "X-Real-IP": "10.6.6.6", "Connection": "X-Drop-Me",
+            "X-Drop-Me": "hop", "Proxy-Authorization": "Basic eA==", "X-Custom": "kept",
+            "X-Request-ID": "agent-chosen-id",
+        },
+    )
+    assert response.status == 200
+    seen = json.loads(response.data)
+    assert seen["target"] == "/base/agent/v1/checkin?b=2&a=%2F1"
+    got = headers_of(seen)
+    assert got["x-agent-proxy-id"] == ["site-a"]
+    assert got["x-agent-proxy-client-ip"] == ["127.0.0.1"]
+    assert got["x-forwarded-for"] == ["127.0.0.1"]
+    assert got["forwarded"] == ['for="127.0.0.1";by="site-a";proto=http']
+    assert got["x-request-id"] == ["agent-chosen-id"]
+    assert got["x-custom"] == ["kept"]
+    for dropped in ("x-forwarded-host", "x-real-ip", "x-drop-me", "proxy-authorization"):
+        assert dropped not in got
+    signing.verify_signature_header(
+        got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], "127.0.0.1",
+    )
+
+
+def test_answer_comes_back_as_the_origin_sent_it(worker):
+    cookies = curl("-i", worker["url"] + "/cookies").stdout.decode()
+    assert cookies.count("Set-Cookie:") == 2 and "a=1; Path=/" in cookies and "b=2; Path=/" in cookies
+    redirect = curl("-i", worker["url"] + "/redirect").stdout.decode()
+    assert redirect.startswith("HTTP/1.1 302") and "Location: /elsewhere" in redirect
+    direct = curl("--compressed", "-o", "/dev/null", "-w", "%{size_download}", worker["url"] + "/gzip")
+    raw = subprocess.run(["curl", "-s", worker["url"] + "/gzip"], capture_output=True, timeout=30).stdout
+    assert raw[:2] == b"\x1f\x8b"  # still gzip: nothing was decompressed on the way
+    assert int(direct.stdout) == len(raw)
+
+
+def test_origin_errors_pass_through_untouched(worker, http):
+    response = http.request("GET", worker["url"] + "/status/503")
+    assert response.status == 503 and response.data == b'{"origin": "own error"}'
+    assert "X-Agent-Proxy-Error" not in response.headers
+
+
+def test_large_upload_is_relayed_byte_for_byte(worker, origin, http):
+    body = os.urandom(6 * 1024 * 1024)
+    response = http.request("PUT", worker["url"] + "/echo", body=body)
+    assert response.status == 200
+    assert json.loads(response.data)["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chunked_upload_works(worker, tmp_path):
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    result = curl("-H", "Transfer-Encoding: chunked", "-H", "Content-Type: application/octet-stream",
+                  "--data-binary", f"@{payload}", worker["url"] + "/echo")
+    seen = json.loads(result.stdout)
+    assert seen["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+    assert seen["body_size"] == payload.stat().st_size
+
+
+def test_body_over_the_limit_is_413(worker, http):
+    response = http.request("POST", worker["url"] + "/echo", body=b"x" * (MAX_BODY + 1))
+    assert response.status == 413
+    assert response.headers["X-Agent-Proxy-Error"] == "body-too-large"
+    assert json.loads(response.data)["title"] == "Body too large"
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def test_100mb_download_streams_without_growing_memory(worker, http):
+    http.request("GET", worker["url"] + "/big?n=1048576")  # warm up
+    before = _peak_rss_kib(worker["proc"].pid)
+    response = http.request("GET", worker["url"] + "/big?n=104857600", preload_content=False)
+    received = sum(len(chunk) for chunk in response.stream(1 << 20))
+    response.release_conn()
+    assert response.status == 200 and received == 104857600
+    growth_mib = (_peak_rss_kib(worker["proc"].pid) - before) / 1024
+    assert growth_mib < 16, f"peak RSS grew {growth_mib:.1f} MiB for a 100 MB answer"
+
+
+def test_slow_upstream_is_504_within_the_read_timeout(worker, http):
+    started = time.monotonic()
+    response = http.request("GET", worker["url"] + "/slow?s=6")
+    assert response.status == 504 and response.headers["X-Agent-Proxy-Error"] == "upstream-timeout"
+    assert time.monotonic() - started < 4
+
+
+def test_upstream_down_is_502(tmp_path, http):
+    config = write_config(tmp_path, f"http://127.0.0.1:{free_port()}")
+    proc = start_worker(config, tmp_path)
+    try:
+        port = yaml.safe_load(config.read_text())["listen"]["port"]
+        response = http.request("GET", f"http://127.0.0.1:{port}/agent/v1/checkin")
+        assert response.status == 502 and response.headers["X-Agent-Proxy-Error"] == "upstream-unreachable"
+        assert "cannot connect" in json.loads(response.data)["description"]
+        ready = http.request("GET", f"http://127.0.0.1:{port}/_proxy/ready")
+        assert ready.status == 503
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(
+    "make_header, status",
+    [
+        (lambda path: None, 401),
+        (lambda path: signing.authorization(b"forged-secret-forged-secret-1234", "site-a", "GET", path), 401),
+        (lambda path: signing.authorization(SECRET.encode(), "site-a", "GET", path, ts=int(time.time()) - 900), 401),
+        (lambda path: signing.authorization(SECRET.encode(), "site-a", "GET", "/_proxy/agents/10.0.0.3/2003/x"), 401),
+        (lambda path: signing.authorization(SECRET.encode(), "site-a", "GET", path), 403),
+    ],
+    ids=["missing", "forged", "stale", "wrong-path", "valid-but-loopback-target"],
+)
+def test_southbound_signatures_and_targets(worker, http, make_header, status):
+    path = "/_proxy/agents/127.0.0.1/2003/x"
+    header = make_header(path)
+    response = http.request("GET", worker["url"] + path, headers={"Authorization": header} if header else {})
+    assert response.status == status
+    assert response.headers["X-Agent-Proxy-Error"] in ("bad-signature", "target-forbidden")
+
+
+def test_metrics_count_requests_by_direction(worker, http):
+    http.request("GET", worker["url"] + "/echo")
+    text = http.request("GET", worker["url"] + "/_proxy/metrics").data.decode()
+    assert 'agent_proxy_requests_total{code="200",direction="northbound"}' in text
+    assert "agent_proxy_request_duration_seconds_bucket" in text
+
+
+def test_one_json_log_line_per_request_without_secrets(worker, http):
+    http.request("GET", worker["url"] + "/echo?token=very-secret-query", headers={"X-Request-ID": "log-me-1"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(l) for l in worker["proc"].output().splitlines() if l.startswith("{")]
+        mine = [l for l in lines if l.get("request_id") == "log-me-1"]
+        if mine:
+            break
+        time.sleep(0.05)
+    assert len(mine) == 1
+    entry = mine[0]
+    assert {k: entry[k] for k in ("direction", "client_ip", "target", "status")} == {
+        "direction": "northbound", "client_ip": "127.0.0.1", "target": "/echo", "status": 200,
+    }
+    assert entry["bytes_out"] > 0 and entry["duration_ms"] >= 0
+    output = worker["proc"].output()
+    assert "very-secret-query" not in output and SECRET not in output
+
+
+def test_sigterm_drains_in_flight_requests(origin, tmp_path, http):
+    config = write_config(tmp_path, origin.url)
+    proc = start_worker(config, tmp_path)
+    url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(r=http.request("GET", url + "/slow?s=2")))
+    slow.start()
+    deadline = time.monotonic() + 5
+    while not any(r["target"].startswith("/slow") for r in origin.received) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert http.request("GET", url + "/_proxy/health").status == 503
+    slow.join(10)
+    assert result["r"].status == 200 and result["r"].data == b"slow answer"
+    assert proc.popen.wait(10) == 0
+
+
+def test_sighup_reloads_and_refuses_a_bad_file(origin, tmp_path, http):
+    config = write_config(tmp_path, origin.url)
+    proc = start_worker(config, tmp_path)
+    url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+    try:
+        assert http.request("GET", url + "/echo").status == 200
+        data = yaml.safe_load(config.read_text())
+        data["networks"]["agents"] = ["10.0.0.0/24"]
+        config.write_text(yaml.safe_dump(data))
+        proc.signal(signal.SIGHUP)
+        _wait_for_log(proc, "configuration reloaded")
+        assert http.request("GET", url + "/echo").status == 403
+        config.write_text(config.read_text().replace("10.0.0.0/24", "10.0.0.1/24"))
+        proc.signal(signal.SIGHUP)
+        _wait_for_log(proc, "reload refused")
+        assert "networks.agents: is not a valid CIDR network" in proc.output()
+        assert http.request("GET", url + "/echo").status == 403  # still the last good config
+        assert http.request("GET", url + "/_proxy/health").status == 200
+    finally:
+        proc.stop()
+
+
+def _wait_for_log(proc, text: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.output():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the worker never logged {text!r}:\n{proc.output()}")
+        time.sleep(0.05)

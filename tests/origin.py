@@ -1,0 +1,133 @@
+"""A small real HTTP origin for tests: records what it receives and answers on cue.
+
+Run in-process (``Origin().start()``) or as a program (``python -m tests.origin PORT
+[--tls CERT KEY]``, e.g. as an agent inside a namespace). Paths:
+
+    /echo...            JSON of method, raw target, headers (all, repeats kept), body sha256 and size
+    /slow?s=N           waits N seconds, then answers
+    /big?n=BYTES        streams BYTES bytes (chunked)
+    /redirect           302 to /elsewhere (must come back as it is)
+    /gzip               a gzip-encoded body with Content-Encoding: gzip
+    /cookies            two Set-Cookie headers
+    /status/NNN         answers NNN with a body of its own
+
+A leading /base is ignored, so that an upstream URL with a path prefix can be tested.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import ssl
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "origin"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        digest, remaining, size = hashlib.sha256(), length, 0
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            remaining -= len(chunk)
+        self._digest = digest.hexdigest()
+        return b""
+
+    def handle_any(self) -> None:
+        self._body()
+        url = urlsplit(self.path.removeprefix("/base"))
+        query = parse_qs(url.query)
+        record = {
+            "method": self.command,
+            "target": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_sha256": self._digest,
+            "body_size": int(self.headers.get("Content-Length") or 0),
+            "client": self.client_address[0],
+        }
+        self.server.received.append(record)
+        if url.path.startswith("/slow"):
+            time.sleep(float(query.get("s", ["1"])[0]))
+            self._send(200, b"slow answer")
+        elif url.path.startswith("/big"):
+            total = int(query.get("n", ["0"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = b"x" * (1 << 20)
+            while total > 0:
+                part = block[: min(total, len(block))]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                total -= len(part)
+            self.wfile.write(b"0\r\n\r\n")
+        elif url.path == "/redirect":
+            self._send(302, b"moved", [("Location", "/elsewhere")])
+        elif url.path == "/gzip":
+            self._send(200, gzip.compress(b"compressed payload " * 50), [("Content-Encoding", "gzip"), ("Content-Type", "text/plain")])
+        elif url.path == "/cookies":
+            self._send(200, b"cookies", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")])
+        elif url.path.startswith("/status/"):
+            code = int(url.path.rsplit("/", 1)[1])
+            self._send(code, b'{"origin": "own error"}', [("Content-Type", "application/json")])
+        else:
+            self._send(200, json.dumps(record).encode(), [("Content-Type", "application/json")])
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_any
+
+
+class Origin:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None):
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.server.received = []
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
+
+    @property
+    def received(self) -> list[dict]:
+        return self.server.received
+
+    def start(self) -> "Origin":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    tls = (args[2], args[3]) if len(args) >= 4 and args[1] == "--tls" else None
+    host, _, port = args[0].rpartition(":")
+    origin = Origin(host or "0.0.0.0", int(port), tls)
+    print(f"origin listening on {origin.url}", flush=True)
+    origin.server.serve_forever()

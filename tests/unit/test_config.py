@@ -1,0 +1,124 @@
+"""The configuration file: defaults, every kind of mistake named by key, environment overrides."""
+
+import ipaddress
+
+import pytest
+import yaml
+
+from agent_proxy import config as configuration
+from agent_proxy.config import ConfigError
+
+MINIMAL = {"proxy_id": "site-a", "upstream": {"url": "https://8.7.6.5:3302"}}
+
+
+def parse(data, environ=None):
+    return configuration.parse(data, "agent-proxy.yaml", environ=environ or {})
+
+
+def problems(data, environ=None):
+    with pytest.raises(ConfigError) as info:
+        parse(data, environ)
+    return info.value.problems
+
+
+def test_minimal_config_takes_every_default():
+    config = parse(MINIMAL)
+    assert config.listen.port == 8002
+    assert config.limits.max_body_bytes == 10 * 1024 * 1024
+    assert config.networks.agents == (ipaddress.ip_network("10.0.0.0/24"),)
+    assert "listen.port" in config.defaulted and "proxy_id" not in config.defaulted
+
+
+def test_config_is_immutable():
+    config = parse(MINIMAL)
+    with pytest.raises(Exception):
+        config.proxy_id = "other"
+
+
+def test_required_keys_are_named():
+    assert problems({}) == ["agent-proxy.yaml: proxy_id: required", "agent-proxy.yaml: upstream.url: required"]
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({**MINIMAL, "colour": "blue"}, "colour: unknown key"),
+        ({**MINIMAL, "limits": {"thread": 4}}, "limits.thread: unknown key"),
+        ({**MINIMAL, "proxy_id": "site a!"}, "proxy_id: must match"),
+        ({**MINIMAL, "upstream": {"url": "ftp://x"}}, "upstream.url: must be an http:// or https:// URL"),
+        ({**MINIMAL, "upstream": {"url": "http://8.7.6.5:3302"}}, "upstream.url: plain http upstream needs upstream.allow_insecure: true"),
+        ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: '10.0.0.1/24'"),
+        ({**MINIMAL, "networks": {"upstream": "8.7.6.5/32"}}, "networks.upstream: must be a list"),
+        ({**MINIMAL, "limits": {"threads": "many"}}, "limits.threads: must be a whole number, got 'many'"),
+        ({**MINIMAL, "limits": {"max_body_bytes": -1}}, "limits.max_body_bytes: must be >= 0, got -1"),
+        ({**MINIMAL, "listen": {"port": 70000}}, "listen.port: must be between 1 and 65535, got 70000"),
+        ({**MINIMAL, "upstream": {"url": "https://x", "ca_file": "/nonexistent/ca.pem"}}, "upstream.ca_file: cannot read file /nonexistent/ca.pem"),
+        ({**MINIMAL, "upstream": {"url": "https://x", "connect_timeout": 0}}, "upstream.connect_timeout: must be a positive number"),
+        ({**MINIMAL, "agents": {"tls": "yes"}}, "agents.tls: must be true or false"),
+        ({**MINIMAL, "logging": {"format": "xml"}}, "logging.format: must be one of json, text"),
+        ({**MINIMAL, "trusted_proxies": ["localhost"]}, "trusted_proxies: is not an IP address: 'localhost'"),
+        ({**MINIMAL, "limits": 5}, "limits: must be a mapping"),
+    ],
+)
+def test_each_mistake_is_one_line_naming_the_key(data, expected):
+    found = problems(data)
+    assert len(found) == 1, found
+    assert found[0].startswith("agent-proxy.yaml: ") and expected in found[0]
+
+
+def test_all_problems_are_reported_together():
+    found = problems({"proxy_id": "a", "upstream": {"url": "https://x", "pool_size": 0}, "listen": {"port": "x"}})
+    assert [p.split(": ")[1] for p in found] == ["upstream.pool_size", "listen.port"]
+
+
+def test_environment_overrides_the_file():
+    environ = {
+        "AGENT_PROXY_UPSTREAM__URL": "https://9.9.9.9:3302",
+        "AGENT_PROXY_LIMITS__THREADS": "8",
+        "AGENT_PROXY_NETWORKS__AGENTS": "[10.9.0.0/16, 10.8.0.0/16]",
+        "UNRELATED": "x",
+    }
+    config = parse(MINIMAL, environ)
+    assert config.upstream.url == "https://9.9.9.9:3302"
+    assert config.limits.threads == 8
+    assert [str(n) for n in config.networks.agents] == ["10.9.0.0/16", "10.8.0.0/16"]
+    assert "limits.threads" not in config.defaulted
+
+
+def test_unknown_environment_key_is_named():
+    assert problems(MINIMAL, {"AGENT_PROXY_LIMITS__THREADZ": "8"}) == ["agent-proxy.yaml: limits.threadz: unknown key"]
+
+
+def test_load_names_the_file_and_yaml_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("proxy_id: a\nupstream: [\n")
+    with pytest.raises(ConfigError) as info:
+        configuration.load(path, environ={})
+    assert info.value.problems[0].startswith(f"{path}: not valid YAML (line")
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        configuration.load(tmp_path / "missing.yaml", environ={})
+    assert info.value.problems == [f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"]
+
+
+def test_secret_must_exist_and_be_long_enough(tmp_path):
+    short = tmp_path / "psk"
+    short.write_text("tiny\n")
+    config = parse({**MINIMAL, "shared_secret_file": str(short)})
+    with pytest.raises(ConfigError, match="fewer than 16 characters"):
+        config.read_secret()
+    config = parse({**MINIMAL, "shared_secret_file": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match="shared_secret_file: cannot read"):
+        config.read_secret()
+
+
+def test_effective_settings_mark_defaults_and_never_hold_the_secret(tmp_path):
+    secret = tmp_path / "psk"
+    secret.write_text("s3cr3t-value-that-must-not-show\n")
+    config = parse({**MINIMAL, "shared_secret_file": str(secret)})
+    effective = {key: (value, default) for key, value, default in config.effective()}
+    assert effective["proxy_id"] == ("site-a", False)
+    assert effective["listen.port"] == (8002, True)
+    assert "s3cr3t" not in yaml.safe_dump([str(v) for v in effective.values()])
