@@ -17,12 +17,13 @@ around Falcon, because only there is the last byte of a streamed answer seen.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -31,11 +32,10 @@ import falcon
 from . import __version__, relay, signing, targets
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
-from .logs import ACCESS
+from .logs import AccessLog
 from .metrics import Metrics
 
 log = logging.getLogger("agent_proxy")
-access_log = logging.getLogger(ACCESS)
 
 # Headers an agent (or the upstream) may not set: the proxy sets its own.
 _IDENTITY_PREFIXES = ("x-forwarded-", "x-agent-proxy-")
@@ -63,6 +63,20 @@ class WorkerState:
 
 
 # -- helpers over the WSGI environ
+
+
+class RequestIds:
+    """Unique request ids without a system call each: a random process prefix and a counter."""
+
+    def __init__(self):
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def keep_or_new(self, env: dict) -> str:
+        given = env.get("HTTP_X_REQUEST_ID", "")
+        if given and _REQUEST_ID_RE.match(given):
+            return given
+        return f"{self._prefix}-{next(self._counter):x}"
 
 
 _header_names: dict[str, tuple[str, str]] = {}
@@ -143,6 +157,8 @@ class Proxy:
             relay.client_context(config.agents.ca_file, config.agents.verify) if config.agents.tls else None
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
+        self.request_ids = RequestIds()
+        self.access_log = AccessLog(config.logging.level, config.logging.format)
 
     def client_ip(self, env: dict) -> str:
         """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
@@ -242,10 +258,7 @@ class Northbound:
         target = proxy.upstream_prefix + raw_target(env)
         info["target"] = req.path
         config = proxy.config
-        request_id = env.get("HTTP_X_REQUEST_ID", "")
-        if not _REQUEST_ID_RE.match(request_id):
-            request_id = uuid.uuid4().hex
-        info["request_id"] = request_id
+        request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
         proto = proto if proto in ("http", "https") else env.get("wsgi.url_scheme", "http")
         ts = int(time.time())
@@ -283,10 +296,7 @@ class Southbound:
         info = env["agent_proxy.log"]
         target = targets.parse(raw_target(env), proxy.config)
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
-        request_id = env.get("HTTP_X_REQUEST_ID", "")
-        if not _REQUEST_ID_RE.match(request_id):
-            request_id = uuid.uuid4().hex
-        info["request_id"] = request_id
+        request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         scheme = "https" if proxy.config.agents.tls else "http"
         origin = relay.Origin(
             scheme, target.ip, target.port,
@@ -508,19 +518,19 @@ class Worker:
         duration = time.perf_counter() - started
         status = int(status_holder[0][:3]) if status_holder else 500
         self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent)
-        if access_log.isEnabledFor(logging.INFO):
-            path = env.get("PATH_INFO", "")
-            access_log.info("request", extra={"fields": {
+        access_log = self.proxy.access_log
+        if access_log.enabled:
+            access_log.write({
                 "request_id": info.get("request_id", ""),
                 "direction": info["direction"],
                 "client_ip": info["client_ip"],
                 "method": env.get("REQUEST_METHOD"),
-                "target": info.get("target", path),
+                "target": info.get("target") or env.get("PATH_INFO", ""),
                 "status": status,
                 "bytes_in": info["bytes_in"],
                 "bytes_out": sent,
                 "duration_ms": round(duration * 1000, 3),
-            }})
+            })
 
 
 class _Counted:

@@ -15,10 +15,13 @@ import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 CHUNK = 256 * 1024
+# Idle connections older than this are checked for a close by the origin before reuse.
+IDLE_CHECK_AFTER = 1.0
 # Answers up to this size are read whole; larger ones are streamed.
 BUFFER_LIMIT = 256 * 1024
 
@@ -105,7 +108,10 @@ class ConnectionCache:
             return None, False
         sock = conn.sock
         # A readable idle socket means the origin closed it (or sent garbage): drop it.
-        if sock is None or select.select([sock], [], [], 0)[0]:
+        # Origins keep idle connections for seconds, so a recently used one is not checked.
+        if sock is None or (
+            time.monotonic() - conn._agent_proxy_used > IDLE_CHECK_AFTER and select.select([sock], [], [], 0)[0]
+        ):
             self._discard(conn)
             return None, False
         return conn, True
@@ -115,6 +121,7 @@ class ConnectionCache:
         if origin in idle or len(idle) >= self._per_thread:
             old = idle.pop(origin, None) or idle.pop(next(iter(idle)))
             self._discard(old)
+        conn._agent_proxy_used = time.monotonic()
         if not getattr(conn, "_agent_proxy_counted", False):
             with self._lock:
                 if self._kept >= self._limit:
