@@ -26,6 +26,8 @@ TEMPLATES = {
     "node-nginx": "haproxy/node-nginx.conf.j2",
     "firewall-node": "firewall/node.rules.j2",
     "firewall-gateway": "firewall/gateway.rules.j2",
+    "firewall-node6": "firewall/node6.rules.j2",
+    "firewall-gateway6": "firewall/gateway6.rules.j2",
 }
 
 
