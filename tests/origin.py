@@ -100,13 +100,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Origin:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None, client_ca: str | None = None):
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.server.received = []
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
+            if client_ca:  # demand a client certificate signed by (or equal to) client_ca
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(client_ca)
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"

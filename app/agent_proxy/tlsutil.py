@@ -36,7 +36,12 @@ def self_signed(common_name: str, hostnames: list[str], days: int = 825) -> tupl
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            # Both: the proxy's certificate may also serve as its client certificate
+            # towards the upstream (upstream.client_cert).
+            x509.ExtendedKeyUsage(
+                [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False
         )
         .sign(key, hashes.SHA256())
     )
