@@ -211,8 +211,18 @@ class Proxy:
 class Guard:
     """Middleware: who may call what. Runs before routing so that nothing slips past."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: Proxy, control_port: int | None = None):
         self.proxy = proxy
+        self.control_port = str(control_port) if control_port else None
+
+    def separate_listeners(self, env: dict, path: str) -> None:
+        """With listen_control, upstream-facing paths live on their own port only."""
+        upstream_facing = path.startswith(targets.PREFIX) or path.startswith(_CONTROL_PATHS)
+        on_control_port = env.get("SERVER_PORT") == self.control_port
+        if path.startswith(_OPEN_PATHS) or upstream_facing == on_control_port:
+            return
+        where = "the control listener" if upstream_facing else "the agent listener"
+        raise ProxyError(404, "not-found", "Not found", f"{path} is served on {where} only")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         env = req.env
@@ -226,6 +236,8 @@ class Guard:
         if req.method == "CONNECT":
             raise ProxyError(405, "method-not-allowed", "Method not allowed", "CONNECT is never relayed")
         path = req.path
+        if self.control_port is not None:
+            self.separate_listeners(env, path)
         if not path.startswith("/_proxy/"):
             info["direction"] = "northbound"
             if not _in_networks(ip, proxy.config.networks.agents):
@@ -556,12 +568,18 @@ class _Counted:
             self._worker._finish(*self._args, self._sent)
 
 
-def create_app(config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None) -> Worker:
-    """Build the worker's WSGI application for ``config``; nothing is shared between calls."""
+def create_app(
+    config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None,
+    control_port: int | None = None,
+) -> Worker:
+    """Build the worker's WSGI application for ``config``; nothing is shared between calls.
+
+    ``control_port``: the port of the separate control listener (``listen_control``), if any.
+    """
     state = state or WorkerState()
     metrics = metrics or Metrics()
     proxy = Proxy(config, secret, state, metrics)
-    app = falcon.App(middleware=[Guard(proxy)], media_type=None)
+    app = falcon.App(middleware=[Guard(proxy, control_port)], media_type=None)
     app.req_options.strip_url_path_trailing_slash = False
     app.add_error_handler(ProxyError, handle_proxy_error)
     app.set_error_serializer(serialize_falcon_error)

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 
+from waitress import wasyncore
 from waitress.server import create_server
 
 from . import __version__, config as configuration, logs
@@ -69,14 +70,22 @@ def serve(config_path: str, port: int | None = None) -> int:
     port = port or config.listen.port
     _log_settings(config, port)
 
+    # With listen_control, worker N (on listen.port + N) has its control listener on
+    # listen_control.port + N.
+    control = config.listen_control
+    control_port = control.port + (port - config.listen.port) if control else None
+    listen = f"{_hostport(config.listen.host, port)}"
+    if control:
+        listen += f" {_hostport(control.host, control_port)}"
     state, metrics = WorkerState(), Metrics()
-    switch = Switch(create_app(config, secret, state, metrics))
+    switch = Switch(create_app(config, secret, state, metrics, control_port))
     limits = config.limits
+    socket_map: dict = {}
     try:
         server = create_server(
             switch,
-            host=config.listen.host,
-            port=port,
+            map=socket_map,
+            listen=listen,
             threads=limits.threads,
             connection_limit=2000,
             backlog=4096,
@@ -91,7 +100,7 @@ def serve(config_path: str, port: int | None = None) -> int:
             clear_untrusted_proxy_headers=False,
         )
     except OSError as exc:
-        logs.event(log, f"cannot listen on {config.listen.host}:{port}: {exc.strerror}", logging.ERROR)
+        logs.event(log, f"cannot listen on {listen}: {exc.strerror}", logging.ERROR)
         return 1
 
     stop = threading.Event()
@@ -123,8 +132,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
-        switch.current = create_app(new, new_secret, state, metrics)
-        fixed = [k for k in ("listen", "limits.threads") if _get(new, k) != _get(config, k)]
+        switch.current = create_app(new, new_secret, state, metrics, control_port)
+        fixed = [k for k in ("listen", "listen_control", "limits.threads") if _get(new, k) != _get(config, k)]
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
 
@@ -132,14 +141,19 @@ def serve(config_path: str, port: int | None = None) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     sd_notify("READY=1")
-    logs.event(log, "listening", address=f"{config.listen.host}:{port}", threads=limits.threads)
+    logs.event(log, "listening", address=listen, threads=limits.threads)
     try:
         while not stop.is_set():
-            server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+            wasyncore.loop(timeout=0.2, map=socket_map, use_poll=True, count=1)
     finally:
-        server.close()
+        server.task_dispatcher.shutdown()
+        wasyncore.close_all(socket_map)
     logs.event(log, "stopped")
     return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _get(config, dotted: str):

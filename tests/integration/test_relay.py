@@ -251,3 +251,22 @@ def _wait_for_log(proc, text: str, timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the worker never logged {text!r}:\n{proc.output()}")
         time.sleep(0.05)
+
+
+def test_control_listener_separates_upstream_and_agent_paths(origin, tmp_path, http):
+    control_port = free_port()
+    config = write_config(tmp_path, origin.url, listen_control={"host": "127.0.0.1", "port": control_port})
+    proc = start_worker(config, tmp_path)
+    agent_url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+    control_url = f"http://127.0.0.1:{control_port}"
+    try:
+        auth = {"Authorization": signing.authorization(SECRET.encode(), "site-a", "GET", "/_proxy/v2/features")}
+        on_agent_port = http.request("GET", agent_url + "/_proxy/v2/features", headers=auth)
+        assert on_agent_port.status == 404 and on_agent_port.headers["X-Agent-Proxy-Error"] == "not-found"
+        assert http.request("GET", control_url + "/_proxy/v2/features", headers=auth).status == 200
+        assert http.request("GET", agent_url + "/echo").status == 200
+        assert http.request("GET", control_url + "/echo").status == 404
+        for url in (agent_url, control_url):
+            assert http.request("GET", url + "/_proxy/health").status == 200
+    finally:
+        assert proc.stop() == 0
