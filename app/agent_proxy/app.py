@@ -34,6 +34,7 @@ from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
 from .logs import AccessLog
 from .metrics import Metrics
+from .overload import rejecting
 
 log = logging.getLogger("agent_proxy")
 
@@ -497,8 +498,7 @@ class Worker:
         info = env["agent_proxy.log"] = {"direction": "local", "client_ip": env.get("REMOTE_ADDR", ""), "bytes_in": 0}
         with state.lock:
             state.in_flight += 1
-            over = state.in_flight > proxy.config.limits.max_in_flight
-        if over:
+        if rejecting() and not env.get("PATH_INFO", "").startswith(_OPEN_PATHS):
             self._leave()
             proxy.metrics.rejected.labels("overload").inc()
             start_response("503 Service Unavailable", [

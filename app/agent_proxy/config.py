@@ -223,7 +223,7 @@ class Limits:
     threads: int = _setting(16, _int(1, 1024))
     auth_skew_seconds: int = _setting(300, _int(1, 86400))
     # Requests one worker holds at once (queued in waitress or relaying); past it: 503.
-    max_in_flight: int = _setting(256, _int(1, 100000))
+    max_in_flight: int = _setting(64, _int(1, 100000))
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
     drain_seconds: float = _setting(30.0, _seconds)
 

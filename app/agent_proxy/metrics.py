@@ -40,7 +40,10 @@ class Metrics:
             "agent_proxy_rejected", "Requests refused before relaying, by reason",
             ["reason"], registry=self.registry,
         )
-        self.in_flight = Gauge("agent_proxy_in_flight", "Requests being handled now", registry=self.registry)
+        self.held = Gauge(
+            "agent_proxy_held_requests", "Requests being served or queued for a thread (bounded by limits.max_in_flight)",
+            registry=self.registry,
+        )
         self._children: dict = {}
 
     def observe(self, direction: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:

@@ -26,6 +26,7 @@ from . import __version__, config as configuration, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
 from .metrics import Metrics
+from .overload import BoundedDispatcher
 
 log = logging.getLogger("agent_proxy.server")
 
@@ -81,10 +82,14 @@ def serve(config_path: str, port: int | None = None) -> int:
     switch = Switch(create_app(config, secret, state, metrics, control_port))
     limits = config.limits
     socket_map: dict = {}
+    dispatcher = BoundedDispatcher(limits.max_in_flight)
+    dispatcher.set_thread_count(limits.threads)
+    metrics.held.set_function(dispatcher.held)
     try:
         server = create_server(
             switch,
             map=socket_map,
+            _dispatcher=dispatcher,
             listen=listen,
             threads=limits.threads,
             connection_limit=2000,

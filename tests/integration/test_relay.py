@@ -270,3 +270,31 @@ def test_control_listener_separates_upstream_and_agent_paths(origin, tmp_path, h
             assert http.request("GET", url + "/_proxy/health").status == 200
     finally:
         assert proc.stop() == 0
+
+
+def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
+    config = write_config(tmp_path, origin.url, limits={"threads": 2, "max_in_flight": 2})
+    proc = start_worker(config, tmp_path)
+    url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+    try:
+        slow = [threading.Thread(target=http.request, args=("GET", url + "/slow?s=2")) for _ in range(2)]
+        for thread in slow:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while sum(r["target"].startswith("/slow") for r in origin.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(5):
+            started = time.monotonic()
+            response = http.request("GET", url + "/echo")
+            elapsed = time.monotonic() - started
+            assert response.status == 503 and response.headers["Retry-After"] == "1"
+            assert response.headers["X-Agent-Proxy-Error"] == "overloaded"
+            assert elapsed < 0.05, f"the refusal took {elapsed * 1000:.0f} ms"
+        assert http.request("GET", url + "/_proxy/health").status == 200  # the balancer still sees it alive
+        for thread in slow:
+            thread.join(10)
+        assert http.request("GET", url + "/echo").status == 200
+        metrics = http.request("GET", url + "/_proxy/metrics").data.decode()
+        assert 'agent_proxy_rejected_total{reason="overload"} 5.0' in metrics
+    finally:
+        proc.stop()
