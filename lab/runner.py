@@ -1,0 +1,598 @@
+"""The namespace lab: lab/topology.yaml built from network namespaces and real processes.
+
+    lab = Lab()                  # or Lab(workdir=..., prefix=...) for a second lab
+    lab.up()                     # namespaces, firewalls, upstream, nodes, balancer, agents
+    lab.nodes["node1"].namespace # per-node facts: config path, ports, PIDs (see NodeInfo)
+    lab.down()                   # stops exactly the recorded PIDs, deletes exactly its namespaces
+
+Everything the lab writes lives under its work directory; its state file records every
+namespace and process as soon as it exists, so `Lab.from_state(workdir).down()` (what
+`python -m lab down` does) finds everything even after a crash. Nothing is added to the
+root namespace: links are created inside namespaces, and no namespace has a link out.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from . import netns, procs, topology
+from .procs import Proc
+from .topology import Host, Site, Topology
+
+DEFAULT_WORKDIR = Path("/run/agent-proxy-lab")
+DEFAULT_PREFIX = "aplab-"
+STATE_FILE = "state.json"
+MARKER = ".agent-proxy-lab"
+VENV_BIN = Path(sys.executable).parent
+AGENT_PROXY = str(VENV_BIN / "agent-proxy")
+LB_MONITOR_PORT = 8404
+REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "haproxy")
+
+
+class LabError(Exception):
+    """Something in the lab did not come up or did not behave; the message names it."""
+
+
+@dataclass
+class NodeInfo:
+    """One proxy node (or the balancer) as the lab built it."""
+
+    name: str
+    role: str                  # proxy-node or balancer
+    site: str
+    proxy_id: str
+    namespace: str
+    address: str              # its address on the site's service network
+    directory: str            # its own folder: config, certificate, secret, rendered files
+    config_path: str          # agent-proxy.yaml (for a balancer: the config it was rendered from)
+    front_port: int           # HAProxy on this port (node front or balancer)
+    worker_ports: list[int]   # agent-proxy workers on 127.0.0.1 (none on a balancer)
+    haproxy_config: str
+    firewall_rules: str | None = None    # iptables-restore file applied (proxy nodes)
+    firewall6_rules: str | None = None
+    pids: dict[str, int] = field(default_factory=dict)   # "front", "worker-8002", ...
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class Lab:
+    def __init__(self, workdir: Path | str = DEFAULT_WORKDIR, prefix: str = DEFAULT_PREFIX,
+                 topology_file: Path | str = topology.TOPOLOGY_FILE, say: Callable[[str], None] = _say):
+        self.workdir = Path(workdir)
+        self.prefix = prefix
+        self.topology_file = Path(topology_file)
+        self.topology: Topology = topology.load(self.topology_file)
+        self.say = say
+        self.namespaces: list[str] = []
+        self.processes: dict[str, Proc] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+
+    # -- names and state
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}{host}"
+
+    def switch_ns(self, network: str) -> str:
+        return f"{self.prefix}sw-{network}"
+
+    @property
+    def state_path(self) -> Path:
+        return self.workdir / STATE_FILE
+
+    def save(self) -> None:
+        state = {
+            "prefix": self.prefix,
+            "topology_file": str(self.topology_file),
+            "namespaces": self.namespaces,
+            "processes": {name: p.to_dict() for name, p in self.processes.items()},
+            "nodes": {name: asdict(n) for name, n in self.nodes.items()},
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_path)
+
+    @classmethod
+    def from_state(cls, workdir: Path | str = DEFAULT_WORKDIR, say: Callable[[str], None] = _say) -> "Lab":
+        path = Path(workdir) / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab state at {path}: nothing to do (is the lab up? `python -m lab up`)") from None
+        lab = cls(workdir, state["prefix"], state["topology_file"], say)
+        lab.namespaces = state["namespaces"]
+        lab.processes = {name: Proc.from_dict(p) for name, p in state["processes"].items()}
+        lab.nodes = {name: NodeInfo(**n) for name, n in state["nodes"].items()}
+        return lab
+
+    # -- the whole thing
+
+    def up(self) -> "Lab":
+        """Build and start everything, register both proxies, start the agents; tear down on failure."""
+        try:
+            self.build()
+            self.start_services()
+            for site in self.topology.sites.values():
+                self.register(site.name)
+            self.start_agents()
+            self.wait_for_agents()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def build(self) -> None:
+        """Namespaces, links, addresses, routes, files, firewalls; no process yet."""
+        self._preflight()
+        self._fresh_workdir()
+        self.save()
+        self._build_network()
+        self._write_files()
+        self._apply_firewalls()
+        self.save()
+
+    def start_services(self) -> None:
+        """The upstream, every node's workers and front, the balancers; each waited for."""
+        self._start_upstream()
+        for node in self._proxy_nodes():
+            self.start_node(node.name)
+        for site in self.topology.sites.values():
+            if site.balancer:
+                self._start_balancer(site)
+
+    # -- preflight
+
+    def _preflight(self) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, iptables in them)")
+        missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise LabError(f"missing tools: {', '.join(missing)} (run `make deps`)")
+        if self.state_path.exists():
+            raise LabError(f"a lab is already recorded in {self.state_path}: run `python -m lab down` first")
+        leftover = [n for n in netns.names() if n.startswith(self.prefix)]
+        if leftover:
+            raise LabError(f"namespaces with prefix {self.prefix!r} exist already: {', '.join(leftover)}")
+
+    def _fresh_workdir(self) -> None:
+        """An empty work directory; one left by an earlier lab (marked as ours) is cleared."""
+        marker = self.workdir / MARKER
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            if not marker.exists():
+                raise LabError(f"{self.workdir} exists and is not a lab work directory; choose another (--workdir)")
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.write_text("work directory of the agent-proxy namespace lab; `python -m lab down` stops it\n")
+
+    # -- network
+
+    def _add_namespace(self, name: str) -> None:
+        self.namespaces.append(name)   # recorded first: a failed add is still cleaned up
+        self.save()
+        netns.add(name)
+
+    def _build_network(self) -> None:
+        topo = self.topology
+        for host in topo.hosts.values():
+            self._add_namespace(self.ns(host.name))
+        ifnames = {(h.name, i.network): f"eth{n}" for h in topo.hosts.values() for n, i in enumerate(h.interfaces)}
+        for network in topo.networks.values():
+            members = topo.members(network.name)
+            if len(members) == 2:
+                (h1, i1), (h2, i2) = members
+                netns.link(self.ns(h1.name), ifnames[h1.name, network.name], i1.cidr,
+                           self.ns(h2.name), ifnames[h2.name, network.name], i2.cidr)
+            elif len(members) > 2:
+                switch = self.switch_ns(network.name)
+                self._add_namespace(switch)
+                netns.bridge(switch, "br0")
+                for host, iface in members:
+                    netns.attach(switch, "br0", f"to-{host.name}"[:15], self.ns(host.name),
+                                 ifnames[host.name, network.name], iface.cidr)
+        for host in topo.hosts.values():
+            ns = self.ns(host.name)
+            if host.forwarding:
+                netns.forwarding(ns)
+            for route in host.routes:
+                netns.route(ns, route.to, route.via)
+            if host.gateway:
+                netns.route(ns, "default", host.gateway)
+
+    # -- files
+
+    def host_dir(self, host: str) -> Path:
+        return self.workdir / host
+
+    def _proxy_nodes(self) -> list[Host]:
+        return self.topology.by_role("proxy-node")
+
+    def _write_files(self) -> None:
+        topo = self.topology
+        from agent_proxy.tlsutil import self_signed
+
+        up_dir = self.host_dir(topo.upstream_host)
+        up_dir.mkdir(parents=True, exist_ok=True)
+        cert, key = self_signed("upstream", [topo.upstream_address])
+        (up_dir / "upstream.crt").write_bytes(cert)
+        _write_private(up_dir / "upstream.key", key)
+
+        for site in topo.sites.values():
+            site_dir = self.workdir / "sites" / site.name
+            # What an operator does once per proxy_id; the files then go to every node.
+            _check([AGENT_PROXY, "init", "--config-dir", str(site_dir), "--proxy-id", site.proxy_id,
+                    "--upstream-url", self.upstream_url, "--public-url", self.public_url(site),
+                    "--hostname", site.public_address, "--hostname", site.site_address],
+                   f"agent-proxy init for {site.name}")
+            for name in site.nodes:
+                self._write_node(site, site_dir, topo.hosts[name])
+            if site.balancer:
+                self._write_balancer(site, topo.hosts[site.balancer])
+        (self.workdir / "proxy-certs.pem").write_bytes(
+            b"".join((self.workdir / "sites" / s / "tls" / "proxy.crt").read_bytes() for s in topo.sites))
+
+    @property
+    def upstream_url(self) -> str:
+        return f"https://{self.topology.upstream_address}:{self.topology.upstream_port}"
+
+    def public_url(self, site: Site) -> str:
+        return f"https://{site.public_address}:{self.topology.proxy_port}"
+
+    def _node_config(self, site: Site, directory: Path, stats_socket: Path) -> dict:
+        topo = self.topology
+        balancer = topo.hosts[site.balancer].address if site.balancer else None
+        return {
+            "proxy_id": site.proxy_id,
+            "public_url": self.public_url(site),
+            "upstream": {"url": self.upstream_url, "ca_file": str(self.host_dir(topo.upstream_host) / "upstream.crt"),
+                         "connect_timeout": 3, "read_timeout": 15},
+            "listen": {"host": "127.0.0.1", "port": topo.worker_port},
+            "tls": {"cert_file": str(directory / "tls" / "proxy.crt"), "key_file": str(directory / "tls" / "proxy.key")},
+            "shared_secret_file": str(directory / "psk"),
+            "trusted_proxies": ["127.0.0.1"],
+            "networks": {"agents": [str(topo.networks[site.agent_network].cidr)],
+                         "upstream": [f"{topo.upstream_address}/32"]},
+            "agents": {"ports": [topo.agent_port], "tls": True, "verify": False},
+            "front": {"bind": "0.0.0.0", "port": topo.proxy_port, "workers": topo.workers,
+                      "balancers": [f"{balancer}/32"] if balancer else [], "stats_socket": str(stats_socket)},
+            "logging": {"level": "info", "format": "json"},
+        }
+
+    def _write_node(self, site: Site, site_dir: Path, host: Host) -> None:
+        directory = self.host_dir(host.name)
+        (directory / "tls").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site_dir / "tls" / "proxy.crt", directory / "tls" / "proxy.crt")
+        shutil.copy2(site_dir / "tls" / "proxy.key", directory / "tls" / "proxy.key")
+        shutil.copy2(site_dir / "psk", directory / "psk")
+        config_path = directory / "agent-proxy.yaml"
+        config_path.write_text(yaml.safe_dump(self._node_config(site, directory, directory / "haproxy.sock"), sort_keys=False))
+        _check([AGENT_PROXY, "check-config", "-c", str(config_path)], f"check-config for {host.name}")
+        haproxy_cfg = directory / "haproxy.cfg"
+        haproxy_cfg.write_text(self._render("node-haproxy", config_path, {"log_format": "raw"}))
+        _check(["haproxy", "-c", "-q", "-f", str(haproxy_cfg)], f"haproxy -c for {host.name}")
+        rules, rules6 = directory / "firewall.rules", directory / "firewall6.rules"
+        rules.write_text(self._render("firewall-node", config_path, {}))
+        rules6.write_text(self._render("firewall-node6", config_path, {}))
+        topo = self.topology
+        self.nodes[host.name] = NodeInfo(
+            name=host.name, role="proxy-node", site=site.name, proxy_id=site.proxy_id, namespace=self.ns(host.name),
+            address=self._address_on(host, site.service_network), directory=str(directory), config_path=str(config_path),
+            front_port=topo.proxy_port, worker_ports=[topo.worker_port + i for i in range(topo.workers)],
+            haproxy_config=str(haproxy_cfg), firewall_rules=str(rules), firewall6_rules=str(rules6),
+        )
+
+    def _write_balancer(self, site: Site, host: Host) -> None:
+        directory = self.host_dir(host.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The balancer is rendered from the site's proxy config (its port and timeouts)
+        # plus the node list; it holds no key (TLS passes through to the nodes).
+        node_dir = self.host_dir(site.nodes[0])
+        config_path = directory / "agent-proxy.yaml"
+        config_path.write_text(yaml.safe_dump(self._node_config(site, node_dir, directory / "haproxy.sock"), sort_keys=False))
+        nodes = [{"name": n, "address": self._address_on(self.topology.hosts[n], site.service_network)} for n in site.nodes]
+        (directory / "nodes.yaml").write_text(yaml.safe_dump({"nodes": nodes, "monitor_port": LB_MONITOR_PORT, "log_format": "raw"}))
+        haproxy_cfg = directory / "haproxy.cfg"
+        haproxy_cfg.write_text(self._render("lb-haproxy", config_path, vars_file=directory / "nodes.yaml"))
+        _check(["haproxy", "-c", "-q", "-f", str(haproxy_cfg)], f"haproxy -c for {host.name}")
+        self.nodes[host.name] = NodeInfo(
+            name=host.name, role="balancer", site=site.name, proxy_id=site.proxy_id, namespace=self.ns(host.name),
+            address=self._address_on(host, site.service_network), directory=str(directory), config_path=str(config_path),
+            front_port=self.topology.proxy_port, worker_ports=[], haproxy_config=str(haproxy_cfg),
+        )
+
+    def _address_on(self, host: Host, network: str) -> str:
+        return next(str(i.address) for i in host.interfaces if i.network == network)
+
+    def _render(self, template: str, config_path: Path, variables: dict | None = None, vars_file: Path | None = None) -> str:
+        argv = [AGENT_PROXY, "render", template, "-c", str(config_path)]
+        for key, value in (variables or {}).items():
+            argv += ["--set", f"{key}={json.dumps(value)}"]
+        if vars_file:
+            argv += ["--vars", str(vars_file)]
+        return _check(argv, f"agent-proxy render {template} -c {config_path}")
+
+    # -- firewalls
+
+    def gateway_variables(self, site: Site) -> dict:
+        topo = self.topology
+        return {
+            "public_address": site.public_address,
+            "site_address": site.site_address,
+            "upstream_sources": [f"{topo.upstream_address}/32"],
+            "egress": [{"source": str(topo.networks[site.service_network].cidr),
+                        "destination": f"{topo.upstream_address}/32", "port": topo.upstream_port}],
+        }
+
+    def _apply_firewalls(self) -> None:
+        for node in self.nodes.values():
+            if node.role == "proxy-node":
+                self.apply_rules(node.namespace, Path(node.firewall_rules))
+                self.apply_rules(node.namespace, Path(node.firewall6_rules), six=True)
+        for site in self.topology.sites.values():
+            directory = self.host_dir(site.gateway)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "gateway.yaml").write_text(yaml.safe_dump(self.gateway_variables(site)))
+            config_path = self.nodes[site.nodes[0]].config_path
+            rules, rules6 = directory / "gateway.rules", directory / "gateway6.rules"
+            rules.write_text(self._render("firewall-gateway", Path(config_path), vars_file=directory / "gateway.yaml"))
+            rules6.write_text(self._render("firewall-gateway6", Path(config_path)))
+            self.apply_rules(self.ns(site.gateway), rules)
+            self.apply_rules(self.ns(site.gateway), rules6, six=True)
+
+    @staticmethod
+    def apply_rules(namespace: str, rules: Path, six: bool = False) -> None:
+        """Check the file with `--test`, then apply it in one step, inside ``namespace``."""
+        tool = "ip6tables-restore" if six else "iptables-restore"
+        for argv in ([tool, "--test", str(rules)], [tool, str(rules)]):
+            result = netns.ns_run(namespace, argv, check=False)
+            if result.returncode != 0:
+                raise LabError(f"{' '.join(argv)} in {namespace} failed: {result.stderr.strip()}")
+
+    # -- processes
+
+    def spawn(self, name: str, host: str, argv: list[str]) -> Proc:
+        proc = procs.start(name, self.ns(host), argv, self.workdir / "logs" / f"{name.replace('/', '-')}.log")
+        self.processes[name] = proc
+        self.save()
+        return proc
+
+    def _start_upstream(self) -> None:
+        topo = self.topology
+        up_dir = self.host_dir(topo.upstream_host)
+        argv = [sys.executable, "-m", "agent_proxy.reference.upstream",
+                "--listen", f"0.0.0.0:{topo.upstream_port}",
+                "--cert", str(up_dir / "upstream.crt"), "--key", str(up_dir / "upstream.key"),
+                "--proxy-ca", str(self.workdir / "proxy-certs.pem")]
+        for site in topo.sites.values():
+            argv += ["--proxy", f"{site.proxy_id}={self.workdir / 'sites' / site.name / 'psk'}"]
+        proc = self.spawn("upstream", topo.upstream_host, argv)
+        self.wait_port(topo.upstream_host, topo.upstream_address, topo.upstream_port, "the reference upstream", proc)
+
+    def start_node(self, name: str) -> None:
+        """A node's workers, then its front; returns once the front passes a request to a worker."""
+        node = self.nodes[name]
+        host = self.topology.hosts[name]
+        for port in node.worker_ports:
+            proc = self.spawn(f"{name}/worker-{port}", name, [AGENT_PROXY, "serve", "-c", node.config_path, "--port", str(port)])
+            node.pids[f"worker-{port}"] = proc.pid
+        for port in node.worker_ports:
+            self.wait_port(host.name, "127.0.0.1", port, f"{name}'s worker", self.processes[f"{name}/worker-{port}"])
+        proc = self.spawn(f"{name}/front", name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
+        node.pids["front"] = proc.pid
+        self.save()
+        self.wait_port(host.name, node.address, node.front_port, f"{name}'s front (HAProxy)", proc)
+        self.wait_http(host.name, node.address, node.front_port, "/_proxy/health", f"{name}'s front to its workers", tls=True)
+
+    def _start_balancer(self, site: Site) -> None:
+        node = self.nodes[site.balancer]
+        proc = self.spawn(f"{node.name}/front", node.name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
+        node.pids["front"] = proc.pid
+        self.save()
+        self.wait_port(node.name, node.address, node.front_port, f"{node.name} (HAProxy balancer)", proc)
+        # Ready when the balancer's own health says a node is up (health checks passed).
+        self.wait_http(node.name, node.address, LB_MONITOR_PORT, "/_lb/health", f"{node.name}'s health (a node up)")
+
+    def register(self, site_name: str) -> str:
+        """`agent-proxy register` from the site's first node; the upstream handshakes back."""
+        site = self.topology.sites[site_name]
+        node = self.nodes[site.nodes[0]]
+        result = netns.ns_run(node.namespace, [AGENT_PROXY, "register", "-c", node.config_path], check=False, timeout=60)
+        if result.returncode != 0:
+            raise LabError(f"register {site.proxy_id} from {node.name} failed (exit {result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()}")
+        return result.stdout.strip()
+
+    def start_agents(self) -> None:
+        topo = self.topology
+        for site in topo.sites.values():
+            for name in site.agents:
+                host = topo.hosts[name]
+                state = self.host_dir(name)
+                state.mkdir(parents=True, exist_ok=True)
+                argv = [sys.executable, "-m", "agent_proxy.reference.agent",
+                        "--endpoint", f"https://{site.site_address}:{topo.proxy_port}",
+                        "--listen", f"{host.address}:{topo.agent_port}", "--instance-id", name,
+                        "--checkin-interval", "5", "--max-backoff", "2",
+                        "--ca-file", str(self.workdir / "sites" / site.name / "tls" / "proxy.crt"),
+                        "--state-file", str(state / "agent-state.json")]
+                self.spawn(name, name, argv)
+        for site in topo.sites.values():
+            for name in site.agents:
+                host = topo.hosts[name]
+                self.wait_port(name, host.address, topo.agent_port, f"agent {name}", self.processes[name])
+
+    def wait_for_agents(self, timeout: float = 30) -> list[dict]:
+        """Until the upstream lists every agent of the topology under its site's proxy_id."""
+        topo = self.topology
+        wanted = {(site.proxy_id, topo.hosts[a].address, a) for site in topo.sites.values() for a in site.agents}
+        deadline = time.monotonic() + timeout
+        seen: set = set()
+        while time.monotonic() < deadline:
+            status, body = self.operator("GET", "/operator/v1/agents")
+            if status == 200:
+                agents = json.loads(body)
+                seen = {(a["proxy_id"], a["ip"], a["instance_id"]) for a in agents}
+                if wanted <= seen:
+                    return agents
+            time.sleep(0.2)
+        missing = ", ".join(f"{i} ({p} {ip})" for p, ip, i in sorted(wanted - seen))
+        raise LabError(f"agents did not handshake with the upstream within {timeout:g} s: {missing}")
+
+    # -- talking to things inside the lab
+
+    def operator(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+        """A call to the upstream's operator API, from inside the upstream's namespace."""
+        topo = self.topology
+        cafile = str(self.host_dir(topo.upstream_host) / "upstream.crt")
+
+        def call():
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = False   # 127.0.0.1 is not in the certificate; the key is
+            conn = http.client.HTTPSConnection("127.0.0.1", topo.upstream_port, timeout=timeout, context=context)
+            try:
+                data = json.dumps(body).encode() if body is not None else None
+                conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+                answer = conn.getresponse()
+                return answer.status, answer.read()
+            finally:
+                conn.close()
+
+        return netns.call_in(self.ns(topo.upstream_host), call, timeout=timeout + 5)
+
+    def connect(self, host: str, address: str, port: int, timeout: float) -> float:
+        """Open a TCP connection from ``host``'s namespace; returns the seconds it took (raises OSError)."""
+
+        def attempt():
+            started = time.monotonic()
+            socket.create_connection((address, port), timeout).close()
+            return time.monotonic() - started
+
+        return netns.call_in(self.ns(host), attempt, timeout=timeout + 5)
+
+    def wait_port(self, host: str, address: str, port: int, what: str, proc: Proc | None = None, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and not procs.alive(proc):
+                raise LabError(f"{what} exited (status {procs.exit_status(proc)}) before listening on "
+                               f"{address}:{port} in {self.ns(host)}:\n{_tail(proc.log)}")
+            try:
+                self.connect(host, address, port, 0.5)
+                return
+            except OSError:
+                time.sleep(0.05)
+        detail = f"\n{_tail(proc.log)}" if proc is not None else ""
+        raise LabError(f"{what} did not listen on {address}:{port} in {self.ns(host)} within {timeout:g} s{detail}")
+
+    def wait_http(self, host: str, address: str, port: int, path: str, what: str, tls: bool = False, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status, body = self.http(host, address, port, "GET", path, tls=tls, timeout=2)
+                if status == 200:
+                    return
+                last = f"{status} {body[:200]!r}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise LabError(f"{what}: GET {path} on {address}:{port} in {self.ns(host)} did not answer 200 within {timeout:g} s (last: {last})")
+
+    def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
+             timeout: float = 10) -> tuple[int, bytes]:
+        """One HTTP(S) request from ``host``'s namespace (certificates not verified: lab probes)."""
+
+        def call():
+            if tls:
+                conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=ssl._create_unverified_context())
+            else:
+                conn = http.client.HTTPConnection(address, port, timeout=timeout)
+            try:
+                conn.request(method, path)
+                answer = conn.getresponse()
+                return answer.status, answer.read()
+            finally:
+                conn.close()
+
+        return netns.call_in(self.ns(host), call, timeout=timeout + 5)
+
+    # -- stopping
+
+    def stop_node(self, name: str, signum: int = signal.SIGKILL) -> list[str]:
+        """Take a node away: its front and workers get ``signum`` (default: killed outright)."""
+        node = self.nodes[name]
+        stopped = []
+        for key in sorted(node.pids, key=lambda k: k != "front"):
+            proc = self.processes[f"{name}/{key}"]
+            if procs.alive(proc):
+                os.kill(proc.pid, signum)
+            stopped.append(f"{key} pid {proc.pid}")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            # HAProxy's own worker processes go when their master goes; wait for the namespace to be empty.
+            if not any(procs.alive(self.processes[f"{name}/{k}"]) for k in node.pids) and not netns.pids(node.namespace):
+                for key in node.pids:
+                    procs.stop(self.processes[f"{name}/{key}"])  # reaps
+                return stopped
+            time.sleep(0.05)
+        raise LabError(f"{name}: processes still running 10 s after signal {signum}: {netns.pids(node.namespace)}")
+
+    def down(self, timeout: float = 10) -> list[str]:
+        """Stop every recorded process (SIGTERM, SIGKILL after ``timeout``), delete every recorded namespace."""
+        report = []
+        for name, proc in reversed(list(self.processes.items())):
+            outcome = procs.stop(proc, timeout)
+            if outcome not in ("stopped", "already gone"):
+                report.append(f"{name} (pid {proc.pid}): {outcome}")
+        for ns in reversed(self.namespaces):
+            strays = netns.pids(ns) if netns.exists(ns) else []
+            if strays:
+                report.append(f"{ns}: processes the lab did not start are still inside: {strays} (not touched)")
+            netns.delete(ns)
+        left = [p for p in self.processes.values() if procs.alive(p)]
+        if not left and self.state_path.exists():
+            self.state_path.unlink()
+        self.processes, self.namespaces = {}, []
+        return report
+
+    def status(self) -> list[str]:
+        lines = []
+        existing = set(netns.names())
+        for ns in self.namespaces:
+            lines.append(f"namespace {ns}: {'present' if ns in existing else 'MISSING'}")
+        for name, proc in self.processes.items():
+            lines.append(f"{name:22} pid {proc.pid:<7} {'running' if procs.alive(proc) else 'NOT RUNNING'}  log {proc.log}")
+        return lines
+
+
+def _check(argv: list[str], what: str, timeout: float = 60) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise LabError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
+    return result.stdout
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
