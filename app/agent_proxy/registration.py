@@ -1,0 +1,135 @@
+"""`agent-proxy register` and `deregister`: tell the upstream where this proxy is.
+
+    POST   {upstream.url}/api/v1/agent-proxies               {"proxy_id","url","version"}
+    DELETE {upstream.url}/api/v1/agent-proxies/{proxy_id}
+
+Both are signed with the shared secret (X-Agent-Proxy-Id, X-Agent-Proxy-Signature; empty
+client IP). On a POST the upstream calls this proxy back at ``public_url`` to handshake
+before it answers, so a proxy that is down or unreachable from the upstream cannot
+register. Every failure becomes one line that says what to look at.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from urllib.parse import quote, urlsplit
+
+from . import __version__, signing
+from .cli import CommandError
+from .config import Config
+
+API = "/api/v1/agent-proxies"
+
+
+class _Upstream:
+    """One signed request to the upstream, with the config's TLS settings and timeouts."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.url = config.upstream.url
+        self.parts = urlsplit(self.url)
+        self.secret = config.read_secret()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        up, parts = self.config.upstream, self.parts
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=up.ca_file)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if up.client_cert:
+                context.load_cert_chain(up.client_cert, up.client_key)
+            return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=up.connect_timeout, context=context)
+        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=up.connect_timeout)
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        target = self.parts.path.rstrip("/") + path
+        proxy_id = self.config.proxy_id
+        headers = {
+            "X-Agent-Proxy-Id": proxy_id,
+            "X-Agent-Proxy-Signature": signing.signature_header(self.secret, proxy_id, method, target, client_ip=""),
+            "Accept": "application/json",
+        }
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = self._connection()
+        try:
+            try:
+                conn.connect()
+            except ssl.SSLCertVerificationError as exc:
+                raise CommandError(
+                    f"TLS with the upstream {self.url} failed: {exc.verify_message or exc.reason} "
+                    f"(upstream.ca_file: {self.config.upstream.ca_file or 'system CAs'})"
+                ) from None
+            except ssl.SSLError as exc:
+                raise CommandError(f"TLS with the upstream {self.url} failed: {exc.reason or exc}") from None
+            except socket.timeout:
+                raise CommandError(
+                    f"cannot reach the upstream {self.url}: no connection within {self.config.upstream.connect_timeout:g} s"
+                ) from None
+            except OSError as exc:
+                raise CommandError(f"cannot reach the upstream {self.url}: {exc.strerror or exc}") from None
+            conn.sock.settimeout(self.config.upstream.read_timeout)
+            try:
+                conn.request(method, target, body=payload, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except socket.timeout:
+                raise CommandError(
+                    f"the upstream {self.url} did not answer within {self.config.upstream.read_timeout:g} s"
+                ) from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise CommandError(f"talking to the upstream {self.url} failed: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(data) if data else {}
+        except ValueError:
+            answer = {}
+        return response.status, answer if isinstance(answer, dict) else {}
+
+    def unexpected(self, status: int, answer: dict) -> CommandError:
+        if status == 401:
+            return CommandError(
+                f"the upstream {self.url} refused this proxy's signature: {answer.get('description') or 'no reason given'} "
+                f"(check that it holds the shared secret of proxy_id {self.config.proxy_id})"
+            )
+        reason = ": ".join(str(answer[k]) for k in ("title", "description") if answer.get(k))
+        return CommandError(f"the upstream {self.url} answered {status}{': ' + reason if reason else ''}")
+
+
+def register(config: Config) -> str:
+    if not config.public_url:
+        raise CommandError(f"{config.source}: public_url is not set; the upstream needs it to reach this proxy")
+    upstream = _Upstream(config)
+    status, answer = upstream.request(
+        "POST", API, {"proxy_id": config.proxy_id, "url": config.public_url, "version": __version__}
+    )
+    if status in (200, 201):
+        features = ", ".join(answer.get("features") or []) or "none"
+        how = "registered with" if status == 201 else "was already registered (refreshed) with"
+        return (
+            f"{config.proxy_id} {how} {upstream.url}; "
+            f"the upstream reached this proxy at {config.public_url} (features: {features})"
+        )
+    if status == 502:
+        reason = answer.get("description") or answer.get("title") or "no reason given"
+        raise CommandError(
+            f"the upstream {upstream.url} could not complete the handshake with this proxy "
+            f"(public_url {config.public_url}): {reason}"
+        )
+    raise upstream.unexpected(status, answer)
+
+
+def deregister(config: Config) -> str:
+    upstream = _Upstream(config)
+    status, answer = upstream.request("DELETE", f"{API}/{quote(config.proxy_id, safe='')}")
+    if status in (200, 204):
+        return f"{config.proxy_id} deregistered from {upstream.url}"
+    if status == 404:
+        # Deregistering twice is not an error: the end state is the one asked for.
+        return f"{config.proxy_id} was not registered with {upstream.url}; nothing to do"
+    raise upstream.unexpected(status, answer)
