@@ -16,6 +16,7 @@ around Falcon, because only there is the last byte of a streamed answer seen.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import json
@@ -120,7 +121,9 @@ def raw_target(env: dict) -> str:
     return target
 
 
-def _in_networks(ip: str, networks) -> bool:
+@functools.lru_cache(maxsize=8192)
+def _in_networks(ip: str, networks: tuple) -> bool:
+    """Is ``ip`` inside one of ``networks``? Remembered: agents call again and again."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
