@@ -1,0 +1,229 @@
+"""`make demo`: the whole path in the namespace lab, one checked step at a time.
+
+Every step prints PASS or FAIL with its time and what it saw; the lab is torn down at the
+end whatever happened (also on Ctrl-C or SIGTERM). Exit status 0 only if every step passed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import netns, procs
+from .runner import Lab, LabError
+
+COMMANDS_AFTER_FAILURE = 10
+PROBE_TIMEOUT = 3.0
+
+
+class StepFailed(Exception):
+    pass
+
+
+@dataclass
+class Step:
+    title: str
+    passed: bool
+    seconds: float
+    detail: str
+
+
+class Report:
+    def __init__(self, say: Callable[[str], None] = print):
+        self.steps: list[Step] = []
+        self.say = say
+
+    def run(self, title: str, action: Callable[[], str]) -> bool:
+        started = time.monotonic()
+        try:
+            detail, passed = action(), True
+        except (StepFailed, LabError, OSError, ValueError, KeyError) as exc:
+            detail, passed = str(exc), False
+        step = Step(title, passed, time.monotonic() - started, detail)
+        self.steps.append(step)
+        self.say(f"[{'PASS' if passed else 'FAIL'}] {step.seconds:6.1f} s  {title}")
+        for line in detail.splitlines():
+            self.say(f"                 {line}")
+        return passed
+
+    def summary(self) -> str:
+        passed = sum(s.passed for s in self.steps)
+        total = sum(s.seconds for s in self.steps)
+        return f"{passed}/{len(self.steps)} steps passed in {total:.1f} s"
+
+    @property
+    def all_passed(self) -> bool:
+        return bool(self.steps) and all(s.passed for s in self.steps)
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise StepFailed(message)
+
+
+# -- the checks, shared with tests/lab
+
+
+def registered(lab: Lab, site_name: str) -> str:
+    site = lab.topology.sites[site_name]
+    output = lab.register(site_name)
+    status, body = lab.operator("GET", "/operator/v1/proxies")
+    expect(status == 200, f"GET /operator/v1/proxies answered {status}: {body[:200]!r}")
+    proxies = {p["proxy_id"]: p for p in json.loads(body)}
+    expect(site.proxy_id in proxies, f"the upstream does not list {site.proxy_id}: {sorted(proxies)}")
+    url = proxies[site.proxy_id].get("url")
+    expect(url == lab.public_url(site), f"{site.proxy_id} registered with url {url}, expected {lab.public_url(site)}")
+    return f"{output}\nupstream lists {site.proxy_id} at {url} (handshake through {site.public_address}:{lab.topology.proxy_port})"
+
+
+def agents_handshaken(lab: Lab) -> str:
+    lab.start_agents()
+    agents = lab.wait_for_agents()
+    return "\n".join(f"upstream knows {a['instance_id']} as ({a['proxy_id']}, {a['ip']})" for a in agents)
+
+
+def send_command(lab: Lab, proxy_id: str, agent_ip: str, args: dict) -> dict:
+    status, body = lab.operator("POST", "/operator/v1/commands",
+                                {"proxy_id": proxy_id, "agent_ip": agent_ip, "command": "echo", "args": args})
+    expect(status == 200, f"POST /operator/v1/commands for {proxy_id} {agent_ip} answered {status}: {body[:300]!r}")
+    answer = json.loads(body)
+    expect(answer.get("agent_status") == 200 and not answer.get("proxy_error"),
+           f"the command for {proxy_id} {agent_ip} did not reach the agent: {answer}")
+    return answer
+
+
+def commands_seen(lab: Lab, agent: str) -> list[dict]:
+    """The `command` events in an agent's log (one JSON object per line)."""
+    events = []
+    for line in Path(lab.processes[agent].log).read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "command":
+            events.append(event)
+    return events
+
+
+def command_reaches_only_site_a(lab: Lab) -> str:
+    site_a, site_b = lab.topology.sites["site-a"], lab.topology.sites["site-b"]
+    agent_a, agent_b = site_a.agents[0], site_b.agents[0]
+    ip = lab.topology.hosts[agent_a].address
+    before_b = len(commands_seen(lab, agent_b))
+    token = secrets.token_hex(4)
+    answer = send_command(lab, site_a.proxy_id, ip, {"demo": token})
+    agent_body = answer["agent_body"]
+    if isinstance(agent_body, str):
+        agent_body = json.loads(agent_body)
+    expect(agent_body.get("instance_id") == agent_a, f"answered by {agent_body.get('instance_id')}, expected {agent_a}: {agent_body}")
+    expect(agent_body.get("result") == {"demo": token}, f"echo came back as {agent_body.get('result')}, sent {{'demo': {token!r}}}")
+    deadline = time.monotonic() + 5
+    while not commands_seen(lab, agent_a) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    expect(bool(commands_seen(lab, agent_a)), f"{agent_a}'s log shows no command event")
+    expect(len(commands_seen(lab, agent_b)) == before_b, f"{agent_b} (site-b, also {ip}) saw a command")
+    return (f"{site_a.proxy_id} {ip}: echo {token} answered by {agent_a}\n"
+            f"{agent_a}'s log: {len(commands_seen(lab, agent_a))} command(s); {agent_b}'s log (site-b, also {ip}): {before_b}")
+
+
+def failover(lab: Lab, node: str = "node1", count: int = COMMANDS_AFTER_FAILURE) -> str:
+    site = lab.topology.sites[lab.nodes[node].site]
+    ip = lab.topology.hosts[site.agents[0]].address
+    killed = lab.stop_node(node)
+    expect(not netns.pids(lab.nodes[node].namespace), f"processes left in {lab.nodes[node].namespace}")
+    started = time.monotonic()
+    for i in range(count):
+        send_command(lab, site.proxy_id, ip, {"after_failure": i})
+    took = time.monotonic() - started
+    return (f"killed {node}: {', '.join(killed)} (SIGKILL)\n"
+            f"{count}/{count} commands to {site.proxy_id} {ip} answered afterwards in {took:.1f} s")
+
+
+def gateway_admits_only_upstream(lab: Lab, site_name: str = "site-a") -> str:
+    site = lab.topology.sites[site_name]
+    port = lab.topology.proxy_port
+    outsider = lab.topology.by_role("outsider")[0]
+    try:
+        took = lab.connect(outsider.name, site.public_address, port, PROBE_TIMEOUT)
+    except socket.timeout:
+        dropped = f"{outsider.address} -> {site.public_address}:{port}: no answer within {PROBE_TIMEOUT:g} s (dropped)"
+    except OSError as exc:
+        raise StepFailed(f"{outsider.address} -> {site.public_address}:{port} was refused, not dropped: {exc}") from None
+    else:
+        raise StepFailed(f"{outsider.address} -> {site.public_address}:{port} connected in {took:.3f} s; the gateway must drop it")
+    took = lab.connect(lab.topology.upstream_host, site.public_address, port, PROBE_TIMEOUT)
+    return f"{dropped}\n{lab.topology.upstream_address} -> {site.public_address}:{port}: connected in {took * 1000:.1f} ms"
+
+
+def root_veths() -> set[str]:
+    """veth interfaces in the root namespace (the lab must never add one)."""
+    out = netns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()}
+
+
+def torn_down(lab: Lab, veths_before: set[str] | None = None) -> str:
+    recorded = list(lab.processes.values())
+    namespaces = list(lab.namespaces)
+    problems = lab.down()
+    expect(not problems, "; ".join(problems))
+    left_ns = [n for n in netns.names() if n.startswith(lab.prefix)]
+    expect(not left_ns, f"namespaces left: {left_ns}")
+    left_pids = [p.pid for p in recorded if procs.alive(p)]
+    expect(not left_pids, f"processes left: {left_pids}")
+    if veths_before is not None:
+        added = root_veths() - veths_before
+        expect(not added, f"veth interfaces appeared in the root namespace: {sorted(added)}")
+    return f"{len(recorded)} processes stopped, {len(namespaces)} namespaces deleted; none left with prefix {lab.prefix}"
+
+
+# -- the demo
+
+
+def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
+    report = Report(say)
+    topo = lab.topology
+    site_a, site_b = topo.sites["site-a"], topo.sites["site-b"]
+    node_count = len(lab.topology.by_role("proxy-node"))
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    veths_before = root_veths()
+    say(f"agent-proxy namespace lab: {len(topo.hosts)} hosts, work directory {lab.workdir}\n")
+    try:
+        steps = [
+            ("build namespaces, links and routes; apply node and gateway firewalls",
+             lambda: (lab.build(), f"{len(lab.namespaces)} namespaces ({lab.prefix}*); rules checked with iptables-restore --test, then applied")[1]),
+            (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer",
+             lambda: (lab.start_services(), f"{len(lab.processes)} processes, each answering")[1]),
+            (f"register {site_a.proxy_id}: the upstream handshakes back through {site_a.public_address}:{topo.proxy_port}",
+             lambda: registered(lab, "site-a")),
+            (f"register {site_b.proxy_id}: its own gateway, {site_b.public_address}:{topo.proxy_port}",
+             lambda: registered(lab, "site-b")),
+            ("both agents (each at 10.0.0.2) handshake through their own proxy", lambda: agents_handshaken(lab)),
+            (f"a command for {site_a.proxy_id}'s 10.0.0.2 reaches site A's agent and not site B's",
+             lambda: command_reaches_only_site_a(lab)),
+            ("kill node1 (front and workers): commands keep flowing through node2 and node3", lambda: failover(lab)),
+            (f"gateway {site_a.public_address}:{topo.proxy_port} drops a stranger, admits the upstream",
+             lambda: gateway_admits_only_upstream(lab)),
+        ]
+        for title, action in steps:
+            if not report.run(title, action):
+                break
+    except KeyboardInterrupt:
+        say("interrupted: tearing down")
+    finally:
+        report.run("tear down: no namespace, veth or process left", lambda: torn_down(lab, veths_before))
+        signal.signal(signal.SIGTERM, previous)
+    say("")
+    say(f"{'PASS' if report.all_passed else 'FAIL'}: {report.summary()}")
+    if not report.all_passed:
+        say(f"logs kept in {lab.workdir}/logs")
+    return report.all_passed and len(report.steps) == 9
