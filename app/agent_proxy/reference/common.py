@@ -65,7 +65,11 @@ class _ThreadingTLSServer(socketserver.ThreadingMixIn, WSGIServer):
             self.socket.close()
             self.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        super().server_bind()
+        # Not super(): HTTPServer.server_bind does a reverse DNS lookup (socket.getfqdn),
+        # which stalls for the resolver's time-out in a lab namespace with no DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
 
     def finish_request(self, request, client_address):
         request.settimeout(30)
