@@ -162,6 +162,7 @@ class LoadResult:
     ok: dict[str, int]
     failed: dict[str, list[str]]
     seconds: float
+    client_retries: int
 
 
 def run_load(http: urllib3.PoolManager, url: str, total: int, threads: int, at: int, action: Callable[[], None], post_every: int = 0, limit: float = 20) -> LoadResult:
@@ -173,7 +174,7 @@ def run_load(http: urllib3.PoolManager, url: str, total: int, threads: int, at: 
     lock, counter = threading.Lock(), iter(range(total))
     ok = {"GET": 0, "POST": 0}
     failed: dict[str, list[str]] = {"GET": [], "POST": []}
-    done, fired = [0], threading.Event()
+    done, retried, fired = [0], [0], threading.Event()
     deadline = time.monotonic() + limit
 
     def one(index: int) -> None:
@@ -182,9 +183,11 @@ def run_load(http: urllib3.PoolManager, url: str, total: int, threads: int, at: 
             response = http.request(method, f"{url}/echo?i={index}", body=b"x" * 100 if method == "POST" else None)
             good = response.status == 200
             reason = f"status {response.status}: {response.data[:200]!r}"
+            retries = len(response.retries.history) if response.retries else 0
         except Exception as exc:  # the test counts every kind of failure
-            good, reason = False, repr(exc)
+            good, reason, retries = False, repr(exc), 0
         with lock:
+            retried[0] += retries
             if good:
                 ok[method] += 1
             else:
@@ -210,7 +213,7 @@ def run_load(http: urllib3.PoolManager, url: str, total: int, threads: int, at: 
         thread.start()
     for thread in pool:
         thread.join(limit + 30)
-    result = LoadResult(ok, failed, time.monotonic() - start)
+    result = LoadResult(ok, failed, time.monotonic() - start, retried[0])
     assert sum(ok.values()) + sum(len(v) for v in failed.values()) == total, f"load did not finish within {limit} s: {result}"
     assert fired.is_set()
     return result
