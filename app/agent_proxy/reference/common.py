@@ -170,6 +170,8 @@ def call(
         response = conn.getresponse()
         data = response.read()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    except ssl.SSLCertVerificationError as exc:
+        raise CallError(f"TLS with {url} failed: certificate verify failed: {exc.verify_message}") from None
     except ssl.SSLError as exc:
         raise CallError(f"TLS with {url} failed: {exc.reason or exc}") from None
     except socket.timeout:
