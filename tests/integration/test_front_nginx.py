@@ -1,0 +1,84 @@
+"""The nginx node front (haproxy/node-nginx.conf.j2) as a real nginx in front of real workers.
+
+With front.balancers set, nginx expects a PROXY header on every connection and believes
+the address in it only from a balancer (127.0.0.2 here); an agent (127.0.0.3) that forges
+one is still seen as itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
+from tests.integration.test_front_haproxy import (
+    AGENT, BALANCER, echo_via, free_ports, headers_of, proxy_v2_header, render, start_origin,
+)
+
+NGINX = "/usr/sbin/nginx"
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("nginx")
+    origin, origin_url = start_origin(directory)
+    ports, port = free_ports(2), free_port()
+    config = write_config(directory, origin_url, listen={"host": "127.0.0.1", "port": ports[0]},
+                          front={"bind": "127.0.0.1", "port": port, "workers": 2, "balancers": [f"{BALANCER}/32"]})
+    workers = [start_worker(config, directory, p) for p in ports]
+    conf = directory / "nginx.conf"
+    conf.write_text(render("node-nginx", config, f"nginx_pid={directory / 'nginx.pid'}"))
+    check = subprocess.run([NGINX, "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    nginx = Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], directory / "nginx.log").start()
+    wait_for_port("127.0.0.1", port, proc=nginx)
+    yield {"port": port, "workers": workers}
+    nginx.stop()
+    for proc in workers + [origin]:
+        proc.stop()
+
+
+def test_address_from_a_balancers_proxy_header_is_believed(front):
+    header = proxy_v2_header("127.0.0.9", "127.0.0.1", 40000, front["port"])
+    got = headers_of(echo_via(front["port"], BALANCER, headers={"X-Forwarded-For": "10.6.6.6"}, prefix=header))
+    assert got["x-agent-proxy-client-ip"] == ["127.0.0.9"]
+    assert got["x-forwarded-for"] == ["127.0.0.9"]
+
+
+def test_an_agent_forging_a_proxy_header_is_seen_as_itself(front):
+    header = proxy_v2_header("127.0.0.9", "127.0.0.1", 40000, front["port"])
+    got = headers_of(echo_via(front["port"], AGENT, headers={"X-Forwarded-For": "10.6.6.6", "Forwarded": "for=10.6.6.6"}, prefix=header))
+    assert got["x-agent-proxy-client-ip"] == [AGENT]
+    assert got["x-forwarded-for"] == [AGENT]
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", list(ssl.TLSVersion)[2:6], ids=lambda v: v.name)
+def test_only_tls_1_2_and_newer_are_accepted(front, version):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_ciphers("DEFAULT@SECLEVEL=0")  # so that a refusal is nginx's, not this client's
+    context.minimum_version = context.maximum_version = version
+    raw = socket.create_connection(("127.0.0.1", front["port"]), timeout=10, source_address=(BALANCER, 0))
+    raw.sendall(proxy_v2_header(AGENT, "127.0.0.1", 40000, front["port"]))
+    with raw:
+        if version >= ssl.TLSVersion.TLSv1_2:
+            with context.wrap_socket(raw) as tls:
+                assert tls.version() == version.name.replace("_", ".")
+        else:
+            with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+                context.wrap_socket(raw)
+
+
+def test_a_dead_worker_is_passed_over(front):
+    front["workers"][0].signal(signal.SIGKILL)
+    assert front["workers"][0].popen.wait(5) == -signal.SIGKILL
+    statuses = []
+    for _ in range(20):
+        header = proxy_v2_header(AGENT, "127.0.0.1", 40000, front["port"])
+        statuses.append(echo_via(front["port"], BALANCER, prefix=header)["method"])
+    assert statuses == ["GET"] * 20
