@@ -30,7 +30,6 @@ from . import procstat
 SMALL_BYTES = 200
 MEDIUM_BYTES = 64 * 1024
 BIG_BYTES = 100 * 1024 * 1024
-FILES = {"/small": SMALL_BYTES, "/medium": MEDIUM_BYTES, "/big": BIG_BYTES}
 UPLOAD_ANSWER = "received\n"
 NODE_WORKERS = 2
 AGENT_IP, NODE_IP, AGENT_PORT = "10.0.0.2", "10.0.0.1", 2003
@@ -91,12 +90,13 @@ def _free_ports(count: int) -> int:
     raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
 
 
-def write_www(directory: Path) -> Path:
+def write_www(directory: Path, big_bytes: int) -> Path:
+    """/small, /medium and /big (``big_bytes``) for the origin and the agent to serve."""
     www = directory / "www"
     www.mkdir(parents=True, exist_ok=True)
-    for name, size in FILES.items():
-        path = www / name.lstrip("/")
-        if name == "/big":
+    for name, size in (("small", SMALL_BYTES), ("medium", MEDIUM_BYTES), ("big", big_bytes)):
+        path = www / name
+        if name == "big":
             with open(path, "wb") as handle:
                 handle.truncate(size)  # sparse: nothing to write, nginx still sends every byte
         else:
@@ -169,10 +169,11 @@ backend origin
 class Lab:
     """Starts the servers, hands out paths, and stops everything it started."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, big_bytes: int = BIG_BYTES):
         self.dir = directory
         self.stack = contextlib.ExitStack()
-        self.www = write_www(directory)
+        self.big_bytes = big_bytes
+        self.www = write_www(directory, big_bytes)
         self.origin_port: int | None = None
         self.origin_pids: list[int] = []
 

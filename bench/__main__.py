@@ -1,0 +1,92 @@
+"""python -m bench [--smoke | --profile] [options]: see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds: every server is stopped by PID
+
+
+def ensure_bench_extra() -> bool:
+    """matplotlib (the chart) from the `bench` extra; installed into this venv if missing."""
+    if importlib.util.find_spec("matplotlib"):
+        return True
+    print("[bench] matplotlib is missing: installing the bench extra (pip install -e 'app[bench]')", flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO / 'app'}[bench]"],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        print(f"[bench] could not install the bench extra, no chart: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return False
+    importlib.invalidate_caches()
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Relay paths side by side: throughput, latency, CPU, memory.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="every path for ~1 s, one workload: checks the harness, asserts no performance")
+    mode.add_argument("--profile", action="store_true", help="py-spy on one worker under load; prints the top functions by own time")
+    parser.add_argument("--seconds", type=float, help="per measurement (default 4; smoke 1; profile 10)")
+    parser.add_argument("--rounds", type=int, help="rounds of all paths and workloads (default 3; smoke 1)")
+    parser.add_argument("--paths", default="direct,haproxy,worker,node,southbound", help="comma-separated subset, in this order")
+    parser.add_argument("--top", type=int, default=30, help="--profile: functions to print")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go (default: bench/results)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
+    args = parser.parse_args(argv)
+
+    from . import run  # after argument parsing: --help needs nothing installed
+
+    keys = [k.strip() for k in args.paths.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in run.PATH_KEYS]
+    if unknown or not keys:
+        parser.error(f"--paths: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(run.PATH_KEYS)}")
+    if os.geteuid() != 0:
+        parser.error("run as root: nginx and HAProxy bind as root and the southbound path creates network namespaces")
+    if args.seconds is not None and not 0.5 <= args.seconds <= 60:
+        parser.error("--seconds must be between 0.5 and 60")
+    if args.rounds is not None and not 1 <= args.rounds <= 9:
+        parser.error("--rounds must be between 1 and 9")
+
+    signal.signal(signal.SIGTERM, _stop)
+    work_dir = Path(tempfile.mkdtemp(prefix="apbench-"))
+    started = time.monotonic()
+    try:
+        if args.profile:
+            from .profile import profile
+
+            return profile(work_dir, args.results, args.seconds or 10, args.top)
+        if args.smoke:
+            with_chart = importlib.util.find_spec("matplotlib") is not None
+            if not with_chart:
+                print("[bench] matplotlib missing: smoke without the chart (pip install -e 'app[bench]')")
+            return run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
+                           seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
+                           with_chart=with_chart, stem="smoke")
+        with_chart = ensure_bench_extra()
+        return run.run(args.results, work_dir, keys=keys, workloads=run.WORKLOADS,
+                       seconds=args.seconds or 4, rounds=args.rounds or 3, warmup=1, big_bytes=100 * 2**20,
+                       with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S"))
+    finally:
+        if args.keep:
+            print(f"[bench] work directory kept: {work_dir}")
+        else:
+            shutil.rmtree(work_dir)
+        print(f"[bench] {time.monotonic() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Medians over rounds, the tables, the chart, and the headline."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+P99_LIMIT_MS = 50.0
+CHECKINS_PER_MINUTE = 1
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Median of each number over the rounds of one path and workload."""
+    return {
+        "rounds": len(runs),
+        "rps": _median([r["rps"] for r in runs]),
+        "p50_ms": _median([r["p50_us"] / 1000 for r in runs]),
+        "p99_ms": _median([r["p99_us"] / 1000 for r in runs]),
+        "cpu_us_per_request": _median([r["cpu_us_per_request"] for r in runs]),
+        "origin_cpu_us_per_request": _median([r["origin_cpu_us_per_request"] for r in runs]),
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "status_errors": sum(r["status_errors"] for r in runs),
+        "rps_each_round": [round(r["rps"], 1) for r in runs],
+    }
+
+
+def add_ratios(results: dict) -> None:
+    """Each path's requests/s as a fraction of the direct and the HAProxy-alone paths."""
+    for key, path in results["paths"].items():
+        for name, summary in path["workloads"].items():
+            for ref in ("direct", "haproxy"):
+                ref_summary = results["paths"].get(ref, {}).get("workloads", {}).get(name)
+                ratio = None
+                if ref_summary and ref_summary["rps"] and summary["rps"] is not None:
+                    ratio = summary["rps"] / ref_summary["rps"]
+                summary[f"ratio_to_{ref}"] = ratio
+
+
+def headline(results: dict, path_key: str = "node") -> dict | None:
+    """Agents one node carries: 60 x its highest small-request rate with p99 under 50 ms."""
+    path = results["paths"].get(path_key)
+    if not path:
+        return None
+    candidates = [
+        (summary["rps"], name, summary["p99_ms"])
+        for name, summary in path["workloads"].items()
+        if name.startswith("get-200B-") and summary["rps"] and summary["p99_ms"] is not None
+        and summary["p99_ms"] < P99_LIMIT_MS and summary["status_errors"] == 0
+    ]
+    measured = sorted(n for n in path["workloads"] if n.startswith("get-200B-"))
+    if not candidates:
+        return {"path": path_key, "measured": measured, "sustainable_rps": None, "agents": None}
+    rps, name, p99 = max(candidates)
+    return {"path": path_key, "measured": measured, "workload": name, "sustainable_rps": rps,
+            "p99_ms": p99, "agents": int(rps * 60 / CHECKINS_PER_MINUTE)}
+
+
+def headline_text(head: dict | None) -> str:
+    if head is None:
+        return "headline: the full node was not measured"
+    if head["agents"] is None:
+        return (f"headline: no measured rate of the full node ({', '.join(head['measured'])}) had p99 under "
+                f"{P99_LIMIT_MS:g} ms; no sustainable rate to report")
+    return (f"headline: one node carries ~{head['agents']:,} agents at one check-in per minute with p99 under "
+            f"{P99_LIMIT_MS:g} ms (60 x {head['sustainable_rps']:,.0f} req/s, {head['workload']}, p99 "
+            f"{head['p99_ms']:.1f} ms; measured {', '.join(head['measured'])}; 200-byte GETs)")
+
+
+def _fmt(value, spec: str = ",.0f", none: str = "—") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"# Relay benchmark, {m['date']}",
+        "",
+        f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, load average "
+        f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end. "
+        f"{results['settings']['rounds']} rounds of {results['settings']['seconds']:g} s per path and "
+        f"workload, paths in alternation; medians of the rounds. Absolute numbers move with "
+        f"whatever else runs on the machine; the ratios are measured side by side.",
+        "",
+        "## Small requests (200-byte GET)",
+        "",
+        "| path | req/s c32 | p50 c1 ms | p99 c1 ms | p50 c32 ms | p99 c32 ms | CPU µs/req c32 | origin µs/req | peak RSS/worker MiB | × direct | × HAProxy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, path in results["paths"].items():
+        w = path["workloads"]
+        c32, c1 = w.get("get-200B-c32", {}), w.get("get-200B-c1", {})
+        lines.append(
+            f"| {path['title']} | {_fmt(c32.get('rps'))} | {_fmt(c1.get('p50_ms'), '.2f')} | "
+            f"{_fmt(c1.get('p99_ms'), '.2f')} | {_fmt(c32.get('p50_ms'), '.2f')} | {_fmt(c32.get('p99_ms'), '.2f')} | "
+            f"{_fmt(c32.get('cpu_us_per_request'))} | {_fmt(c32.get('origin_cpu_us_per_request'))} | "
+            f"{_fmt(path.get('peak_rss_mib'), '.1f')} | {_fmt(c32.get('ratio_to_direct'), '.3f')} | "
+            f"{_fmt(c32.get('ratio_to_haproxy'), '.3f')} |"
+        )
+    lines += [
+        "",
+        "CPU µs/req: utime+stime of the path's own server processes (HAProxy, workers; for the "
+        "direct path the origin) over the run, divided by the requests served. The origin's "
+        "share is its own column. Peak RSS: VmHWM of the agent-proxy workers (the largest), "
+        "else of the path's server processes.",
+        "",
+        "## Every workload",
+        "",
+        "| path | workload | req/s | p50 ms | p99 ms | CPU µs/req | × direct | × HAProxy | errors | req/s each round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for key, path in results["paths"].items():
+        for name, s in path["workloads"].items():
+            lines.append(
+                f"| {key} | {name} | {_fmt(s['rps'])} | {_fmt(s['p50_ms'], '.2f')} | {_fmt(s['p99_ms'], '.2f')} | "
+                f"{_fmt(s['cpu_us_per_request'])} | {_fmt(s['ratio_to_direct'], '.3f')} | "
+                f"{_fmt(s['ratio_to_haproxy'], '.3f')} | {s['errors']} | {', '.join(f'{v:,.0f}' for v in s['rps_each_round'])} |"
+            )
+    if results.get("big_bodies"):
+        lines += ["", "## Large bodies through one worker", "",
+                  "| transfer | status | MiB | seconds | MiB/s | worker RSS before MiB | peak MiB | growth MiB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for b in results["big_bodies"]:
+            lines.append(
+                f"| {b['name']} | {b['status']} | {b['bytes'] / 2**20:.0f} | {b['seconds']:.2f} | "
+                f"{b['bytes'] / 2**20 / b['seconds']:.0f} | {b['rss_before_mib']:.1f} | {b['peak_rss_mib']:.1f} | "
+                f"{b['rss_growth_mib']:.1f} |"
+            )
+    lines += ["", "## Headline", "", headline_text(results.get("headline")), ""]
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> None:
+    """Throughput and p99 per path, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results["paths"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    groups = [("get-200B-c32", "GET 200 B"), ("get-64KiB-c32", "GET 64 KiB"), ("post-1KiB-c32", "POST 1 KiB")]
+    groups = [g for g in groups if any(g[0] in results["paths"][k]["workloads"] for k in keys)]
+    width = 0.8 / max(1, len(groups))
+    for i, (name, label) in enumerate(groups):
+        values = [results["paths"][k]["workloads"].get(name, {}).get("rps") or 0 for k in keys]
+        left.bar([x + i * width for x in range(len(keys))], values, width, label=label)
+    left.set_yscale("log")
+    left.set_ylabel("requests/s at 32 connections (log)")
+    left.set_title("Throughput")
+    left.set_xticks([x + width * (len(groups) - 1) / 2 for x in range(len(keys))], keys)
+    left.legend()
+    conc = [c for c in ("get-200B-c1", "get-200B-c8", "get-200B-c32")
+            if any(c in results["paths"][k]["workloads"] for k in keys)]
+    width = 0.8 / max(1, len(conc))
+    for i, name in enumerate(conc):
+        values = [results["paths"][k]["workloads"].get(name, {}).get("p99_ms") or 0 for k in keys]
+        right.bar([x + i * width for x in range(len(keys))], values, width, label=name.split("-")[-1].replace("c", "", 1) + " conn")
+    right.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=1, label=f"{P99_LIMIT_MS:g} ms")
+    right.set_ylabel("p99 latency, ms (200-byte GET)")
+    right.set_title("p99 latency")
+    right.set_xticks([x + width * (len(conc) - 1) / 2 for x in range(len(keys))], keys)
+    right.legend()
+    m = results["machine"]
+    fig.suptitle(f"agent-proxy relay paths, {m['date']}, {m['nproc']} CPUs, medians of {results['settings']['rounds']} rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(results: dict, directory: Path, stem: str, with_chart: bool) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [directory / f"{stem}.json", directory / f"{stem}.md"]
+    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    written[1].write_text(markdown(results))
+    if with_chart:
+        written.append(directory / f"{stem}.png")
+        chart(results, written[-1])
+    return written
