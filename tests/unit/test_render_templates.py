@@ -1,0 +1,147 @@
+"""The node front, balancer and nginx templates: rendered through the CLI, checked by the real tools."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent_proxy.cli import main
+from tests.helpers import write_config
+
+HAPROXY, NGINX = "/usr/sbin/haproxy", "/usr/sbin/nginx"
+NODES = {"nodes": [{"name": "node1", "address": "10.1.2.11"}, {"name": "node2", "address": "10.1.2.12", "port": 2102}]}
+
+
+def render(capsys, name: str, config: Path, *args: str) -> tuple[int, str, str]:
+    code = main(["render", name, "-c", str(config), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def haproxy_check(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    done = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def nginx_check(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "nginx.conf"
+    path.write_text(text)
+    done = subprocess.run([NGINX, "-t", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def config(tmp_path: Path, **front) -> Path:
+    return write_config(
+        tmp_path, "https://8.7.6.5:3302",
+        listen={"host": "127.0.0.1", "port": 8002},
+        upstream={"connect_timeout": 5, "read_timeout": 60},
+        front={"workers": 3, "stats_socket": str(tmp_path / "haproxy.sock"), **front},
+    )
+
+
+@pytest.mark.parametrize("front", [
+    {"balancers": [], "max_conn_per_source": 0},
+    {"balancers": ["10.1.2.0/28", "192.0.2.7/32"], "max_conn_per_source": 50},
+], ids=["alone", "behind-balancers"])
+def test_node_haproxy_renders_a_valid_front(tmp_path, capsys, front):
+    code, text, err = render(capsys, "node-haproxy", config(tmp_path, **front))
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    assert "ssl-default-bind-options ssl-min-ver TLSv1.2" in text
+    assert re.search(r"^    bind 0\.0\.0\.0:2002 ssl crt \S+/proxy\.crt$", text, re.M)
+    assert "http-check send meth GET uri /_proxy/health ver HTTP/1.1 hdr Host 127.0.0.1" in text
+    assert "http-check expect status 200" in text
+    assert len(re.findall(r"^    default-server ", text, re.M)) == 1
+    assert re.findall(r"^    server (\S+) (\S+)$", text, re.M) == [
+        ("worker8002", "127.0.0.1:8002"), ("worker8003", "127.0.0.1:8003"), ("worker8004", "127.0.0.1:8004"),
+    ]
+    assert "http-request del-header X-Forwarded- -m beg" in text and "option forwardfor" in text
+    assert "retry-on conn-failure empty-response" in text
+    assert "stats socket " + str(tmp_path / "haproxy.sock") + " mode 600 level admin" in text
+    assert "cookie" not in text and "stick on" not in text and "balance source" not in text
+    # The worker gives up after 5 + 60 s and answers 504; HAProxy must wait longer.
+    assert int(re.search(r"timeout server (\d+)s", text).group(1)) > 65
+    if front["balancers"]:
+        assert "tcp-request connection expect-proxy layer4 if { src 10.1.2.0/28 192.0.2.7/32 }" in text
+        assert "tcp-request session reject if { sc0_conn_cur gt 50 }" in text
+    else:
+        assert "expect-proxy" not in text and "accept-proxy" not in text
+        assert "stick-table" not in text
+
+
+def test_node_haproxy_finds_a_key_beside_the_certificate(tmp_path, capsys):
+    code, text, _ = render(capsys, "node-haproxy", config(tmp_path))
+    assert "ssl-load-extra-del-ext" in text  # proxy.crt + proxy.key, as `agent-proxy init` writes them
+    haproxy_check(tmp_path, text)
+
+
+def test_node_haproxy_asks_for_a_bundle_when_the_key_is_elsewhere(tmp_path, capsys):
+    path = config(tmp_path)
+    (tmp_path / "keys").mkdir()
+    shutil.move(tmp_path / "proxy.key", tmp_path / "keys" / "site.key")
+    data = yaml.safe_load(path.read_text())
+    data["tls"]["key_file"] = str(tmp_path / "keys" / "site.key")
+    path.write_text(yaml.safe_dump(data))
+
+    code, text, err = render(capsys, "node-haproxy", path)
+    assert code == 2 and text == ""
+    assert err.strip() == "agent-proxy: render node-haproxy: missing variable: 'crt_bundle' is undefined (pass it with --set or --vars)"
+
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes((tmp_path / "proxy.crt").read_bytes() + (tmp_path / "keys" / "site.key").read_bytes())
+    code, text, err = render(capsys, "node-haproxy", path, "--set", f"crt_bundle={bundle}")
+    assert code == 0, err
+    assert f"ssl crt {bundle}" in text and "ssl-load-extra-del-ext" not in text
+    haproxy_check(tmp_path, text)
+
+
+def test_lb_haproxy_renders_a_valid_balancer(tmp_path, capsys):
+    variables = tmp_path / "nodes.yaml"
+    variables.write_text(yaml.safe_dump(NODES))
+    code, text, err = render(capsys, "lb-haproxy", config(tmp_path), "--vars", str(variables), "--set", "monitor_port=9404")
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    assert re.findall(r"^    server (\S+) (\S+)$", text, re.M) == [("node1", "10.1.2.11:2002"), ("node2", "10.1.2.12:2102")]
+    assert "mode tcp" in text and "balance leastconn" in text
+    default_server = re.search(r"^    default-server (.*)$", text, re.M).group(1)
+    for option in ("check", "check-ssl", "verify none", "send-proxy-v2", "inter 1s", "fall 2", "rise 2"):
+        assert option in default_server
+    assert "http-check send meth GET uri /_proxy/health ver HTTP/1.1" in text
+    assert "http-check expect status 200" in text
+    assert "bind 0.0.0.0:9404" in text and "monitor-uri /_lb/health" in text
+
+
+def test_lb_haproxy_without_nodes_is_a_clear_usage_error(tmp_path, capsys):
+    code, text, err = render(capsys, "lb-haproxy", config(tmp_path))
+    assert code == 2 and text == ""
+    assert err.strip() == "agent-proxy: render lb-haproxy: missing variable: 'nodes' is undefined (pass it with --set or --vars)"
+
+
+@pytest.mark.parametrize("front", [
+    {"balancers": [], "max_conn_per_source": 0},
+    {"balancers": ["10.1.2.0/28"], "max_conn_per_source": 50},
+], ids=["alone", "behind-balancers"])
+def test_node_nginx_renders_a_valid_nginx_conf(tmp_path, capsys, front):
+    code, text, err = render(capsys, "node-nginx", config(tmp_path, **front), "--set", f"nginx_pid={tmp_path / 'nginx.pid'}")
+    assert code == 0, err
+    nginx_check(tmp_path, text)
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
+    assert re.findall(r"^        server (\S+) max_fails=1 fail_timeout=5s;$", text, re.M) == [
+        "127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:8004",
+    ]
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in text
+    assert 'proxy_set_header Forwarded "";' in text
+    if front["balancers"]:
+        assert "listen 0.0.0.0:2002 ssl proxy_protocol;" in text
+        assert "set_real_ip_from 10.1.2.0/28;" in text and "real_ip_header proxy_protocol;" in text
+        assert "limit_conn per_source 50;" in text
+    else:
+        assert "listen 0.0.0.0:2002 ssl;" in text
+        assert "real_ip" not in text and "limit_conn" not in text
