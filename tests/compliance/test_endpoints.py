@@ -1,0 +1,73 @@
+"""Endpoints: every worker answers health and ready, and reports all its features running
+to a signed upstream request; the front answers health over TLS. curl runs on the host."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+
+from agent_proxy import signing
+
+FEATURES_PATH = "/_proxy/v2/features"
+
+
+def curl(host, url: str, *headers: str, insecure: bool = False) -> tuple[int, str]:
+    """(status, body) of a GET with curl on the host; status 0 when no answer came."""
+    argv = ["curl", "-sS", "--max-time", "10", "-w", "\\n%{http_code}"] + (["-k"] if insecure else [])
+    for header in headers:
+        argv += ["-H", header]
+    result = host.run(" ".join(shlex.quote(a) for a in argv + [url]))
+    body, _, status = result.stdout.rpartition("\n")
+    assert result.rc == 0, f"curl {url} failed: {result.stderr.strip()}"
+    return int(status or 0), body
+
+
+def worker_url(node, port: int, path: str) -> str:
+    return f"http://{node.config.listen.host}:{port}{path}"
+
+
+def test_AP_EP_01_health(host, node, control, worker_port):
+    status, body = curl(host, worker_url(node, worker_port, "/_proxy/health"))
+    assert status == 200, f"/_proxy/health on {worker_port} answered {status}: {body[:200]}"
+    control.note(f"200 {body.strip()[:60]}")
+
+
+def test_AP_EP_02_ready(host, node, control, worker_port):
+    status, body = curl(host, worker_url(node, worker_port, "/_proxy/ready"))
+    assert status == 200, f"/_proxy/ready on {worker_port} answered {status}: {body[:200]}"
+    control.note(f"200 {body.strip()[:60]}")
+
+
+def upstream_source_headers(node) -> list[str]:
+    """How a request from the host itself passes the networks.upstream source check.
+
+    Loopback is the front (trusted_proxies), so the worker believes its X-Forwarded-For:
+    the request then comes, as the front would say, from an upstream address.
+    """
+    config = node.config
+    networks = config.networks.upstream
+    loopback = "127.0.0.1" if ":" not in config.listen.host else "::1"
+    if not networks or any(ipaddress.ip_address(loopback) in n for n in networks):
+        return []
+    if loopback not in {str(a) for a in config.trusted_proxies}:
+        return []  # the worker will refuse the host itself: the control fails and says why
+    return [f"X-Forwarded-For: {next(iter(networks[0].hosts()), networks[0].network_address)}"]
+
+
+def test_AP_EP_03_features_running(host, node, control, worker_port):
+    config = node.config
+    authorization = signing.authorization(node.read_secret(), config.proxy_id, "GET", FEATURES_PATH)
+    status, body = curl(host, worker_url(node, worker_port, FEATURES_PATH), f"Authorization: {authorization}",
+                        *upstream_source_headers(node))
+    assert status == 200, f"signed {FEATURES_PATH} on {worker_port} answered {status}: {body[:200]}"
+    features = json.loads(body)
+    not_running = {name: f.get("state") for name, f in features.items() if f.get("state") != "running"}
+    assert features and not not_running, f"features not running: {not_running or 'none reported'}"
+    control.note(f"running: {', '.join(sorted(features))}")
+
+
+def test_AP_EP_04_front_health(host, node, control):
+    status, body = curl(host, node.front_url("/_proxy/health"), insecure=True)
+    assert status == 200, f"/_proxy/health through the front answered {status}: {body[:200]}"
+    control.note(f"200 through {node.front_url('')}")

@@ -1,0 +1,51 @@
+"""Files: the private key and the shared secret are 0600 and owned by the service user or
+root; the config is not world-readable; nothing under the config and install folders is
+world-writable."""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+
+import pytest
+
+SECRETS = {"key": lambda c: c.tls.key_file, "secret": lambda c: c.shared_secret_file}
+
+
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_AP_FILE_01_secret_mode_0600(host, node, control, secret):
+    path = SECRETS[secret](node.config)
+    f = host.file(path)
+    assert f.is_file, f"{path} does not exist"
+    assert f.mode == 0o600, f"{path} has mode {f.mode:04o}, expected 0600"
+    control.note(f"{path} 0600")
+
+
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_AP_FILE_02_secret_owner(host, node, control, secret):
+    path = SECRETS[secret](node.config)
+    f = host.file(path)
+    assert f.is_file, f"{path} does not exist"
+    allowed = {"root"} | node.service_users
+    assert f.user in allowed, f"{path} is owned by {f.user}; expected one of {', '.join(sorted(allowed))}"
+    control.note(f"{path} owned by {f.user}")
+
+
+def test_AP_FILE_03_config_not_world_readable(host, node, control):
+    f = host.file(node.config_path)
+    assert f.mode & 0o007 == 0, f"{node.config_path} has mode {f.mode:04o}: others may read it"
+    control.note(f"{node.config_path} {f.mode:04o}")
+
+
+def _folders(node) -> dict[str, str]:
+    return {"config-dir": posixpath.dirname(node.config_path), "install-dir": node.install_dir}
+
+
+@pytest.mark.parametrize("folder", ["config-dir", "install-dir"])
+def test_AP_FILE_04_nothing_world_writable(host, node, control, folder):
+    path = _folders(node)[folder]
+    if not host.file(path).is_directory:
+        pytest.skip(f"{path} does not exist on this host (set --ap-install-dir)")
+    found = host.check_output(f"find {shlex.quote(path)} -xdev -perm -0002 ! -type l").split()
+    assert not found, f"world-writable under {path}: {', '.join(found[:5])}" + (" ..." if len(found) > 5 else "")
+    control.note(f"none under {path}")

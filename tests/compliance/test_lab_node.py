@@ -1,0 +1,78 @@
+"""The compliance suite against a lab node: a correct node passes every control that
+applies to it; a node broken on purpose fails exactly the controls that match the damage.
+
+The suite runs as its operators run it (`pytest tests/compliance --hosts=local://`), as a
+subprocess inside the node's network namespace, so it sees the node's ports and firewall.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.compliance.labnode import LabNode
+
+pytestmark = pytest.mark.netns
+
+# What does not apply to a namespace node: no boot, no systemd of its own.
+NOT_APPLICABLE = {("AP-FW-04", "-"), ("AP-OPS-01", "-"), ("AP-OPS-02", "8002"), ("AP-OPS-02", "8003")}
+
+
+def outcomes(junit) -> dict[tuple[str, str], str]:
+    """(control, instance) -> passed, warned, failed or skipped, from the suite's JUnit XML."""
+    found = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if "control" not in props:
+            continue
+        status = "warned" if "warn" in props else "passed"
+        if case.find("failure") is not None or case.find("error") is not None:
+            status = "failed"
+        elif case.find("skipped") is not None:
+            status = "skipped"
+        found[(props["control"], props["instance"])] = status
+    return found
+
+
+def with_status(results: dict, status: str) -> set:
+    return {key for key, value in results.items() if value == status}
+
+
+@pytest.fixture(scope="module")
+def lab_node():
+    node = LabNode()
+    try:
+        yield node.up()
+    finally:
+        node.down()
+
+
+def test_a_correct_node_passes(lab_node):
+    run, junit = lab_node.audit("clean")
+    results = outcomes(junit)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert with_status(results, "failed") == set()
+    assert with_status(results, "skipped") == NOT_APPLICABLE
+    assert len(with_status(results, "passed")) >= 30, sorted(results)
+    assert "a lab node: network namespace" in run.stdout, "the summary must say how services were checked"
+
+
+def test_a_broken_node_fails_exactly_the_matching_controls(lab_node):
+    lab_node.renew_certificate(days=10)
+    lab_node.loosen_key()
+    lab_node.open_firewall()
+    lab_node.enable_tls10()  # restarts the front, which then serves the new certificate
+    run, junit = lab_node.audit("broken")
+    results = outcomes(junit)
+    assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-2000:]
+    assert with_status(results, "failed") == {
+        ("AP-FILE-01", "key"),   # key 0644
+        ("AP-FW-01", "-"),       # INPUT policy ACCEPT
+        ("AP-FW-02", "-"),       # :2002 open to anyone
+        ("AP-TLS-01", "-"),      # TLS 1.0 served
+        ("AP-TLS-02", "-"),      # ssl-min-ver TLSv1.0 serves 1.1 as well
+    }, run.stdout[-4000:]
+    assert with_status(results, "skipped") == NOT_APPLICABLE
+    assert with_status(results, "warned") == {("AP-TLS-06", "-")}  # expires in 10 days
+    assert "AP-TLS-06" in next(line for line in run.stdout.splitlines() if " WARN " in line)

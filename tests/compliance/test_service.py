@@ -1,0 +1,50 @@
+"""Services: the workers and the node front run, as an unprivileged user, with a valid config.
+
+With systemd as PID 1 the controls check the units (`agent-proxy@PORT.service`,
+`haproxy.service`); on a host without it (a lab node in a network namespace) they check
+the processes listening on the node's ports instead, and say so in the summary.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+
+def test_AP_SVC_01_worker_running(host, node, control, worker_port):
+    if node.systemd:
+        service = host.service(f"agent-proxy@{worker_port}.service")
+        assert service.is_running, f"agent-proxy@{worker_port}.service is not running"
+        assert service.is_enabled, f"agent-proxy@{worker_port}.service is not enabled (it would not start at boot)"
+        control.note(f"agent-proxy@{worker_port}.service running and enabled")
+    else:
+        proc = node.worker(worker_port)
+        assert proc is not None, f"no agent-proxy worker listens on port {worker_port}"
+        control.note(f"{node.service_mode[1]}, checked by its processes: worker pid {proc.pid} listens on {worker_port}")
+
+
+def test_AP_SVC_02_worker_unprivileged(node, control, worker_port):
+    proc = node.worker(worker_port)
+    assert proc is not None, f"no worker process found for port {worker_port}"
+    assert proc.user not in ("root", "0"), f"the worker on {worker_port} (pid {proc.pid}) runs as root"
+    control.note(f"pid {proc.pid} runs as {proc.user}")
+
+
+def test_AP_SVC_03_front_running(host, node, control):
+    if node.systemd:
+        service = host.service("haproxy.service")
+        assert service.is_running, "haproxy.service is not running"
+        assert service.is_enabled, "haproxy.service is not enabled (it would not start at boot)"
+        control.note("haproxy.service running and enabled")
+    else:
+        port = node.config.front.port
+        assert node.front_processes, f"no haproxy process listens on port {port}"
+        control.note(f"{node.service_mode[1]}, checked by its processes: haproxy pid {node.front_processes[0].pid} listens on {port}")
+
+
+def test_AP_SVC_04_front_config_valid(host, node, control):
+    haproxy = host.find_command("haproxy")
+    files = " ".join(f"-f {shlex.quote(f)}" for f in node.front_config_files)
+    result = host.run(f"{haproxy} -c {files}")
+    detail = (result.stderr or result.stdout).strip().splitlines()
+    assert result.rc == 0, f"haproxy -c {files} failed: {detail[-1] if detail else result.rc}"
+    control.note(f"haproxy -c {files}: valid")
