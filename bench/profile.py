@@ -1,9 +1,12 @@
 """Where one worker spends its CPU while relaying small requests: py-spy, top functions.
 
 The single-worker path (origin + one `agent-proxy serve`) is loaded with wrk at 32
-connections; py-spy samples the worker meanwhile (threads that are running, not the
-ones waiting in a socket call). A function's own time is the share of samples in which it
-was the innermost frame; its total time counts every sample it appears in.
+connections; py-spy samples the worker meanwhile, keeping only the samples of the thread
+that holds the GIL: the Python work that serialises one worker (threads waiting on a
+socket drop the GIL and are left out, and so is time in system calls made without it; the
+CPU line printed above the table counts everything). A function's own time is the share of
+those samples in which it was the innermost frame; its total time counts every sample it
+appears in.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def profile(work_dir: Path, results_dir: Path, seconds: float, top: int) -> int:
             cpu_before, started = procstat.cpu_seconds([pid]), time.monotonic()
             spied = subprocess.run(
                 [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-                 "--format", "raw", "--nonblocking", "--output", str(out)],
+                 "--format", "raw", "--gil", "--nonblocking", "--output", str(out)],
                 capture_output=True, text=True, timeout=seconds + 30,
             )
             cpu = procstat.cpu_seconds([pid]) - cpu_before
@@ -96,7 +99,7 @@ def profile(work_dir: Path, results_dir: Path, seconds: float, top: int) -> int:
     print()
     print(f"worker CPU while sampled: {cpu / wall * 100:.0f}% of one core; wrk: {rps:,.0f} req/s "
           f"(py-spy attached) -> ~{cpu / wall / rps * 1e6 if rps else 0:,.0f} µs CPU per request")
-    print(f"{samples} samples of running threads; top {top} functions by own time:")
+    print(f"{samples} samples holding the GIL; top {top} functions by own time:")
     print(f"{'own %':>7} {'total %':>8}  function (file)")
     for name, count in own.most_common(top):
         print(f"{count / samples * 100:7.1f} {total[name] / samples * 100:8.1f}  {name}")
