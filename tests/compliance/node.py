@@ -22,6 +22,10 @@ from agent_proxy import config as configuration
 _HOST_FILE_KEYS = (("upstream", "ca_file"), ("upstream", "client_cert"), ("upstream", "client_key"), ("agents", "ca_file"))
 
 
+FRONT_UNITS = ("agent-proxy-front.service", "haproxy.service")
+FIREWALL_UNIT, FIREWALL_RULES = "agent-proxy-firewall.service", "/etc/agent-proxy/firewall/rules.v4"
+
+
 @dataclass(frozen=True)
 class Proc:
     pid: int
@@ -127,11 +131,18 @@ class Node:
         return self.service_mode[0] == "namespace"
 
     def process(self, pid: int) -> Proc | None:
-        out = self.host.run(f"ps -ww -o pid=,user:32=,comm=,args= -p {int(pid)}").stdout.strip()
-        if not out:
+        """A process by PID, read from /proc (no procps needed on the host)."""
+        pid = int(pid)
+        result = self.host.run(
+            f"cat /proc/{pid}/comm && grep '^Uid:' /proc/{pid}/status && tr '\\0' ' ' < /proc/{pid}/cmdline"
+        )
+        lines = result.stdout.splitlines()
+        if result.rc != 0 or len(lines) < 2:
             return None
-        pid_text, user, comm, args = (out.split(None, 3) + [""])[:4]
-        return Proc(int(pid_text), user, comm, args)
+        uid = lines[1].split()[2]  # Uid: real effective saved fs
+        entry = self.host.run(f"getent passwd {uid}").stdout
+        user = entry.split(":", 1)[0] if entry else uid
+        return Proc(pid, user, lines[0].strip(), " ".join(lines[2:]).strip())
 
     def listeners(self, port: int) -> list[tuple[str, list[int]]]:
         """(address, [pids]) of TCP sockets listening on ``port`` in the host's network namespace."""
@@ -173,19 +184,28 @@ class Node:
         return {proc.user for proc in map(self.worker, self.worker_ports) if proc is not None}
 
     @functools.cached_property
+    def front_unit(self) -> str:
+        """The appliance's own front unit where it is installed, else Debian's haproxy.service."""
+        for unit in FRONT_UNITS:
+            if self.host.run(f"systemctl cat {unit}").rc == 0:
+                return unit
+        return FRONT_UNITS[-1]
+
+    @functools.cached_property
     def front_processes(self) -> list[Proc]:
         return [p for p in self.listening_processes(self.config.front.port) if p.comm == "haproxy"]
 
     @functools.cached_property
     def front_config_files(self) -> list[str]:
-        """--ap-front-config, else the -f files of the running HAProxy, else Debian's default."""
+        """--ap-front-config, else the -f files of the running HAProxy, else the default path."""
         if self.front_config_option:
             return [self.front_config_option]
         for proc in self.front_processes:
             files = re.findall(r"(?:^|\s)-f\s+(\S+)", proc.args)
             if files:
                 return files
-        return ["/etc/haproxy/haproxy.cfg"]
+        default = "/etc/agent-proxy/haproxy.cfg" if self.front_unit == FRONT_UNITS[0] else "/etc/haproxy/haproxy.cfg"
+        return [default]
 
     # -- the firewall
 

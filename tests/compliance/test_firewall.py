@@ -8,6 +8,8 @@ import ipaddress
 
 import pytest
 
+from tests.compliance.node import FIREWALL_RULES, FIREWALL_UNIT
+
 
 def test_AP_FW_01_input_policy_drop(node, control):
     policy = node.filter_table(4).policy("INPUT")
@@ -38,11 +40,12 @@ def test_AP_FW_04_rules_persistent(host, node, control):
         pytest.skip("a network-namespace lab node has no boot: persistence does not apply")
     if not node.systemd:
         pytest.skip("systemd is not PID 1: the boot-time service cannot be checked")
-    if host.service("agent-proxy-firewall.service").is_enabled:
-        control.note("agent-proxy-firewall.service enabled")
+    if host.service(FIREWALL_UNIT).is_enabled:
+        assert host.file(FIREWALL_RULES).is_file, f"{FIREWALL_UNIT} is enabled but {FIREWALL_RULES} is missing"
+        control.note(f"{FIREWALL_UNIT} enabled, applies {FIREWALL_RULES}")
         return
     persistent = host.service("netfilter-persistent.service").is_enabled
     rules = host.file("/etc/iptables/rules.v4")
     assert persistent and rules.is_file, \
-        "neither agent-proxy-firewall.service nor netfilter-persistent with /etc/iptables/rules.v4 is enabled"
+        f"neither {FIREWALL_UNIT} nor netfilter-persistent with /etc/iptables/rules.v4 is enabled"
     control.note("netfilter-persistent enabled with /etc/iptables/rules.v4")

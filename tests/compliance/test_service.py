@@ -1,6 +1,7 @@
 """Services: the workers and the node front run, as an unprivileged user, with a valid config.
 
 With systemd as PID 1 the controls check the units (`agent-proxy@PORT.service`,
+the front's unit, the appliance's `agent-proxy-front.service` or else Debian's
 `haproxy.service`); on a host without it (a lab node in a network namespace) they check
 the processes listening on the node's ports instead, and say so in the summary.
 """
@@ -31,10 +32,11 @@ def test_AP_SVC_02_worker_unprivileged(node, control, worker_port):
 
 def test_AP_SVC_03_front_running(host, node, control):
     if node.systemd:
-        service = host.service("haproxy.service")
-        assert service.is_running, "haproxy.service is not running"
-        assert service.is_enabled, "haproxy.service is not enabled (it would not start at boot)"
-        control.note("haproxy.service running and enabled")
+        unit = node.front_unit
+        service = host.service(unit)
+        assert service.is_running, f"{unit} is not running"
+        assert service.is_enabled, f"{unit} is not enabled (it would not start at boot)"
+        control.note(f"{unit} running and enabled")
     else:
         port = node.config.front.port
         assert node.front_processes, f"no haproxy process listens on port {port}"
