@@ -120,7 +120,7 @@ class NodeFront:
     port: int
     stats_socket: str
     cert: Path
-    haproxy: Process
+    haproxy: Process | None
     workers: dict[int, Process] = field(default_factory=dict)
 
     @property
@@ -131,7 +131,8 @@ class NodeFront:
         self.workers[port] = start_worker(self.config, self.directory, port, name="worker")
 
     def stop(self) -> None:
-        self.haproxy.stop()
+        if self.haproxy is not None:
+            self.haproxy.stop()
         for proc in self.workers.values():
             proc.stop()
 
@@ -149,11 +150,15 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
                "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket},
     )
     node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None)
-    for port in ports:
-        node.start_worker(port)
-    node.haproxy = start_haproxy(render("node-haproxy", config, "log_format=raw"), directory, f"{name}-haproxy")
-    wait_for_port("127.0.0.1", front_port, proc=node.haproxy)
-    wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")
+    try:
+        for port in ports:
+            node.start_worker(port)
+        node.haproxy = start_haproxy(render("node-haproxy", config, "log_format=raw"), directory, f"{name}-haproxy")
+        wait_for_port("127.0.0.1", front_port, proc=node.haproxy)
+        wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")
+    except BaseException:
+        node.stop()
+        raise
     return node
 
 
