@@ -14,21 +14,22 @@ def how_to_use(lab: Lab) -> str:
     site_a = topo.sites["site-a"]
     node1 = lab.nodes[site_a.nodes[0]]
     up = topo.upstream_host
+    cacert = lab.host_dir(up) / "upstream.crt"
+    where = "" if lab.workdir == DEFAULT_WORKDIR else f" --workdir {lab.workdir}"
     return f"""
 The lab is up ({len(lab.namespaces)} namespaces, {len(lab.processes)} processes; state in {lab.state_path}).
 
 Enter a namespace:          ip netns exec {node1.namespace} bash
 A node's config and files:  {node1.directory}/  (agent-proxy.yaml, haproxy.cfg, firewall.rules)
 Logs:                       {lab.workdir}/logs/
-The operator API (upstream, from its own namespace):
-  ip netns exec {lab.ns(up)} curl -s --cacert {lab.host_dir(up)}/upstream.crt --resolve upstream:{topo.upstream_port}:127.0.0.1 \\
-      https://127.0.0.1:{topo.upstream_port}/operator/v1/agents -k
-  ip netns exec {lab.ns(up)} curl -sk https://127.0.0.1:{topo.upstream_port}/operator/v1/commands \\
+The operator API (from the upstream's own namespace):
+  ip netns exec {lab.ns(up)} curl -s --cacert {cacert} https://127.0.0.1:{topo.upstream_port}/operator/v1/agents
+  ip netns exec {lab.ns(up)} curl -s --cacert {cacert} https://127.0.0.1:{topo.upstream_port}/operator/v1/commands \\
       -H 'Content-Type: application/json' -d '{{"proxy_id": "site-a", "agent_ip": "10.0.0.2", "command": "report"}}'
 A node's health through its front:
   ip netns exec {node1.namespace} curl -sk https://{node1.address}:{node1.front_port}/_proxy/health
 The gateway's rules:        ip netns exec {lab.ns(site_a.gateway)} iptables-save
-Status:                     python -m lab status      Tear down: make lab-down (python -m lab down)
+Status:                     python -m lab status{where}      Tear down: python -m lab down{where}
 """
 
 

@@ -45,12 +45,17 @@ class Report:
             detail, passed = action(), True
         except (StepFailed, LabError, OSError, ValueError, KeyError) as exc:
             detail, passed = str(exc), False
-        step = Step(title, passed, time.monotonic() - started, detail)
+        except KeyboardInterrupt:
+            self._record(Step(title, False, time.monotonic() - started, "interrupted"))
+            raise
+        return self._record(Step(title, passed, time.monotonic() - started, detail))
+
+    def _record(self, step: Step) -> bool:
         self.steps.append(step)
-        self.say(f"[{'PASS' if passed else 'FAIL'}] {step.seconds:6.1f} s  {title}")
-        for line in detail.splitlines():
+        self.say(f"[{'PASS' if step.passed else 'FAIL'}] {step.seconds:6.1f} s  {step.title}")
+        for line in step.detail.splitlines():
             self.say(f"                 {line}")
-        return passed
+        return step.passed
 
     def summary(self) -> str:
         passed = sum(s.passed for s in self.steps)
@@ -194,36 +199,39 @@ def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm), signal.SIGINT: signal.getsignal(signal.SIGINT)}
     veths_before = root_veths()
     say(f"agent-proxy namespace lab: {len(topo.hosts)} hosts, work directory {lab.workdir}\n")
+    steps = [
+        ("build namespaces, links and routes; apply node and gateway firewalls",
+         lambda: (lab.build(), f"{len(lab.namespaces)} namespaces ({lab.prefix}*); rules checked with iptables-restore --test, then applied")[1]),
+        (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer",
+         lambda: (lab.start_services(), f"{len(lab.processes)} processes, each answering")[1]),
+        (f"register {site_a.proxy_id}: the upstream handshakes back through {site_a.public_address}:{topo.proxy_port}",
+         lambda: registered(lab, "site-a")),
+        (f"register {site_b.proxy_id}: its own gateway, {site_b.public_address}:{topo.proxy_port}",
+         lambda: registered(lab, "site-b")),
+        ("both agents (each at 10.0.0.2) handshake through their own proxy", lambda: agents_handshaken(lab)),
+        (f"a command for {site_a.proxy_id}'s 10.0.0.2 reaches site A's agent and not site B's",
+         lambda: command_reaches_only_site_a(lab)),
+        ("kill node1 (front and workers): commands keep flowing through node2 and node3", lambda: failover(lab)),
+        (f"gateway {site_a.public_address}:{topo.proxy_port} drops a stranger, admits the upstream",
+         lambda: gateway_admits_only_upstream(lab)),
+    ]
     try:
-        steps = [
-            ("build namespaces, links and routes; apply node and gateway firewalls",
-             lambda: (lab.build(), f"{len(lab.namespaces)} namespaces ({lab.prefix}*); rules checked with iptables-restore --test, then applied")[1]),
-            (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer",
-             lambda: (lab.start_services(), f"{len(lab.processes)} processes, each answering")[1]),
-            (f"register {site_a.proxy_id}: the upstream handshakes back through {site_a.public_address}:{topo.proxy_port}",
-             lambda: registered(lab, "site-a")),
-            (f"register {site_b.proxy_id}: its own gateway, {site_b.public_address}:{topo.proxy_port}",
-             lambda: registered(lab, "site-b")),
-            ("both agents (each at 10.0.0.2) handshake through their own proxy", lambda: agents_handshaken(lab)),
-            (f"a command for {site_a.proxy_id}'s 10.0.0.2 reaches site A's agent and not site B's",
-             lambda: command_reaches_only_site_a(lab)),
-            ("kill node1 (front and workers): commands keep flowing through node2 and node3", lambda: failover(lab)),
-            (f"gateway {site_a.public_address}:{topo.proxy_port} drops a stranger, admits the upstream",
-             lambda: gateway_admits_only_upstream(lab)),
-        ]
         for title, action in steps:
             if not report.run(title, action):
                 break
     except KeyboardInterrupt:
         say("interrupted: tearing down")
     finally:
+        # The teardown itself is bounded (SIGKILL after 10 s) and must not be cut short.
+        for signum in previous:
+            signal.signal(signum, signal.SIG_IGN)
         report.run("tear down: no namespace, veth or process left", lambda: torn_down(lab, veths_before))
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    passed = report.all_passed and len(report.steps) == len(steps) + 1
     say("")
-    say(f"{'PASS' if report.all_passed else 'FAIL'}: {report.summary()}")
-    if not report.all_passed:
-        say(f"logs kept in {lab.workdir}/logs")
-    return report.all_passed and len(report.steps) == 9
+    say(f"{'PASS' if passed else 'FAIL'}: {report.summary()}" + ("" if passed else f"; logs kept in {lab.workdir}/logs"))
+    return passed

@@ -82,6 +82,9 @@ class Lab:
         self.namespaces: list[str] = []
         self.processes: dict[str, Proc] = {}
         self.nodes: dict[str, NodeInfo] = {}
+        # True once this object wrote the state file or was loaded from it: only then may
+        # down() remove it (a lab refused at preflight must not forget a running one).
+        self.owns_state = False
 
     # -- names and state
 
@@ -118,12 +121,14 @@ class Lab:
         lab.namespaces = state["namespaces"]
         lab.processes = {name: Proc.from_dict(p) for name, p in state["processes"].items()}
         lab.nodes = {name: NodeInfo(**n) for name, n in state["nodes"].items()}
+        lab.owns_state = True
         return lab
 
     # -- the whole thing
 
     def up(self) -> "Lab":
         """Build and start everything, register both proxies, start the agents; tear down on failure."""
+        self._preflight()   # outside the try: a refused start must not tear down a lab already there
         try:
             self.build()
             self.start_services()
@@ -140,6 +145,7 @@ class Lab:
         """Namespaces, links, addresses, routes, files, firewalls; no process yet."""
         self._preflight()
         self._fresh_workdir()
+        self.owns_state = True
         self.save()
         self._build_network()
         self._write_files()
@@ -227,7 +233,8 @@ class Lab:
 
         up_dir = self.host_dir(topo.upstream_host)
         up_dir.mkdir(parents=True, exist_ok=True)
-        cert, key = self_signed("upstream", [topo.upstream_address])
+        # 127.0.0.1 too: the operator API is called from inside the upstream's namespace.
+        cert, key = self_signed("upstream", [topo.upstream_address, "127.0.0.1"])
         (up_dir / "upstream.crt").write_bytes(cert)
         _write_private(up_dir / "upstream.key", key)
 
@@ -461,7 +468,6 @@ class Lab:
 
         def call():
             context = ssl.create_default_context(cafile=cafile)
-            context.check_hostname = False   # 127.0.0.1 is not in the certificate; the key is
             conn = http.client.HTTPSConnection("127.0.0.1", topo.upstream_port, timeout=timeout, context=context)
             try:
                 data = json.dumps(body).encode() if body is not None else None
@@ -563,7 +569,7 @@ class Lab:
                 report.append(f"{ns}: processes the lab did not start are still inside: {strays} (not touched)")
             netns.delete(ns)
         left = [p for p in self.processes.values() if procs.alive(p)]
-        if not left and self.state_path.exists():
+        if not left and self.owns_state and self.state_path.exists():
             self.state_path.unlink()
         self.processes, self.namespaces = {}, []
         return report

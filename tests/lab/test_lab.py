@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from lab import demo, netns, procs
-from lab.runner import Lab
+from lab.runner import Lab, LabError
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.netns
@@ -49,6 +49,14 @@ def test_every_host_has_its_namespace_and_the_root_namespace_got_no_link(lab, to
     existing = set(netns.names())
     assert {lab.ns(h) for h in topo.hosts} <= existing
     assert demo.root_veths() == lab.veths_before
+
+
+def test_a_second_lab_in_the_same_place_is_refused_and_leaves_the_first_alone(lab):
+    with pytest.raises(LabError, match="already recorded"):
+        Lab(workdir=lab.workdir, prefix=PREFIX, say=lambda _: None).up()
+    assert lab.state_path.exists()
+    assert set(lab.namespaces) <= set(netns.names())
+    assert all(procs.alive(p) for p in lab.processes.values())
 
 
 def test_no_route_leads_off_the_machine(lab, topo):
