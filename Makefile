@@ -66,8 +66,9 @@ bench: deps venv
 	$(PY) -m bench
 
 HOSTS ?= local://
+# COMPLIANCE_ARGS: more options, e.g. "--sudo --ssh-config=FILE" or "--ap-config=PATH".
 compliance: venv
-	$(PYTEST) tests/compliance --hosts='$(HOSTS)' --junitxml=out/compliance.xml
+	$(PYTEST) tests/compliance --hosts='$(HOSTS)' $(COMPLIANCE_ARGS) --junitxml=out/compliance.xml
 
 image: deps venv
 	packer/build-image.sh

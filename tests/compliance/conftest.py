@@ -130,7 +130,9 @@ def _instance(item: pytest.Item) -> str:
     for name, value in params.items():
         if name == "_testinfra_host":
             continue
-        parts.append(str(value[1] if name == "worker_port" else value))
+        if name == "worker_port":
+            value = "?" if value[1] is None else value[1]
+        parts.append(str(value))
     return ",".join(parts) or "-"
 
 

@@ -91,11 +91,14 @@ class Node:
             return "::1"
         return bind
 
-    def front_url(self, path: str) -> str:
+    @property
+    def front_target(self) -> str:
+        """front_address:port, the address bracketed if it is IPv6."""
         address = self.front_address
-        if ":" in address:
-            address = f"[{address}]"
-        return f"https://{address}:{self.config.front.port}{path}"
+        return f"[{address}]:{self.config.front.port}" if ":" in address else f"{address}:{self.config.front.port}"
+
+    def front_url(self, path: str) -> str:
+        return f"https://{self.front_target}{path}"
 
     # -- how services run: systemd units, or plain processes in a network namespace
 

@@ -33,19 +33,23 @@ def test_AP_FILE_02_secret_owner(host, node, control, secret):
 
 def test_AP_FILE_03_config_not_world_readable(host, node, control):
     f = host.file(node.config_path)
+    assert f.is_file, f"{node.config_path} does not exist on the host (set --ap-config)"
     assert f.mode & 0o007 == 0, f"{node.config_path} has mode {f.mode:04o}: others may read it"
     control.note(f"{node.config_path} {f.mode:04o}")
 
 
-def _folders(node) -> dict[str, str]:
-    return {"config-dir": posixpath.dirname(node.config_path), "install-dir": node.install_dir}
+FOLDERS = {
+    "config-dir": (lambda node: posixpath.dirname(node.config_path), "--ap-config"),
+    "install-dir": (lambda node: node.install_dir, "--ap-install-dir"),
+}
 
 
-@pytest.mark.parametrize("folder", ["config-dir", "install-dir"])
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
 def test_AP_FILE_04_nothing_world_writable(host, node, control, folder):
-    path = _folders(node)[folder]
+    where, option = FOLDERS[folder]
+    path = where(node)
     if not host.file(path).is_directory:
-        pytest.skip(f"{path} does not exist on this host (set --ap-install-dir)")
+        pytest.skip(f"{path} does not exist on this host (set {option})")
     found = host.check_output(f"find {shlex.quote(path)} -xdev -perm -0002 ! -type l").split()
     assert not found, f"world-writable under {path}: {', '.join(found[:5])}" + (" ..." if len(found) > 5 else "")
     control.note(f"none under {path}")

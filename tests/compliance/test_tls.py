@@ -16,10 +16,8 @@ WARN_DAYS = 30
 
 
 def handshake(host, node, version: str, extra: str = ""):
-    address = node.front_address
-    target = f"[{address}]:{node.config.front.port}" if ":" in address else f"{address}:{node.config.front.port}"
     openssl = host.find_command("openssl")
-    return host.run(f"timeout 10 {openssl} s_client -connect {target} -{version} {extra} </dev/null")
+    return host.run(f"timeout 10 {openssl} s_client -connect {node.front_target} -{version} {extra} </dev/null")
 
 
 def served(result) -> str | None:
@@ -36,7 +34,7 @@ def assert_refused(host, node, control, version: str, name: str) -> None:
     result = handshake(host, node, version, "-cipher DEFAULT@SECLEVEL=0")
     output = result.stdout + result.stderr
     if "CONNECTED(" not in output:
-        pytest.fail(f"cannot connect to the front at {node.front_address}:{node.config.front.port}: {output.strip()[-200:]}")
+        pytest.fail(f"cannot connect to the front at {node.front_target}: {output.strip()[-200:]}")
     if "no protocols available" in output:
         pytest.fail(f"the host's openssl cannot offer {name}; the control cannot be checked")
     protocol = served(result)
@@ -95,8 +93,7 @@ def test_AP_TLS_06_certificate_not_expired(host, node, control):
 
 def test_AP_TLS_07_front_serves_configured_certificate(host, node, control):
     openssl = host.find_command("openssl")
-    address = node.front_address
-    target = f"[{address}]:{node.config.front.port}" if ":" in address else f"{address}:{node.config.front.port}"
+    target = node.front_target
     fingerprint = f"{openssl} x509 -noout -fingerprint -sha256"
     on_wire = host.run(f"timeout 10 {openssl} s_client -connect {target} </dev/null 2>/dev/null | {fingerprint}")
     on_disk = host.run(f"{fingerprint} -in {shlex.quote(node.config.tls.cert_file)}")
