@@ -20,7 +20,9 @@ import threading
 import time
 
 from waitress import wasyncore
-from waitress.server import create_server
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import WSGITask
 
 from . import __version__, config as configuration, logs
 from .app import WorkerState, create_app
@@ -42,6 +44,31 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), address)
         except OSError as exc:
             log.warning("cannot notify systemd: %s", exc)
+
+
+class OneWriteTask(WSGITask):
+    """Hands waitress the header block and the first body chunk as one write.
+
+    waitress queues them separately, and its main loop may send the headers alone; a
+    worker killed in between leaves the front a status line without its body, which it
+    can no longer resend. In one write, the front sees either nothing (and resends a GET
+    to another worker) or the answer.
+    """
+
+    def write(self, data):
+        if self.wrote_header or not data:
+            return super().write(data)
+        channel, parts = self.channel, []
+        channel.write_soon = parts.append
+        try:
+            super().write(data)
+        finally:
+            del channel.write_soon
+        return channel.write_soon(b"".join(parts))
+
+
+class Channel(HTTPChannel):
+    task_class = OneWriteTask
 
 
 class Switch:
@@ -107,6 +134,9 @@ def serve(config_path: str, port: int | None = None) -> int:
     except OSError as exc:
         logs.event(log, f"cannot listen on {listen}: {exc.strerror}", logging.ERROR)
         return 1
+    for listener in socket_map.values():
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = Channel
 
     stop = threading.Event()
 
