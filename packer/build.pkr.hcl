@@ -1,0 +1,68 @@
+# Provisioning: the guest's apt sees only the build's local repository; the appliance
+# playbook runs twice (the second run must change nothing); then everything specific to
+# this build (its SSH key, host keys, machine id, apt lists, logs) is removed.
+build {
+  sources = ["source.qemu.appliance"]
+
+  provisioner "shell" {
+    execute_command = "sudo sh -eu '{{ .Path }}'"
+    inline = [
+      "mv /etc/apt/sources.list /etc/apt/sources.list.debian",
+      "echo 'deb [trusted=yes] ${var.repo_url}apt/ ./' > /etc/apt/sources.list.d/build-local.list",
+      "apt-get update -qq",
+    ]
+  }
+
+  # First-boot setup and motd: image-only, so they are not part of the roles.
+  provisioner "file" {
+    sources     = ["appliance/firstboot/agent-proxy-firstboot", "appliance/firstboot/agent-proxy-firstboot.service", "appliance/motd"]
+    destination = "/tmp/"
+  }
+
+  provisioner "shell" {
+    execute_command = "sudo sh -eu '{{ .Path }}'"
+    inline = [
+      "install -m 0755 /tmp/agent-proxy-firstboot /usr/local/sbin/",
+      "install -m 0644 /tmp/agent-proxy-firstboot.service /etc/systemd/system/",
+      "install -m 0644 /tmp/motd /etc/motd",
+      "systemctl enable --quiet agent-proxy-firstboot.service",
+    ]
+  }
+
+  provisioner "shell-local" {
+    inline = ["packer/run-playbook.sh first"]
+    environment_vars = [
+      "PLAYBOOK_HOST=${build.Host}",
+      "PLAYBOOK_PORT=${build.Port}",
+      "PLAYBOOK_USER=${build.User}",
+      "PLAYBOOK_KEY=${var.ssh_private_key_file}",
+      "PLAYBOOK_ADMIN_NETWORKS=${join(",", var.admin_networks)}",
+    ]
+  }
+
+  provisioner "shell-local" {
+    inline = ["packer/run-playbook.sh second"]
+    environment_vars = [
+      "PLAYBOOK_HOST=${build.Host}",
+      "PLAYBOOK_PORT=${build.Port}",
+      "PLAYBOOK_USER=${build.User}",
+      "PLAYBOOK_KEY=${var.ssh_private_key_file}",
+      "PLAYBOOK_ADMIN_NETWORKS=${join(",", var.admin_networks)}",
+    ]
+  }
+
+  provisioner "shell" {
+    execute_command = "sudo sh -eu '{{ .Path }}'"
+    inline = [
+      "rm -f /etc/apt/sources.list.d/build-local.list",
+      "mv /etc/apt/sources.list.debian /etc/apt/sources.list",
+      "apt-get clean",
+      "rm -rf /var/lib/apt/lists/* /tmp/* /var/tmp/*",
+      "rm -f /etc/ssh/ssh_host_* /home/${var.ssh_username}/.ssh/authorized_keys",
+      "truncate -s 0 /etc/machine-id",
+      "journalctl --rotate --vacuum-time=1s --quiet",
+      "rm -rf /var/log/journal/*",
+      "fstrim -v /",
+    ]
+  }
+}
