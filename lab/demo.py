@@ -7,6 +7,7 @@ end whatever happened (also on Ctrl-C or SIGTERM). Exit status 0 only if every s
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import signal
 import socket
@@ -137,17 +138,52 @@ def command_reaches_only_site_a(lab: Lab) -> str:
             f"{agent_a}'s log: {len(commands_seen(lab, agent_a))} command(s); {agent_b}'s log (site-b, also {ip}): {before_b}")
 
 
+def balancer_log(lab: Lab, site_name: str) -> Path:
+    return Path(lab.processes[f"{lab.topology.sites[site_name].balancer}/front"].log)
+
+
+def served_by(lab: Lab, site_name: str, offset: int = 0) -> list[str]:
+    """The node behind each connection the balancer logged from the upstream, after ``offset``."""
+    upstream = lab.topology.upstream_address
+    with open(balancer_log(lab, site_name), "rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return [m.group(1) for line in lines if line.startswith(f"{upstream}:")
+            for m in [re.search(r" agent_proxy nodes/(\S+) ", line)] if m]
+
+
+def wait_served(lab: Lab, site_name: str, offset: int, count: int, timeout: float = 5) -> list[str]:
+    # HAProxy logs a TCP connection when it closes, just after the answer came back.
+    deadline = time.monotonic() + timeout
+    while len(seen := served_by(lab, site_name, offset)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
 def failover(lab: Lab, node: str = "node1", count: int = COMMANDS_AFTER_FAILURE) -> str:
     site = lab.topology.sites[lab.nodes[node].site]
     ip = lab.topology.hosts[site.agents[0]].address
+    # First show that the node is in rotation: commands until the balancer sent one to it.
+    start = balancer_log(lab, site.name).stat().st_size
+    for i in range(3 * len(site.nodes)):
+        send_command(lab, site.proxy_id, ip, {"before_failure": i})
+        if node in wait_served(lab, site.name, start, i + 1):
+            break
+    before = served_by(lab, site.name, start)
+    expect(node in before, f"the balancer sent none of {len(before)} commands to {node}: {before}")
     killed = lab.stop_node(node)
     expect(not netns.pids(lab.nodes[node].namespace), f"processes left in {lab.nodes[node].namespace}")
+    offset = balancer_log(lab, site.name).stat().st_size
     started = time.monotonic()
     for i in range(count):
         send_command(lab, site.proxy_id, ip, {"after_failure": i})
     took = time.monotonic() - started
-    return (f"killed {node}: {', '.join(killed)} (SIGKILL)\n"
-            f"{count}/{count} commands to {site.proxy_id} {ip} answered afterwards in {took:.1f} s")
+    after = wait_served(lab, site.name, offset, count)
+    expect(len(after) == count and node not in after, f"after the kill the balancer logged {after}")
+    spread = ", ".join(f"{n} {after.count(n)}" for n in sorted(set(after)))
+    return (f"before: {len(before)} command(s), the last one served by {before[-1]}\n"
+            f"killed {node}: {', '.join(killed)} (SIGKILL)\n"
+            f"{count}/{count} commands to {site.proxy_id} {ip} answered afterwards in {took:.1f} s ({spread})")
 
 
 def gateway_admits_only_upstream(lab: Lab, site_name: str = "site-a") -> str:
