@@ -214,8 +214,13 @@ class Lab:
         cfg = config.parent / "haproxy-node.cfg"
         cfg.write_text(rendered.stdout)
         proc = self._start(f"front-{config.parent.name}", ["haproxy", "-f", str(cfg)], host, port, ns)
-        time.sleep(0.2)  # the master forks its worker right after binding
-        return procstat.with_children(proc.pid)
+        # Master-worker: the CPU is spent in the worker the master forks once it has bound.
+        deadline = time.monotonic() + 10
+        while len(pids := procstat.with_children(proc.pid)) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HAProxy master {proc.pid} started no worker within 10 s:\n{proc.output()}")
+            time.sleep(0.05)
+        return pids
 
     # -- the paths
 

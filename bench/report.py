@@ -54,7 +54,7 @@ def headline(results: dict, path_key: str = "node") -> dict | None:
         if name.startswith("get-200B-") and summary["rps"] and summary["p99_ms"] is not None
         and summary["p99_ms"] < P99_LIMIT_MS and summary["status_errors"] == 0
     ]
-    measured = sorted(n for n in path["workloads"] if n.startswith("get-200B-"))
+    measured = sorted((n for n in path["workloads"] if n.startswith("get-200B-")), key=lambda n: int(n.rsplit("-c", 1)[1]))
     if not candidates:
         return {"path": path_key, "measured": measured, "sustainable_rps": None, "agents": None}
     rps, name, p99 = max(candidates)
@@ -156,7 +156,7 @@ def chart(results: dict, path: Path) -> None:
     left.set_title("Throughput")
     left.set_xticks([x + width * (len(groups) - 1) / 2 for x in range(len(keys))], keys)
     left.legend()
-    conc = [c for c in ("get-200B-c1", "get-200B-c8", "get-200B-c32")
+    conc = [c for c in ("get-200B-c1", "get-200B-c4", "get-200B-c8", "get-200B-c32")
             if any(c in results["paths"][k]["workloads"] for k in keys)]
     width = 0.8 / max(1, len(conc))
     for i, name in enumerate(conc):

@@ -14,10 +14,12 @@ from . import load, procstat, report
 from .load import Workload
 from .paths import BenchPath, Lab
 
+# The first one also warms every path up (connections, TLS sessions, lazy imports).
 WORKLOADS = [
-    Workload("get-200B-c1", "GET", "/small", 1),
-    Workload("get-200B-c8", "GET", "/small", 8),
     Workload("get-200B-c32", "GET", "/small", 32),
+    Workload("get-200B-c1", "GET", "/small", 1),
+    Workload("get-200B-c4", "GET", "/small", 4),
+    Workload("get-200B-c8", "GET", "/small", 8),
     Workload("get-64KiB-c32", "GET", "/medium", 32),
     Workload("post-1KiB-c32", "POST", "/upload", 32, body_bytes=1024),
 ]
@@ -142,9 +144,10 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
         check(paths, workloads)
         luas = {w.name: load.script(w, work_dir) for w in workloads}
         if warmup:
+            first = workloads[0]
             for path in paths:
-                load.run(path.url(workloads[-1].path), workloads[-1], luas[workloads[-1].name], warmup,
-                         path.headers(workloads[-1].method, workloads[-1].path), path.prefix)
+                load.run(path.url(first.path), first, luas[first.name], warmup,
+                         path.headers(first.method, first.path), path.prefix)
         raw: dict[str, dict[str, list[dict]]] = {p.key: {w.name: [] for w in workloads} for p in paths}
         for r in range(rounds):
             for workload in workloads:
