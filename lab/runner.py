@@ -131,11 +131,14 @@ class Lab:
         self._preflight()   # outside the try: a refused start must not tear down a lab already there
         try:
             self.build()
+            self.say(f"built {len(self.namespaces)} namespaces, firewalls applied")
             self.start_services()
+            self.say(f"started the upstream, the nodes and the balancer ({len(self.processes)} processes)")
             for site in self.topology.sites.values():
-                self.register(site.name)
+                self.say(self.register(site.name))
             self.start_agents()
             self.wait_for_agents()
+            self.say("both agents handshook through their proxies")
         except BaseException:
             self.down()
             raise
