@@ -18,7 +18,7 @@ import urllib3
 import yaml
 
 from tests.helpers import free_port, wait_for_port, write_config
-from tests.integration.test_front_haproxy import (
+from tests.front import (
     headers_of, run_load, render, server_stats, start_haproxy, start_node, start_origin, wait_until,
 )
 

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
-from tests.integration.test_front_haproxy import (
+from tests.front import (
     AGENT, BALANCER, echo_via, free_ports, headers_of, proxy_v2_header, render, start_origin,
 )
 

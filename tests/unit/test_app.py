@@ -1,6 +1,5 @@
 """The worker's own endpoints and its gatekeeping, through falcon.testing (no server)."""
 
-import json
 import time
 
 import falcon.testing

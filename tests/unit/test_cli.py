@@ -4,7 +4,6 @@ import os
 import stat
 import subprocess
 
-import pytest
 import yaml
 
 from tests.helpers import AGENT_PROXY

@@ -1,0 +1,129 @@
+"""Reloads under a steady, bounded load: workers (SIGHUP), HAProxy (master-worker), nginx.
+
+The load is 16 client threads, at most 1,500 requests and 15 s. Clients behave as HTTP/1.1
+clients do: a GET sent on a keep-alive connection that the server closed while idle is
+sent again on a new one (urllib3's retry on connection errors); anything else counts as
+a failure, and the goal is none.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+
+import pytest
+import urllib3
+import yaml
+
+from tests.front import all_up, render, run_load, start_node, start_origin, wait_until
+from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
+
+TOTAL, THREADS, LIMIT = 1500, 16, 15
+NGINX = "/usr/sbin/nginx"
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory):
+    proc, url = start_origin(tmp_path_factory.mktemp("origin"))
+    yield url
+    proc.stop()
+
+
+def client(ca: str) -> urllib3.PoolManager:
+    retry = urllib3.Retry(total=2, connect=2, read=1, status=0, redirect=0, allowed_methods={"GET"})
+    return urllib3.PoolManager(maxsize=THREADS, block=True, retries=retry, ca_certs=ca,
+                               timeout=urllib3.Timeout(connect=5, read=20))
+
+
+def repeatedly(action, every: float, until: threading.Event) -> threading.Thread:
+    def loop():
+        while not until.wait(every):
+            action()
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_workers_reload_under_load_without_a_failed_request(origin, tmp_path):
+    node = start_node(tmp_path, origin, workers=2, balancers=[])
+    stop = threading.Event()
+    try:
+        def hup_all():
+            for proc in node.workers.values():
+                proc.signal(signal.SIGHUP)
+        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100,
+                          action=lambda: repeatedly(hup_all, 0.3, stop), limit=LIMIT)
+        stop.set()
+        print(f"worker reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
+        assert result.failed["GET"] == [], result.failed["GET"][:5]
+        reloads = sum(p.output().count("configuration reloaded") for p in node.workers.values())
+        assert reloads >= 4, "the workers were not reloaded during the load"
+    finally:
+        stop.set()
+        node.stop()
+
+
+def test_a_worker_reload_applies_a_new_allowlist_to_new_requests(origin, tmp_path):
+    config = write_config(tmp_path, origin)
+    proc = start_worker(config, tmp_path)
+    url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}/echo"
+    http = urllib3.PoolManager(retries=False)
+    try:
+        assert http.request("GET", url).status == 200
+        data = yaml.safe_load(config.read_text())
+        data["networks"]["agents"] = ["10.0.0.0/24"]
+        config.write_text(yaml.safe_dump(data))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in proc.output(), 5, "the worker logs the reload")
+        response = http.request("GET", url)
+        assert response.status == 403 and response.headers["X-Agent-Proxy-Error"] == "source-not-allowed"
+    finally:
+        proc.stop()
+
+
+def test_haproxy_front_reloads_under_load_without_a_failed_request(origin, tmp_path):
+    node = start_node(tmp_path, origin, workers=2, balancers=[])
+    stop = threading.Event()
+    try:
+        # HAProxy runs in master-worker mode; SIGUSR2 to the master is `systemctl reload`.
+        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100,
+                          action=lambda: repeatedly(lambda: node.haproxy.signal(signal.SIGUSR2), 1.0, stop), limit=LIMIT)
+        stop.set()
+        print(f"haproxy reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
+        assert result.failed["GET"] == [], result.failed["GET"][:5]
+        assert node.haproxy.output().count("Loading success") >= 2, node.haproxy.output()[-2000:]
+        wait_until(lambda: all_up(node.stats_socket, "workers"), 10, "workers UP after the reloads")
+    finally:
+        stop.set()
+        node.stop()
+
+
+def test_nginx_front_reloads_under_load_without_a_failed_request(origin, tmp_path):
+    ports = [free_port(), free_port()]
+    front_port = free_port()
+    config = write_config(tmp_path, origin, listen={"host": "127.0.0.1", "port": ports[0]},
+                          front={"bind": "127.0.0.1", "port": front_port, "workers": 1})
+    workers = [start_worker(config, tmp_path, port) for port in ports[:1]]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render("node-nginx", config, f"nginx_pid={tmp_path / 'nginx.pid'}"))
+    nginx = Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log").start()
+    stop = threading.Event()
+    try:
+        wait_for_port("127.0.0.1", front_port, proc=nginx)
+
+        def reload():
+            done = subprocess.run([NGINX, "-c", str(conf), "-s", "reload"], capture_output=True, text=True, timeout=10)
+            assert done.returncode == 0, done.stderr
+        result = run_load(client(str(tmp_path / "proxy.crt")), f"https://127.0.0.1:{front_port}", TOTAL, THREADS, at=100,
+                          action=lambda: repeatedly(reload, 1.0, stop), limit=LIMIT)
+        stop.set()
+        print(f"nginx reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
+        assert result.failed["GET"] == [], result.failed["GET"][:5]
+    finally:
+        stop.set()
+        nginx.stop()
+        for proc in workers:
+            proc.stop()
+
+
