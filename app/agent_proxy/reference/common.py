@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -187,6 +188,7 @@ def url_path(url: str) -> str:
     return urlsplit(url).path.rstrip("/")
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
+    """A usage error at start-up: one line on stderr, exit 2."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
