@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 
@@ -85,3 +86,13 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
 
 def test_own_ip_is_the_source_address_towards_the_endpoint():
     assert agent.own_ip("https://127.0.0.1:2002") == "127.0.0.1"
+
+
+def test_state_file_keeps_instance_id_and_token_across_restarts(tmp_path):
+    path = str(tmp_path / "agent.json")
+    first = agent._load_state(path, None)
+    again = agent._load_state(path, None)
+    assert (again.instance_id, again.token) == (first.instance_id, first.token)
+    assert first.instance_id.startswith("agent-") and len(first.token) >= 32
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert agent._load_state(path, "vm-9").instance_id == "vm-9"

@@ -149,7 +149,7 @@ class CheckIns:
     def _post(self, path: str, data: dict):
         return call(self.endpoint, "POST", self.prefix + path, json.dumps(data).encode(), context=self.context, timeout=10)
 
-    def handshake(self) -> bool:
+    def handshake(self) -> None:
         state = self.state
         state.ip = own_ip(self.endpoint) or state.ip
         answer = self._post("/agent/v1/handshake", {
@@ -160,7 +160,6 @@ class CheckIns:
         with state.lock:
             state.handshakes += 1
         _log("handshake", endpoint=self.endpoint, instance_id=state.instance_id, ip=state.ip, answer=answer.json())
-        return True
 
     def checkin(self) -> bool:
         """True when checked in; False when the endpoint does not know us (handshake again)."""
@@ -180,7 +179,8 @@ class CheckIns:
         while not self.stop.is_set():
             try:
                 if not shaken:
-                    shaken = self.handshake()
+                    self.handshake()
+                    shaken = True
                 else:
                     shaken = self.checkin()
                     if not shaken:

@@ -163,7 +163,8 @@ class AgentProxies:
         except CallError as exc:
             raise failed(str(exc)) from None
         if answer.status != 200:
-            detail = answer.json() if isinstance(answer.json(), dict) else {}
+            detail = answer.json()
+            detail = detail if isinstance(detail, dict) else {}
             said = ": ".join(str(detail[k]) for k in ("title", "description") if detail.get(k))
             raise failed(f"the proxy at {url} answered {answer.status}{': ' + said if said else ''}")
         try:
