@@ -61,7 +61,7 @@ class _Upstream:
                 conn.connect()
             except ssl.SSLCertVerificationError as exc:
                 raise CommandError(
-                    f"TLS with the upstream {self.url} failed: {exc.verify_message or exc.reason} "
+                    f"TLS with the upstream {self.url} failed: certificate verify failed: {exc.verify_message or exc.reason} "
                     f"(upstream.ca_file: {self.config.upstream.ca_file or 'system CAs'})"
                 ) from None
             except ssl.SSLError as exc:

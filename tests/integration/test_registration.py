@@ -102,7 +102,8 @@ def test_upstream_certificate_not_trusted(upstream, worker, tmp_path):
     result = cli("register", "-c", str(config))
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"agent-proxy: TLS with the upstream {upstream['url']} failed: self-signed certificate (upstream.ca_file: system CAs)"
+        f"agent-proxy: TLS with the upstream {upstream['url']} failed: certificate verify failed: self-signed certificate "
+        "(upstream.ca_file: system CAs)"
     )
 
 
