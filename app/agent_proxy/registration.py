@@ -36,10 +36,16 @@ class _Upstream:
     def _connection(self) -> http.client.HTTPConnection:
         up, parts = self.config.upstream, self.parts
         if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=up.ca_file)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            if up.client_cert:
-                context.load_cert_chain(up.client_cert, up.client_key)
+            try:
+                context = ssl.create_default_context(cafile=up.ca_file)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                if up.client_cert:
+                    context.load_cert_chain(up.client_cert, up.client_key)
+            except (ssl.SSLError, OSError) as exc:  # e.g. a ca_file that holds no certificate
+                raise CommandError(
+                    f"{self.config.source}: cannot load upstream.ca_file, client_cert or client_key: "
+                    f"{getattr(exc, 'reason', None) or exc}"
+                ) from None
             return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=up.connect_timeout, context=context)
         return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=up.connect_timeout)
 

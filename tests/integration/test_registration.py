@@ -153,3 +153,13 @@ def test_register_without_public_url(upstream, tmp_path):
     assert (result.returncode, result.stderr.strip()) == (
         1, f"agent-proxy: {config}: public_url is not set; the upstream needs it to reach this proxy",
     )
+
+
+def test_ca_file_without_a_certificate(upstream, worker, tmp_path):
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    config = config_for(tmp_path, upstream, worker, ca_file=str(empty))
+    result = cli("register", "-c", str(config))
+    assert (result.returncode, result.stderr.strip()) == (
+        1, f"agent-proxy: {config}: cannot load upstream.ca_file, client_cert or client_key: NO_CERTIFICATE_OR_CRL_FOUND",
+    )
