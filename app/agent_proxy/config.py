@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -387,9 +388,29 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
         problems.append("networks.agents: at least one agent network is required")
     if not config.agents.ports:
         problems.append("agents.ports: at least one agent port is required")
+    _check_tls_files(config, problems)
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
+
+
+def _check_tls_files(config: Config, problems: list[str]) -> None:
+    """Readable is not enough: the CA and client files must load as what they claim to be."""
+    up = config.upstream
+    for key, cafile in (("upstream.ca_file", up.ca_file), ("agents.ca_file", config.agents.ca_file)):
+        if cafile:
+            try:
+                ssl.create_default_context(cafile=cafile)
+            except (ssl.SSLError, ValueError) as exc:
+                problems.append(f"{key}: cannot load {cafile} as CA certificates: {getattr(exc, 'reason', None) or exc}")
+    if up.client_cert and up.client_key:
+        try:
+            ssl.create_default_context().load_cert_chain(up.client_cert, up.client_key)
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(
+                f"upstream.client_cert: cannot load {up.client_cert} with key {up.client_key}: "
+                f"{getattr(exc, 'reason', None) or exc}"
+            )
 
 
 def warnings(config: Config) -> list[str]:

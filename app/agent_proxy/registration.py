@@ -17,7 +17,7 @@ import socket
 import ssl
 from urllib.parse import quote, urlsplit
 
-from . import __version__, signing
+from . import __version__, relay, signing
 from .cli import CommandError
 from .config import Config
 
@@ -34,18 +34,10 @@ class _Upstream:
         self.secret = config.read_secret()
 
     def _connection(self) -> http.client.HTTPConnection:
+        # The same TLS settings the relay uses (config checks already loaded the files).
         up, parts = self.config.upstream, self.parts
         if parts.scheme == "https":
-            try:
-                context = ssl.create_default_context(cafile=up.ca_file)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
-                if up.client_cert:
-                    context.load_cert_chain(up.client_cert, up.client_key)
-            except (ssl.SSLError, OSError) as exc:  # e.g. a ca_file that holds no certificate
-                raise CommandError(
-                    f"{self.config.source}: cannot load upstream.ca_file, client_cert or client_key: "
-                    f"{getattr(exc, 'reason', None) or exc}"
-                ) from None
+            context = relay.client_context(up.ca_file, True, up.client_cert, up.client_key)
             return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=up.connect_timeout, context=context)
         return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=up.connect_timeout)
 

@@ -161,5 +161,5 @@ def test_ca_file_without_a_certificate(upstream, worker, tmp_path):
     config = config_for(tmp_path, upstream, worker, ca_file=str(empty))
     result = cli("register", "-c", str(config))
     assert (result.returncode, result.stderr.strip()) == (
-        1, f"agent-proxy: {config}: cannot load upstream.ca_file, client_cert or client_key: NO_CERTIFICATE_OR_CRL_FOUND",
+        2, f"agent-proxy: {config}: upstream.ca_file: cannot load {empty} as CA certificates: NO_CERTIFICATE_OR_CRL_FOUND",
     )

@@ -122,3 +122,12 @@ def test_effective_settings_mark_defaults_and_never_hold_the_secret(tmp_path):
     assert effective["proxy_id"] == ("site-a", False)
     assert effective["listen.port"] == (8002, True)
     assert "s3cr3t" not in yaml.safe_dump([str(v) for v in effective.values()])
+
+
+def test_tls_files_must_load_not_just_be_readable(tmp_path):
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    found = problems({**MINIMAL, "upstream": {"url": "https://x", "ca_file": str(junk)}})
+    assert len(found) == 1 and f"upstream.ca_file: cannot load {junk} as CA certificates" in found[0]
+    found = problems({**MINIMAL, "upstream": {"url": "https://x", "client_cert": str(junk), "client_key": str(junk)}})
+    assert len(found) == 1 and "upstream.client_cert: cannot load" in found[0]
