@@ -47,7 +47,6 @@ def machine() -> dict:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    import waitress
     from importlib.metadata import version
 
     import agent_proxy
