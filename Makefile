@@ -63,6 +63,7 @@ lab-down: venv
 	$(PY) -m lab down
 
 bench: deps venv
+	$(VENV)/bin/pip install -q -e 'app[bench]'
 	$(PY) -m bench
 
 HOSTS ?= local://

@@ -21,20 +21,6 @@ def _stop(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")  # unwinds: every server is stopped by PID
 
 
-def ensure_bench_extra() -> bool:
-    """matplotlib (the chart) from the `bench` extra; installed into this venv if missing."""
-    if importlib.util.find_spec("matplotlib"):
-        return True
-    print("[bench] matplotlib is missing: installing the bench extra (pip install -e 'app[bench]')", flush=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO / 'app'}[bench]"],
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        print(f"[bench] could not install the bench extra, no chart: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return False
-    importlib.invalidate_caches()
-    return importlib.util.find_spec("matplotlib") is not None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Relay paths side by side: throughput, latency, CPU, memory.")
     mode = parser.add_mutually_exclusive_group()
@@ -69,14 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             from .profile import profile
 
             return profile(work_dir, args.results, args.seconds or 10, args.top)
+        with_chart = importlib.util.find_spec("matplotlib") is not None
+        if not with_chart:  # `make bench` installs it (the bench extra); the smoke does without
+            print("[bench] matplotlib missing: no chart (pip install -e 'app[bench]')")
         if args.smoke:
-            with_chart = importlib.util.find_spec("matplotlib") is not None
-            if not with_chart:
-                print("[bench] matplotlib missing: smoke without the chart (pip install -e 'app[bench]')")
             return run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
                            seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
                            with_chart=with_chart, stem="smoke")
-        with_chart = ensure_bench_extra()
         return run.run(args.results, work_dir, keys=keys, workloads=run.WORKLOADS,
                        seconds=args.seconds or 4, rounds=args.rounds or 3, warmup=1, big_bytes=100 * 2**20,
                        with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S"))
