@@ -60,8 +60,10 @@ done
 
 WORK=$(mktemp -d "$CACHE/.work-XXXXXX" 2>/dev/null || { mkdir -p "$CACHE"; mktemp -d "$CACHE/.work-XXXXXX"; })
 MNT="$WORK/mnt"
+LOOP=
 cleanup() {
   if mountpoint -q "$MNT"; then umount "$MNT"; fi
+  if [[ -n $LOOP ]]; then losetup --detach "$LOOP"; fi
   # Never remove a tree that still has something mounted in it (an interrupted mmdebstrap).
   if findmnt --list --noheadings --output TARGET | grep -q "^$WORK/"; then
     echo "base disk: mounts left under $WORK; not removing it" >&2
@@ -98,15 +100,8 @@ echo "base disk: local apt repository with $(grep -c '^Package:' "$APT_REPO.tmp/
 
 RAW="$WORK/disk.raw"
 OFFSET=$((2048 * 512))
-truncate -s "${DISK_SIZE_MB}M" "$RAW"
-echo 'label: dos
-start=2048, type=83, bootable' | sfdisk --quiet "$RAW"
-mkfs.ext4 -q -L root -O ^64bit,^metadata_csum,^orphan_file -E offset=$OFFSET \
-  -d "$ROOTFS" "$RAW" $(( (DISK_SIZE_MB * 1024) - (OFFSET / 1024) ))k
-mount -o loop,offset=$OFFSET "$RAW" "$MNT"
-mkdir -p "$MNT/boot/extlinux"
-extlinux --install "$MNT/boot/extlinux" 2>/dev/null
-cat > "$MNT/boot/extlinux/extlinux.conf" <<'EOF'
+mkdir -p "$ROOTFS/boot/extlinux"
+cat > "$ROOTFS/boot/extlinux/extlinux.conf" <<'EOF'
 # /vmlinuz and /initrd.img are the links Debian's kernel packages keep current.
 default debian
 timeout 1
@@ -115,7 +110,25 @@ label debian
   initrd /initrd.img
   append root=LABEL=root ro console=tty0 console=ttyS0,115200 net.ifnames=0
 EOF
+truncate -s "${DISK_SIZE_MB}M" "$RAW"
+echo 'label: dos
+start=2048, type=83, bootable' | sfdisk --quiet "$RAW"
+mkfs.ext4 -q -L root -O ^64bit,^metadata_csum,^orphan_file -E offset=$OFFSET \
+  -d "$ROOTFS" "$RAW" $(( (DISK_SIZE_MB * 1024) - (OFFSET / 1024) ))k
+# An explicit loop device, detached before the image is read: with an auto-cleared loop,
+# umount can return before the last blocks reach the file (a corrupt disk under load).
+LOOP=$(losetup --find --show --offset $OFFSET "$RAW")
+mount "$LOOP" "$MNT"
+extlinux --install "$MNT/boot/extlinux" 2>/dev/null
 umount "$MNT"
+losetup --detach "$LOOP"
+LOOP=
+sync "$RAW"
+if ! e2fsck -fn "$RAW?offset=$OFFSET" > "$WORK/fsck.log" 2>&1; then
+  cat "$WORK/fsck.log" >&2
+  echo "base disk: the new file system does not check clean" >&2
+  exit 1
+fi
 dd if=/usr/lib/EXTLINUX/mbr.bin of="$RAW" bs=440 count=1 conv=notrunc status=none
 qemu-img convert -c -O qcow2 "$RAW" "$DISK.tmp"
 mv "$DISK.tmp" "$DISK"

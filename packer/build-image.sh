@@ -30,7 +30,11 @@ base_disk=$(packer/base-disk.sh | tail -1)
 step "base disk"
 
 rm -f "$OUT"/wheels/*.whl
-.venv/bin/pip wheel --quiet ./app --wheel-dir "$OUT/wheels"
+if ! .venv/bin/pip wheel --quiet ./app --wheel-dir "$OUT/wheels" > "$BUILD/wheels.log" 2>&1; then
+  cat "$BUILD/wheels.log" >&2
+  echo "image: pip wheel ./app failed" >&2
+  exit 1
+fi
 step "wheels ($(ls "$OUT"/wheels | wc -l) files)"
 
 # The build's local apt repository, on loopback only; the guest sees it at 10.0.2.2.
@@ -48,7 +52,7 @@ curl -sf -o /dev/null "http://127.0.0.1:$port/apt/Packages" || { echo "image: th
 ssh-keygen -q -t ed25519 -N '' -C "agent-proxy-build" -f "$BUILD/ssh/id_ed25519"
 
 echo "image: packer build (accelerator $ACCELERATOR; log $BUILD/packer.log, console $BUILD/packer-serial.log)"
-if ! PACKER_LOG=1 PACKER_LOG_PATH="$BUILD/packer.log" timeout "$PACKER_TIMEOUT" \
+if ! PACKER_LOG=1 PACKER_LOG_PATH="$BUILD/packer.log" PACKER_CACHE_DIR="$OUT/cache/packer" timeout "$PACKER_TIMEOUT" \
     packer build -force -color=false \
     -var "base_disk=file://$base_disk" \
     -var "accelerator=$ACCELERATOR" \

@@ -1,0 +1,165 @@
+#!/bin/bash
+# The image test in `make test`: the template checks, the image (rebuilt only when an
+# input changed, see packer/inputs-hash.sh), one boot under QEMU TCG with user networking
+# (SSH and :2002 forwarded to 127.0.0.1 only), the compliance suite over SSH, and one
+# request relayed through the appliance's :2002 to an origin on the host's loopback
+# (the guest reaches it as 10.0.2.2). The VM is stopped by PID.
+# Environment: BOOT_TIMEOUT (seconds until SSH answers, default 300).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+OUT=$REPO/out
+T=$OUT/test-image
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-300}
+total_start=$SECONDS
+step_start=$SECONDS
+step() { echo "test-image: $1 in $((SECONDS - step_start)) s"; step_start=$SECONDS; }
+fail() { echo "test-image: FAIL: $*" >&2; exit 1; }
+
+QEMU_PID= ORIGIN_PID=
+stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
+  local pid=$1
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid"
+}
+cleanup() {
+  if [[ -n $QEMU_PID ]]; then stop_pid "$QEMU_PID"; fi
+  if [[ -n $ORIGIN_PID ]]; then stop_pid "$ORIGIN_PID"; fi
+}
+trap cleanup EXIT
+
+packer/check.sh
+step "template checks"
+
+inputs=$(packer/inputs-hash.sh)
+if [[ -f $OUT/agent-proxy.qcow2 && -f $OUT/agent-proxy.inputs && $(cat "$OUT/agent-proxy.inputs") == "$inputs" ]]; then
+  echo "test-image: reusing out/agent-proxy.qcow2 (inputs $inputs unchanged)"
+else
+  packer/build-image.sh
+fi
+step "image"
+
+rm -rf "$T"
+mkdir -p "$T"
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+ssh_port=$(free_port)
+front_port=$(free_port)
+origin_port=$(free_port)
+
+# The origin the appliance relays to: host loopback, 10.0.2.2 from the guest.
+.venv/bin/python -m tests.origin "127.0.0.1:$origin_port" > "$T/origin.log" 2>&1 &
+ORIGIN_PID=$!
+
+# This boot's own key and seed; the image itself holds neither.
+ssh-keygen -q -t ed25519 -N '' -C image-test -f "$T/id_ed25519"
+cat > "$T/seed.env" <<EOF
+PROXY_ID=image-test
+UPSTREAM_URL=https://upstream.example:3302
+PUBLIC_URL=https://127.0.0.1:2002
+HOSTNAMES=agent-proxy 127.0.0.1
+EOF
+cat > "$T/ssh_config" <<EOF
+Host appliance
+  HostName 127.0.0.1
+  Port $ssh_port
+  User admin
+  IdentityFile $T/id_ed25519
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  BatchMode yes
+  ConnectTimeout 5
+EOF
+guest() { ssh -F "$T/ssh_config" appliance "$@"; }
+
+qemu-img create -q -f qcow2 -b "$OUT/agent-proxy.qcow2" -F qcow2 "$T/disk.qcow2"
+qemu-system-x86_64 -machine pc,accel=tcg -cpu max -smp 2 -m 1536 -display none \
+  -drive "file=$T/disk.qcow2,if=virtio" \
+  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$ssh_port-:22,hostfwd=tcp:127.0.0.1:$front_port-:2002" \
+  -device virtio-net,netdev=n0 \
+  -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \
+  -fw_cfg "name=opt/agent-proxy/seed.env,file=$T/seed.env" \
+  -serial "file:$T/serial.log" > "$T/qemu.log" 2>&1 &
+QEMU_PID=$!
+
+deadline=$((SECONDS + BOOT_TIMEOUT))
+until guest true 2>/dev/null; do
+  kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited: $(cat "$T/qemu.log")"
+  if ((SECONDS > deadline)); then
+    echo "test-image: last console lines ($T/serial.log):" >&2
+    tail -n 25 "$T/serial.log" >&2
+    fail "SSH did not answer within $BOOT_TIMEOUT s"
+  fi
+  sleep 2
+done
+step "boot until SSH answers"
+if ! state=$(guest timeout 180 systemctl is-system-running --wait); then
+  guest sudo systemctl --failed --no-legend >&2
+  fail "the appliance finished booting '$state', not 'running'"
+fi
+guest sudo journalctl -b -o cat -u agent-proxy-firstboot > "$T/firstboot.log"
+grep -q 'SHA-256 fingerprint' "$T/firstboot.log" || fail "first boot did not report the certificate: $(cat "$T/firstboot.log")"
+secret=$(guest sudo cat /etc/agent-proxy/psk)
+if guest sudo journalctl -b -o cat | grep -qF "$secret" || grep -qF "$secret" "$T/serial.log"; then
+  fail "the shared secret appears in the journal or on the console"
+fi
+step "first boot (state $state; the secret is in no log)"
+
+if [[ -n $(find tests/compliance -name 'test_*.py' ! -name test_lab_node.py) ]]; then
+  .venv/bin/pytest tests/compliance --ignore=tests/compliance/test_lab_node.py -p no:cacheprovider -q \
+    --hosts=ssh://appliance --ssh-config="$T/ssh_config" --sudo \
+    --ap-summary="$T/compliance-summary.txt" --junitxml="$T/compliance.xml"
+  step "compliance suite over SSH"
+fi
+
+# Relaying: the origin over plain HTTP and the host (10.0.2.2 to the guest) as an agent.
+guest sudo /opt/agent-proxy/bin/python -I - <<'PY'
+import yaml
+path = "/etc/agent-proxy/agent-proxy.yaml"
+data = yaml.safe_load(open(path))
+data["upstream"] = {**data["upstream"], "allow_insecure": True}
+networks = data.setdefault("networks", {})
+networks["agents"] = list(networks.get("agents") or []) + ["10.0.2.2/32"]
+open(path, "w").write(yaml.safe_dump(data, sort_keys=False))
+PY
+guest "sudo sed -i 's|https://upstream.example:3302|http://10.0.2.2:$origin_port|' /etc/agent-proxy/agent-proxy.yaml"
+guest sudo /opt/agent-proxy/bin/agent-proxy check-config -c /etc/agent-proxy/agent-proxy.yaml
+guest "sudo sh -euc 'cd /etc/agent-proxy/firewall
+  /opt/agent-proxy/bin/agent-proxy render firewall-node -c ../agent-proxy.yaml --vars vars.yaml > rules.v4.new
+  iptables-restore --test rules.v4.new && mv rules.v4.new rules.v4
+  systemctl reload agent-proxy-firewall
+  systemctl restart agent-proxy.target agent-proxy-front'"
+deadline=$((SECONDS + 60))
+until curl -sfk -o /dev/null "https://127.0.0.1:$front_port/_proxy/health"; do
+  ((SECONDS < deadline)) || fail "https://127.0.0.1:$front_port/_proxy/health did not answer 200 within 60 s"
+  sleep 1
+done
+curl -sSk --max-time 30 -D "$T/relay.headers" -o "$T/relay.json" -H 'X-Request-ID: image-test-1' \
+  "https://127.0.0.1:$front_port/echo/image-test?x=1"
+head -1 "$T/relay.headers" | grep -q ' 200' || fail "relay answered $(head -1 "$T/relay.headers")"
+python3 - "$T/relay.json" <<'PY'
+import json, sys
+seen = json.load(open(sys.argv[1]))
+headers = {name.lower(): value for name, value in seen["headers"]}
+assert seen["target"] == "/echo/image-test?x=1", seen["target"]
+assert headers.get("x-agent-proxy-id") == "image-test", headers
+assert headers.get("x-agent-proxy-client-ip") == "10.0.2.2", headers
+assert headers.get("x-request-id") == "image-test-1", headers
+assert headers.get("x-agent-proxy-signature", "").startswith("v1 "), headers
+print("test-image: relayed GET /echo/image-test?x=1 through :2002 to the origin, signed, as proxy image-test from 10.0.2.2")
+PY
+step "relay through :2002"
+
+guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
+deadline=$((SECONDS + 60))
+while kill -0 "$QEMU_PID" 2>/dev/null; do
+  ((SECONDS < deadline)) || { echo "test-image: the VM did not power off within 60 s; stopping it" >&2; break; }
+  sleep 1
+done
+stop_pid "$QEMU_PID"
+QEMU_PID=
+step "shutdown"
+echo "test-image: PASS in $((SECONDS - total_start)) s"
