@@ -176,6 +176,27 @@ def cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_lb(args: argparse.Namespace) -> int:
+    from . import lbctl
+
+    sock = lbctl.StatsSocket(args.socket)
+    try:
+        if args.action == "status":
+            state = sock.state(args.backend, args.server)
+        elif args.action == "drain":
+            state = lbctl.drain(sock, args.backend, args.server)
+        elif args.action == "ready":
+            state = lbctl.ready(sock, args.backend, args.server, args.timeout)
+        else:
+            state = lbctl.wait_idle(sock, args.backend, args.server, args.timeout)
+    except lbctl.UnknownServer as exc:
+        return _fail(f"lb {args.action}: {exc}", EXIT_USAGE)
+    except lbctl.LbError as exc:
+        return _fail(f"lb {args.action}: {exc}", EXIT_FAILURE)
+    print(state.line())
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"agent-proxy {__version__}")
     return EXIT_OK
@@ -214,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("register", "register this proxy with the upstream"), ("deregister", "remove this proxy from the upstream")):
         with_config(sub.add_parser(name, help=text)).set_defaults(func=cmd_register)
+
+    from .lbctl import DEFAULT_BACKEND, DEFAULT_SOCKET
+
+    p = sub.add_parser("lb", help="drain a server on a balancer, wait until idle, put it back (HAProxy stats socket)")
+    p.add_argument("action", choices=["drain", "ready", "wait-idle", "status"],
+                   help="drain: no new connections; wait-idle: until it carries none; ready: back in, waits until UP")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="HAProxy stats socket, level admin (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, help="backend (default: %(default)s)")
+    p.add_argument("--server", required=True, help="server name in that backend, e.g. node1")
+    p.add_argument("--timeout", type=float, default=60, help="seconds wait-idle and ready wait (default: %(default)s)")
+    p.set_defaults(func=cmd_lb)
 
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
     return parser

@@ -24,6 +24,7 @@ TEMPLATES = {
     "node-haproxy": "haproxy/node-haproxy.cfg.j2",
     "lb-haproxy": "haproxy/lb-haproxy.cfg.j2",
     "node-nginx": "haproxy/node-nginx.conf.j2",
+    "keepalived": "haproxy/keepalived.conf.j2",
     "firewall-node": "firewall/node.rules.j2",
     "firewall-gateway": "firewall/gateway.rules.j2",
     "firewall-node6": "firewall/node6.rules.j2",
