@@ -7,6 +7,7 @@ end whatever happened (also on Ctrl-C or SIGTERM). Exit status 0 only if every s
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import signal
@@ -20,6 +21,7 @@ from . import netns, procs
 from .runner import Lab, LabError
 
 COMMANDS_AFTER_FAILURE = 10
+MAX_FAILOVER_SECONDS = 3.0
 PROBE_TIMEOUT = 3.0
 
 
@@ -138,8 +140,18 @@ def command_reaches_only_site_a(lab: Lab) -> str:
             f"{agent_a}'s log: {len(commands_seen(lab, agent_a))} command(s); {agent_b}'s log (site-b, also {ip}): {before_b}")
 
 
+def active_balancer(lab: Lab, site_name: str) -> str:
+    """The balancer that carries the site's traffic: the one holding the site address (a pair), or the only one."""
+    site = lab.topology.sites[site_name]
+    if len(site.balancers) == 1:
+        return site.balancers[0]
+    holders = lab.site_address_holders(site_name)
+    expect(len(holders) == 1, f"{site.site_address} is on {holders or 'no balancer'}, expected exactly one")
+    return holders[0]
+
+
 def balancer_log(lab: Lab, site_name: str) -> Path:
-    return Path(lab.processes[f"{lab.topology.sites[site_name].balancer}/front"].log)
+    return Path(lab.processes[f"{active_balancer(lab, site_name)}/front"].log)
 
 
 def served_by(lab: Lab, site_name: str, offset: int = 0) -> list[str]:
@@ -184,6 +196,32 @@ def failover(lab: Lab, node: str = "node1", count: int = COMMANDS_AFTER_FAILURE)
     return (f"before: {len(before)} command(s), the last one served by {before[-1]}\n"
             f"killed {node}: {', '.join(killed)} (SIGKILL)\n"
             f"{count}/{count} commands to {site.proxy_id} {ip} answered afterwards in {took:.1f} s ({spread})")
+
+
+def balancer_failover(lab: Lab, site_name: str = "site-a", process: str = "front",
+                      count: int = COMMANDS_AFTER_FAILURE) -> str:
+    """Kill the active balancer's HAProxy (``front``) or keepalived: the site address moves, commands still arrive."""
+    site = lab.topology.sites[site_name]
+    ip = lab.topology.hosts[site.agents[0]].address
+    active = active_balancer(lab, site_name)
+    send_command(lab, site.proxy_id, ip, {"before_balancer_failure": active})
+    proc = lab.processes[f"{active}/{process}"]
+    os.kill(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    standby = lab.wait_site_address(site_name, away_from=active, timeout=10)
+    moved = time.monotonic() - killed
+    expect(moved < MAX_FAILOVER_SECONDS, f"{site.site_address} took {moved:.1f} s to move from {active} to {standby}")
+    offset = Path(lab.processes[f"{standby}/front"].log).stat().st_size
+    started = time.monotonic()
+    for i in range(count):
+        send_command(lab, site.proxy_id, ip, {"after_balancer_failure": i})
+    took = time.monotonic() - started
+    served = wait_served(lab, site_name, offset, count)
+    expect(len(served) == count, f"{standby}'s log shows {len(served)} of the {count} commands: {served}")
+    what = "HAProxy" if process == "front" else process
+    return (f"{site.site_address} was on {active}; killed its {what} (pid {proc.pid}, SIGKILL)\n"
+            f"{site.site_address} moved to {standby} in {moved:.2f} s (polling `ip -n NS addr`)\n"
+            f"{count}/{count} commands to {site.proxy_id} {ip} answered afterwards in {took:.1f} s, all through {standby}")
 
 
 def gateway_admits_only_upstream(lab: Lab, site_name: str = "site-a") -> str:
@@ -241,7 +279,7 @@ def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
     steps = [
         ("build namespaces, links and routes; apply node and gateway firewalls",
          lambda: (lab.build(), f"{len(lab.namespaces)} namespaces ({lab.prefix}*); rules checked with iptables-restore --test, then applied")[1]),
-        (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer",
+        (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer pair",
          lambda: (lab.start_services(), f"{len(lab.processes)} processes, each answering")[1]),
         (f"register {site_a.proxy_id}: the upstream handshakes back through {site_a.public_address}:{topo.proxy_port}",
          lambda: registered(lab, "site-a")),
@@ -251,6 +289,8 @@ def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
         (f"a command for {site_a.proxy_id}'s 10.0.0.2 reaches site A's agent and not site B's",
          lambda: command_reaches_only_site_a(lab)),
         ("kill node1 (front and workers): commands keep flowing through node2 and node3", lambda: failover(lab)),
+        (f"kill the active balancer's HAProxy: {site_a.site_address} moves to the other one, commands keep flowing",
+         lambda: balancer_failover(lab, "site-a")),
         (f"gateway {site_a.public_address}:{topo.proxy_port} drops a stranger, admits the upstream",
          lambda: gateway_admits_only_upstream(lab)),
     ]

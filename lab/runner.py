@@ -40,7 +40,7 @@ MARKER = ".agent-proxy-lab"
 VENV_BIN = Path(sys.executable).parent
 AGENT_PROXY = str(VENV_BIN / "agent-proxy")
 LB_MONITOR_PORT = 8404
-REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "haproxy")
+REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "haproxy", "keepalived", "curl")
 
 
 class LabError(Exception):
@@ -64,7 +64,8 @@ class NodeInfo:
     haproxy_config: str
     firewall_rules: str | None = None    # iptables-restore file applied (proxy nodes)
     firewall6_rules: str | None = None
-    pids: dict[str, int] = field(default_factory=dict)   # "front", "worker-8002", ...
+    pids: dict[str, int] = field(default_factory=dict)   # "front", "worker-8002", "keepalived", ...
+    keepalived_config: str | None = None   # balancers of a pair
 
 
 def _say(message: str) -> None:
@@ -161,8 +162,11 @@ class Lab:
         for node in self._proxy_nodes():
             self.start_node(node.name)
         for site in self.topology.sites.values():
-            if site.balancer:
-                self._start_balancer(site)
+            for name in site.balancers:
+                self.start_balancer(name)
+            if len(site.balancers) > 1:
+                holder = self.wait_site_address(site.name)
+                self.say(f"{site.site_address} is on {holder} (keepalived)")
 
     # -- preflight
 
@@ -199,7 +203,7 @@ class Lab:
         topo = self.topology
         for host in topo.hosts.values():
             self._add_namespace(self.ns(host.name))
-        ifnames = {(h.name, i.network): f"eth{n}" for h in topo.hosts.values() for n, i in enumerate(h.interfaces)}
+        ifnames = {(h.name, i.network): _ifname(h, i.network) for h in topo.hosts.values() for i in h.interfaces}
         for network in topo.networks.values():
             members = topo.members(network.name)
             if len(members) == 2:
@@ -250,8 +254,8 @@ class Lab:
                    f"agent-proxy init for {site.name}")
             for name in site.nodes:
                 self._write_node(site, site_dir, topo.hosts[name])
-            if site.balancer:
-                self._write_balancer(site, topo.hosts[site.balancer])
+            for name in site.balancers:
+                self._write_balancer(site, topo.hosts[name])
         (self.workdir / "proxy-certs.pem").write_bytes(
             b"".join((self.workdir / "sites" / s / "tls" / "proxy.crt").read_bytes() for s in topo.sites))
 
@@ -264,7 +268,7 @@ class Lab:
 
     def _node_config(self, site: Site, directory: Path, stats_socket: Path) -> dict:
         topo = self.topology
-        balancer = topo.hosts[site.balancer].address if site.balancer else None
+        balancers = [f"{topo.hosts[name].address}/32" for name in site.balancers]
         return {
             "proxy_id": site.proxy_id,
             "public_url": self.public_url(site),
@@ -278,7 +282,7 @@ class Lab:
                          "upstream": [f"{topo.upstream_address}/32"]},
             "agents": {"ports": [topo.agent_port], "tls": True, "verify": False},
             "front": {"bind": "0.0.0.0", "port": topo.proxy_port, "workers": topo.workers,
-                      "balancers": [f"{balancer}/32"] if balancer else [], "stats_socket": str(stats_socket)},
+                      "balancers": balancers, "stats_socket": str(stats_socket)},
             "logging": {"level": "info", "format": "json"},
         }
 
@@ -318,11 +322,30 @@ class Lab:
         haproxy_cfg = directory / "haproxy.cfg"
         haproxy_cfg.write_text(self._render("lb-haproxy", config_path, vars_file=directory / "nodes.yaml"))
         _check(["haproxy", "-c", "-q", "-f", str(haproxy_cfg)], f"haproxy -c for {host.name}")
+        keepalived_conf = None
+        if len(site.balancers) > 1:
+            keepalived_conf = directory / "keepalived.conf"
+            keepalived_conf.write_text(self._render("keepalived", config_path, self.keepalived_variables(site, host)))
+            _check_keepalived(keepalived_conf, host.name)
         self.nodes[host.name] = NodeInfo(
             name=host.name, role="balancer", site=site.name, proxy_id=site.proxy_id, namespace=self.ns(host.name),
             address=self._address_on(host, site.service_network), directory=str(directory), config_path=str(config_path),
             front_port=self.topology.proxy_port, worker_ports=[], haproxy_config=str(haproxy_cfg),
+            keepalived_config=str(keepalived_conf) if keepalived_conf else None,
         )
+
+    def keepalived_variables(self, site: Site, host: Host) -> dict:
+        """The pair's keepalived settings for ``host``: the first balancer listed starts with the address."""
+        network = self.topology.networks[site.service_network]
+        index = site.balancers.index(host.name)
+        return {
+            "interface": _ifname(host, site.service_network),
+            "virtual_address": f"{site.site_address}/{network.cidr.prefixlen}",
+            "priority": 150 - 10 * index,
+            "source_address": self._address_on(host, site.service_network),
+            "peers": [self._address_on(self.topology.hosts[n], site.service_network) for n in site.balancers if n != host.name],
+            "monitor_port": LB_MONITOR_PORT,
+        }
 
     def _address_on(self, host: Host, network: str) -> str:
         return next(str(i.address) for i in host.interfaces if i.network == network)
@@ -407,14 +430,47 @@ class Lab:
         self.wait_port(host.name, node.address, node.front_port, f"{name}'s front (HAProxy)", proc)
         self.wait_http(host.name, node.address, node.front_port, "/_proxy/health", f"{name}'s front to its workers", tls=True)
 
-    def _start_balancer(self, site: Site) -> None:
-        node = self.nodes[site.balancer]
-        proc = self.spawn(f"{node.name}/front", node.name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
+    def start_balancer(self, name: str) -> None:
+        """A balancer's HAProxy, ready when its own health says a node is up; then its keepalived (a pair)."""
+        node = self.nodes[name]
+        proc = self.spawn(f"{name}/front", name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
         node.pids["front"] = proc.pid
         self.save()
-        self.wait_port(node.name, node.address, node.front_port, f"{node.name} (HAProxy balancer)", proc)
-        # Ready when the balancer's own health says a node is up (health checks passed).
-        self.wait_http(node.name, node.address, LB_MONITOR_PORT, "/_lb/health", f"{node.name}'s health (a node up)")
+        self.wait_port(name, node.address, node.front_port, f"{name} (HAProxy balancer)", proc)
+        self.wait_http(name, node.address, LB_MONITOR_PORT, "/_lb/health", f"{name}'s health (a node up)")
+        if node.keepalived_config:
+            # Foreground (-n), log to stdout (-l -D), VRRP only (-P), pid files of its own.
+            run = Path(node.directory)
+            proc = self.spawn(f"{name}/keepalived", name, [
+                "keepalived", "-n", "-l", "-D", "-P", "-f", node.keepalived_config,
+                "-p", str(run / "keepalived.pid"), "-r", str(run / "keepalived-vrrp.pid")])
+            node.pids["keepalived"] = proc.pid
+            self.save()
+
+    def site_address_holders(self, site_name: str) -> list[str]:
+        """The balancers of a site that have its site address on an interface now."""
+        site = self.topology.sites[site_name]
+        holders = []
+        for name in site.balancers:
+            out = netns.run(["ip", "-n", self.ns(name), "-o", "-4", "addr", "show"], timeout=5).stdout
+            if any(line.split()[3].split("/")[0] == site.site_address for line in out.splitlines()):
+                holders.append(name)
+        return holders
+
+    def wait_site_address(self, site_name: str, away_from: str | None = None, timeout: float = 15) -> str:
+        """Until exactly one balancer (not ``away_from``) holds the site address; returns its name."""
+        site = self.topology.sites[site_name]
+        deadline = time.monotonic() + timeout
+        holders: list[str] = []
+        while time.monotonic() < deadline:
+            holders = self.site_address_holders(site_name)
+            if len(holders) == 1 and holders[0] != away_from:
+                return holders[0]
+            time.sleep(0.05)
+        logs = "\n".join(f"{n}/keepalived:\n{_tail(self.processes[f'{n}/keepalived'].log, 5)}"
+                         for n in site.balancers if f"{n}/keepalived" in self.processes)
+        raise LabError(f"{site.site_address} is on {holders or 'no balancer'} after {timeout:g} s"
+                       f"{f', expected it to leave {away_from}' if away_from else ''}\n{logs}")
 
     def register(self, site_name: str) -> str:
         """`agent-proxy register` from the site's first node; the upstream handshakes back."""
@@ -585,6 +641,19 @@ class Lab:
         for name, proc in self.processes.items():
             lines.append(f"{name:22} pid {proc.pid:<7} {'running' if procs.alive(proc) else 'NOT RUNNING'}  log {proc.log}")
         return lines
+
+
+def _ifname(host: Host, network: str) -> str:
+    """The interface name a host has on a network: eth0, eth1, ... in the order of its entries."""
+    return f"eth{[i.network for i in host.interfaces].index(network)}"
+
+
+def _check_keepalived(path: Path, host: str) -> None:
+    # keepalived 2.2's config test (-t) ends with SIGTERM whatever it finds; what it
+    # prints are the problems, so the file is good when it prints nothing.
+    result = subprocess.run(["keepalived", "-t", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    if (result.stdout + result.stderr).strip():
+        raise LabError(f"keepalived -t -f {path} for {host}: {(result.stdout + result.stderr).strip()}")
 
 
 def _check(argv: list[str], what: str, timeout: float = 60) -> str:

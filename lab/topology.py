@@ -69,7 +69,7 @@ class Site:
     service_network: str
     agent_network: str
     gateway: str
-    balancer: str | None
+    balancers: tuple[str, ...]   # none, one, or several sharing site_address (keepalived)
     nodes: tuple[str, ...]
     agents: tuple[str, ...]
 
@@ -140,11 +140,11 @@ def _parse(data: dict) -> Topology:
         site = Site(
             name=entry["name"], proxy_id=entry["proxy_id"], public_address=entry["public_address"],
             site_address=entry["site_address"], service_network=entry["service_network"],
-            agent_network=entry["agent_network"], gateway=entry["gateway"], balancer=entry.get("balancer"),
+            agent_network=entry["agent_network"], gateway=entry["gateway"], balancers=tuple(entry.get("balancers") or ()),
             nodes=tuple(entry["nodes"]), agents=tuple(entry["agents"]),
         )
-        for ref in (site.gateway, site.balancer, *site.nodes, *site.agents):
-            if ref is not None and ref not in hosts:
+        for ref in (site.gateway, *site.balancers, *site.nodes, *site.agents):
+            if ref not in hosts:
                 raise ValueError(f"site {site.name}: unknown host {ref!r}")
         sites[site.name] = site
     upstream = data["upstream"]

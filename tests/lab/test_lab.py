@@ -111,7 +111,7 @@ def test_node_firewall_drops_a_source_it_does_not_list(lab):
 
 def test_node_firewall_admits_the_balancer_and_the_agents(lab):
     node = lab.nodes["node2"]
-    assert lab.connect("lb", node.address, node.front_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
+    assert lab.connect("lb1", node.address, node.front_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
     assert lab.connect("agent-a", node.address, node.front_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
 
 

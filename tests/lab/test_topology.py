@@ -14,7 +14,7 @@ def test_the_topology_holds_the_design_addresses():
     assert (topo.upstream_address, topo.upstream_port) == ("8.7.6.5", 3302)
     site_a, site_b = topo.sites["site-a"], topo.sites["site-b"]
     assert (site_a.public_address, site_a.site_address) == ("4.3.2.1", "10.1.2.3")
-    assert topo.hosts[site_a.balancer].address == "10.1.2.3" and len(site_a.nodes) == 3
+    assert [topo.hosts[b].address for b in site_a.balancers] == ["10.1.2.4", "10.1.2.5"] and len(site_a.nodes) == 3
     assert {topo.hosts[n].proxy_id for n in site_a.nodes} == {"site-a"}
     assert [topo.hosts[n].proxy_id for n in site_b.nodes] == ["site-b"]
     assert {topo.hosts[a].address for s in topo.sites.values() for a in s.agents} == {"10.0.0.2"}
