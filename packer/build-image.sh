@@ -3,7 +3,7 @@
 #   out/agent-proxy.qcow2        the appliance disk (compressed qcow2)
 #   out/agent-proxy.box          the same disk as a libvirt Vagrant box
 #   out/agent-proxy.inputs       the hash of the inputs it was built from (packer/inputs-hash.sh)
-# Environment: ACCELERATOR (default tcg), PACKER_TIMEOUT (seconds, default 900).
+# Environment: ACCELERATOR (default tcg), PACKER_TIMEOUT (seconds, default 1800).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +11,7 @@ cd "$REPO"
 OUT=$REPO/out
 BUILD=$OUT/build
 ACCELERATOR=${ACCELERATOR:-tcg}
-PACKER_TIMEOUT=${PACKER_TIMEOUT:-900}
+PACKER_TIMEOUT=${PACKER_TIMEOUT:-1800}
 total_start=$SECONDS
 step_start=$SECONDS
 step() { echo "image: $1 in $((SECONDS - step_start)) s"; step_start=$SECONDS; }

@@ -21,6 +21,7 @@ packer validate \
   -var "ssh_private_key_file=$scratch/id_ed25519" \
   -var "ssh_public_key_file=$scratch/id_ed25519.pub" \
   -var "repo_url=http://10.0.2.2:8080/" \
+  -var "output_directory=$scratch/packer" \
   packer/ > "$scratch/validate.log" 2>&1 || { cat "$scratch/validate.log" >&2; echo "check: packer validate failed" >&2; exit 1; }
 vagrant validate -p > "$scratch/vagrant.log" 2>&1 || { cat "$scratch/vagrant.log" >&2; echo "check: vagrant validate -p failed" >&2; exit 1; }
 echo "check: packer fmt, packer validate, vagrant validate -p: ok"

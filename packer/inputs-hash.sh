@@ -1,10 +1,12 @@
 #!/bin/bash
 # Prints a hash of everything the appliance image is built from: the image's own files,
-# the application and its templates, the roles and playbooks. packer/build-image.sh stores
-# it next to the image; packer/test-image.sh reuses an image only if it still matches.
+# the application and its templates, the roles and playbooks (not the checks, tests and
+# docs around them). packer/build-image.sh stores it next to the image;
+# packer/test-image.sh reuses an image only if it still matches.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 find packer appliance ansible app haproxy firewall -type f \
-    ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.pyc' ! -name '*.md' -print0 |
+    ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.pyc' ! -name '*.md' \
+    ! -path packer/check.sh ! -path packer/test-image.sh ! -path packer/vagrant-lab.sh -print0 |
   LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
