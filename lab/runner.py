@@ -431,14 +431,18 @@ class Lab:
         self.wait_http(host.name, node.address, node.front_port, "/_proxy/health", f"{name}'s front to its workers", tls=True)
 
     def start_balancer(self, name: str) -> None:
-        """A balancer's HAProxy, ready when its own health says a node is up; then its keepalived (a pair)."""
+        """A balancer's HAProxy, ready when its own health says a node is up; then its keepalived (a pair).
+
+        Starts only what is not running, so it also brings back a balancer that lost one of them.
+        """
         node = self.nodes[name]
-        proc = self.spawn(f"{name}/front", name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
-        node.pids["front"] = proc.pid
-        self.save()
-        self.wait_port(name, node.address, node.front_port, f"{name} (HAProxy balancer)", proc)
-        self.wait_http(name, node.address, LB_MONITOR_PORT, "/_lb/health", f"{name}'s health (a node up)")
-        if node.keepalived_config:
+        if not self._running(f"{name}/front"):
+            proc = self.spawn(f"{name}/front", name, ["haproxy", "-W", "-db", "-f", node.haproxy_config])
+            node.pids["front"] = proc.pid
+            self.save()
+            self.wait_port(name, node.address, node.front_port, f"{name} (HAProxy balancer)", proc)
+            self.wait_http(name, node.address, LB_MONITOR_PORT, "/_lb/health", f"{name}'s health (a node up)")
+        if node.keepalived_config and not self._running(f"{name}/keepalived"):
             # Foreground (-n), log to stdout (-l -D), VRRP only (-P), pid files of its own.
             run = Path(node.directory)
             proc = self.spawn(f"{name}/keepalived", name, [
@@ -446,6 +450,9 @@ class Lab:
                 "-p", str(run / "keepalived.pid"), "-r", str(run / "keepalived-vrrp.pid")])
             node.pids["keepalived"] = proc.pid
             self.save()
+
+    def _running(self, process: str) -> bool:
+        return process in self.processes and procs.alive(self.processes[process])
 
     def site_address_holders(self, site_name: str) -> list[str]:
         """The balancers of a site that have its site address on an interface now."""

@@ -59,6 +59,10 @@ class _Handler(WSGIRequestHandler):
 class _ThreadingTLSServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: a burst of new connections (workers
+    # restarted under load open their pools at once) overflowed it, and dropped SYNs
+    # became 3-second connect timeouts.
+    request_queue_size = 128
     ssl_context: ssl.SSLContext | None = None
 
     def server_bind(self):
