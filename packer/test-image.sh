@@ -153,13 +153,29 @@ print("test-image: relayed GET /echo/image-test?x=1 through :2002 to the origin,
 PY
 step "relay through :2002"
 
+# A reload hands the listeners to a new HAProxy worker and the old one finishes. The root
+# master must be able to signal its workers (user haproxy) for that, and for a stop that
+# does not hang until systemd's timeout.
+old_workers=$(guest pgrep -d, -u haproxy -x haproxy) || fail "no HAProxy worker runs as user haproxy"
+guest sudo systemctl reload agent-proxy-front
+deadline=$((SECONDS + 30))
+while guest ps -p "$old_workers" > /dev/null; do
+  ((SECONDS < deadline)) || fail "after systemctl reload agent-proxy-front, the old HAProxy worker(s) $old_workers still run after 30 s"
+  sleep 1
+done
+curl -sfk --max-time 10 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health" || fail "the front does not answer after its reload"
+step "front reload (old worker $old_workers gone)"
+
 guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
 deadline=$((SECONDS + 60))
 while kill -0 "$QEMU_PID" 2>/dev/null; do
-  ((SECONDS < deadline)) || { echo "test-image: the VM did not power off within 60 s; stopping it" >&2; break; }
+  if ((SECONDS > deadline)); then
+    echo "test-image: last console lines ($T/serial.log):" >&2
+    tail -n 5 "$T/serial.log" >&2
+    fail "the VM did not power off within 60 s"
+  fi
   sleep 1
 done
-stop_pid "$QEMU_PID"
 QEMU_PID=
 step "shutdown"
 echo "test-image: PASS in $((SECONDS - total_start)) s"
