@@ -3,7 +3,8 @@
 #   out/agent-proxy.qcow2        the appliance disk (compressed qcow2)
 #   out/agent-proxy.box          the same disk as a libvirt Vagrant box
 #   out/agent-proxy.inputs       the hash of the inputs it was built from (packer/inputs-hash.sh)
-# Environment: ACCELERATOR (default tcg), PACKER_TIMEOUT (seconds, default 1800).
+# An image built from the same inputs is kept: nothing is rebuilt unless an input changed
+# or REBUILD=1. Environment: ACCELERATOR (default tcg), PACKER_TIMEOUT (seconds, default 1800).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,9 +23,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+inputs=$(packer/inputs-hash.sh)
+if [[ ${REBUILD:-0} != 1 && -f $OUT/agent-proxy.qcow2 && -f $OUT/agent-proxy.box && -f $OUT/agent-proxy.inputs \
+      && $(cat "$OUT/agent-proxy.inputs") == "$inputs" ]]; then
+  echo "image: out/agent-proxy.qcow2 and .box are up to date (inputs $inputs); REBUILD=1 builds them again"
+  exit 0
+fi
 rm -rf "$BUILD"
 mkdir -p "$BUILD/www" "$BUILD/ssh" "$OUT/wheels"
-inputs=$(packer/inputs-hash.sh)
 
 base_disk=$(packer/base-disk.sh | tail -1)
 step "base disk"

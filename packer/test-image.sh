@@ -33,12 +33,7 @@ trap cleanup EXIT
 packer/check.sh
 step "template checks"
 
-inputs=$(packer/inputs-hash.sh)
-if [[ -f $OUT/agent-proxy.qcow2 && -f $OUT/agent-proxy.inputs && $(cat "$OUT/agent-proxy.inputs") == "$inputs" ]]; then
-  echo "test-image: reusing out/agent-proxy.qcow2 (inputs $inputs unchanged)"
-else
-  packer/build-image.sh
-fi
+packer/build-image.sh
 step "image"
 
 rm -rf "$T"
