@@ -25,6 +25,9 @@ stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
   kill -KILL "$pid"
 }
 cleanup() {
+  if [[ -S $T/ssh-control ]] && ! ssh -F "$T/ssh_config" -O exit appliance 2>/dev/null; then
+    echo "test-image: could not close the SSH control connection $T/ssh-control" >&2
+  fi
   if [[ -n $QEMU_PID ]]; then stop_pid "$QEMU_PID"; fi
   if [[ -n $ORIGIN_PID ]]; then stop_pid "$ORIGIN_PID"; fi
 }
@@ -67,6 +70,11 @@ Host appliance
   LogLevel ERROR
   BatchMode yes
   ConnectTimeout 5
+  # One SSH connection for the whole test (the compliance suite runs hundreds of commands):
+  # every new key exchange costs the TCG guest a second or more.
+  ControlMaster auto
+  ControlPath $T/ssh-control
+  ControlPersist 300
 EOF
 guest() { ssh -F "$T/ssh_config" appliance "$@"; }
 
