@@ -1,8 +1,8 @@
 #!/bin/bash
 # Prints a hash of everything the appliance image is built from: the image's own files,
 # the application and its templates, the roles and playbooks (not the checks, tests and
-# docs around them). packer/build-image.sh stores it next to the image;
-# packer/build-image.sh builds again only when it no longer matches.
+# docs around them). packer/build-image.sh stores it next to the image and builds again
+# only when it no longer matches.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"

@@ -16,6 +16,16 @@ total_start=$SECONDS
 step_start=$SECONDS
 step() { echo "test-image: $1 in $((SECONDS - step_start)) s"; step_start=$SECONDS; }
 fail() { echo "test-image: FAIL: $*" >&2; exit 1; }
+# wait_for SECONDS FAILURE COMMAND...: until COMMAND succeeds; after SECONDS, fail with
+# "FAILURE within SECONDS s".
+wait_for() {
+  local limit=$1 failure=$2 deadline=$((SECONDS + $1))
+  shift 2
+  until "$@"; do
+    ((SECONDS < deadline)) || fail "$failure within $limit s"
+    sleep 1
+  done
+}
 
 QEMU_PID= ORIGIN_PID=
 stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
@@ -135,11 +145,8 @@ guest "sudo sh -euc 'cd /etc/agent-proxy/firewall
   iptables-restore --test rules.v4.new && mv rules.v4.new rules.v4
   systemctl reload agent-proxy-firewall
   systemctl restart agent-proxy.target agent-proxy-front'"
-deadline=$((SECONDS + 60))
-until curl -sfk -o /dev/null "https://127.0.0.1:$front_port/_proxy/health"; do
-  ((SECONDS < deadline)) || fail "https://127.0.0.1:$front_port/_proxy/health did not answer 200 within 60 s"
-  sleep 1
-done
+wait_for 60 "https://127.0.0.1:$front_port/_proxy/health did not answer 200" \
+  curl -sfk -o /dev/null "https://127.0.0.1:$front_port/_proxy/health"
 curl -sSk --max-time 30 -D "$T/relay.headers" -o "$T/relay.json" -H 'X-Request-ID: image-test-1' \
   "https://127.0.0.1:$front_port/echo/image-test?x=1"
 head -1 "$T/relay.headers" | grep -q ' 200' || fail "relay answered $(head -1 "$T/relay.headers")"
@@ -161,24 +168,14 @@ step "relay through :2002"
 # does not hang until systemd's timeout.
 old_workers=$(guest pgrep -d, -u haproxy -x haproxy) || fail "no HAProxy worker runs as user haproxy"
 guest sudo systemctl reload agent-proxy-front
-deadline=$((SECONDS + 30))
-while guest ps -p "$old_workers" > /dev/null; do
-  ((SECONDS < deadline)) || fail "after systemctl reload agent-proxy-front, the old HAProxy worker(s) $old_workers still run after 30 s"
-  sleep 1
-done
+old_workers_gone() { ! guest ps -p "$old_workers" > /dev/null; }
+wait_for 30 "after systemctl reload agent-proxy-front, the old HAProxy worker(s) $old_workers did not exit" old_workers_gone
 curl -sfk --max-time 10 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health" || fail "the front does not answer after its reload"
 step "front reload (old worker $old_workers gone)"
 
 guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
-deadline=$((SECONDS + 60))
-while kill -0 "$QEMU_PID" 2>/dev/null; do
-  if ((SECONDS > deadline)); then
-    echo "test-image: last console lines ($T/serial.log):" >&2
-    tail -n 5 "$T/serial.log" >&2
-    fail "the VM did not power off within 60 s"
-  fi
-  sleep 1
-done
+vm_off() { ! kill -0 "$QEMU_PID" 2>/dev/null; }
+wait_for 60 "the VM did not power off (its console: $T/serial.log)" vm_off
 QEMU_PID=
 step "shutdown"
 echo "test-image: PASS in $((SECONDS - total_start)) s"
