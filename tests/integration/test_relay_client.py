@@ -1,0 +1,275 @@
+"""The relay's HTTP/1.1 client against an origin that answers exactly the bytes a test scripts.
+
+Real sockets on loopback: a scripted origin accepts connections, reads each request
+(head and Content-Length body) and sends the next answer of the script, so every framing
+rule (length, chunked, until close, no body), interim answers, keep-alive reuse and the
+retry after a stale keep-alive connection is seen as a caller of ``forward`` sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from agent_proxy import relay
+
+CLOSE = object()  # in a script: close the connection instead of answering
+
+
+class Closing(bytes):
+    """In a script: send these bytes, then close the connection."""
+
+
+class ScriptedOrigin:
+    """Answers the n-th request (over all connections) with ``script[n]``; connections stay open."""
+
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.requests: list[bytes] = []   # each request as received: head and body
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(10)
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self.script:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(10)
+                self._answer_all(conn)
+
+    def _answer_all(self, conn: socket.socket) -> None:
+        data = b""
+        while self.script:
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, _, data = data.partition(b"\r\n\r\n")
+            fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+            length = next((int(v) for n, v in fields if n.lower() == b"content-length"), 0)
+            while len(data) < length:
+                data += conn.recv(65536)
+            self.requests.append(head + b"\r\n\r\n" + data[:length])
+            data = data[length:]
+            answer = self.script.pop(0)
+            if answer is CLOSE:
+                return
+            conn.sendall(answer)
+            if isinstance(answer, Closing):
+                return
+        with contextlib.suppress(OSError):  # the script is done: hold the connection until the client closes it
+            while conn.recv(65536):
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def start(*script) -> tuple[ScriptedOrigin, relay.Origin, relay.ConnectionCache]:
+        origin = ScriptedOrigin(list(script))
+        made.append(origin)
+        return origin, relay.Origin("http", "127.0.0.1", origin.port, 5, 2), relay.ConnectionCache(limit=8, per_thread=4)
+
+    yield start
+    for origin in made:
+        origin.close()
+
+
+def get(cache, origin, method="GET", target="/x", headers=(("Host", "o"),), body=b""):
+    return relay.forward(cache, origin, method, target, list(headers), io.BytesIO(body), len(body))
+
+
+def body_of(answer: relay.Answer) -> bytes:
+    data = b"".join(answer.body)
+    close = getattr(answer.body, "close", None)
+    if close:
+        close()
+    return data
+
+
+def test_a_content_length_answer_is_read_whole_and_the_connection_kept(scripted):
+    server, origin, cache = scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-One: 1\r\nX-One: 2\r\n\r\nhello",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nbye",
+    )
+    first = get(cache, origin)
+    assert (first.status, first.reason, first.length, body_of(first)) == (200, "OK", 5, b"hello")
+    assert first.headers == [("Content-Length", "5"), ("X-One", "1"), ("X-One", "2")]
+    second = get(cache, origin)
+    assert (second.status, body_of(second)) == (201, b"bye")
+    assert server.connections == 1
+
+
+def test_the_request_goes_out_as_given_with_its_body(scripted):
+    server, origin, cache = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    get(cache, origin, "POST", "/a%2Fb?q=1", [("Host", "o"), ("X-Agent", "é")], b"payload")
+    get(cache, origin, "POST", "/empty")
+    assert server.requests[0] == (
+        b"POST /a%2Fb?q=1 HTTP/1.1\r\nHost: o\r\nX-Agent: \xe9\r\nContent-Length: 7\r\n\r\npayload"
+    )
+    assert server.requests[1] == b"POST /empty HTTP/1.1\r\nHost: o\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_chunked_answer_is_unchunked_and_its_framing_headers_dropped(scripted):
+    server, origin, cache = scripted(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-End: 2\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nTrailer-Field: t\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    answer = get(cache, origin)
+    assert answer.length is None
+    assert answer.headers == [("X-End", "2")]
+    assert body_of(answer) == b"hello world"
+    assert body_of(get(cache, origin)) == b"ok"
+    assert server.connections == 1
+
+
+def test_an_answer_without_length_streams_until_the_origin_closes(scripted):
+    server, origin, cache = scripted(
+        Closing(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"z" * 300_000),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    answer = get(cache, origin)
+    assert answer.length is None
+    assert body_of(answer) == b"z" * 300_000
+    get(cache, origin)
+    assert server.connections == 2
+
+
+def test_a_large_answer_streams_and_the_connection_is_kept_once_read(scripted):
+    big = bytes(range(256)) * 4096  # 1 MiB
+    server, origin, cache = scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    answer = get(cache, origin)
+    assert answer.length is None
+    assert body_of(answer) == big
+    assert body_of(get(cache, origin)) == b"ok"
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("method, answer", [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
+    ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n"),
+])
+def test_answers_that_have_no_body_end_at_their_head(scripted, method, answer):
+    server, origin, cache = scripted(answer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    first = get(cache, origin, method)
+    assert body_of(first) == b""
+    assert body_of(get(cache, origin)) == b"ok"
+    assert server.connections == 1
+
+
+def test_interim_answers_are_skipped(scripted):
+    _, origin, cache = scripted(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"
+    )
+    answer = get(cache, origin)
+    assert (answer.status, body_of(answer)) == (200, b"done")
+    assert answer.headers == [("Content-Length", "4")]
+
+
+def test_an_idle_connection_the_origin_closed_is_replaced_once(scripted):
+    server, origin, cache = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", CLOSE, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+    assert body_of(get(cache, origin)) == b"a"
+    assert body_of(get(cache, origin)) == b"b"
+    assert server.connections == 2
+
+
+def test_http_1_0_and_connection_close_are_not_kept(scripted):
+    server, origin, cache = scripted(
+        Closing(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na"),
+        Closing(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nb"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc",
+    )
+    assert [body_of(get(cache, origin)) for _ in range(3)] == [b"a", b"b", b"c"]
+    assert server.connections == 3
+
+
+def test_heads_with_bare_line_feeds_and_folded_lines_are_read(scripted):
+    _, origin, cache = scripted(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Long: one\n two\n\nok")
+    answer = get(cache, origin)
+    assert (answer.headers, body_of(answer)) == ([("Content-Length", "2"), ("X-Long", "one two")], b"ok")
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"SPDY/3 200 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "bad Content-Length: 5, 6"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length: -1"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", "upgrades are not relayed"),
+    (Closing(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"), "closed the connection mid-body"),
+    (Closing(b"HTTP/1.1 200 OK\r\nContent-Le"), "closed the connection mid-head"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "stopped sending within 2 s"),
+])
+def test_answers_that_cannot_be_relayed_are_origin_errors_that_say_why(scripted, answer, says):
+    _, origin, cache = scripted(answer)
+    with pytest.raises(relay.OriginError, match=says):
+        get(cache, origin)
+
+
+def test_an_origin_that_closes_without_answering_is_an_error_on_a_fresh_connection(scripted):
+    _, origin, cache = scripted(CLOSE)
+    with pytest.raises(relay.OriginError, match="closed the connection"):
+        get(cache, origin)
+
+
+def test_a_stream_cut_short_ends_the_body_and_drops_the_connection(scripted):
+    _, origin, cache = scripted(Closing(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 400_000))
+    answer = get(cache, origin)
+    received = body_of(answer)
+    assert 0 < len(received) < 1_000_000
+    assert cache.take(origin) is None
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_origin_that_accepts_and_never_answers_times_out(tmp_path, scheme):
+    from agent_proxy.tlsutil import self_signed
+
+    cert, key = self_signed("localhost", ["localhost", "127.0.0.1"])
+    (tmp_path / "origin.crt").write_bytes(cert)
+    (tmp_path / "origin.key").write_bytes(key)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(tmp_path / "origin.crt", tmp_path / "origin.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept_and_say_nothing():
+        conn, _ = listener.accept()
+        held.append(server_context.wrap_socket(conn, server_side=True) if scheme == "https" else conn)
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    context = relay.client_context(str(tmp_path / "origin.crt")) if scheme == "https" else None
+    origin = relay.Origin(scheme, "127.0.0.1", listener.getsockname()[1], 5, 0.5, context)
+    started = time.monotonic()
+    with pytest.raises(relay.OriginError, match="did not answer within 0.5 s") as failed:
+        get(relay.ConnectionCache(limit=1), origin)
+    assert failed.value.timeout
+    assert time.monotonic() - started < 4
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    listener.close()
