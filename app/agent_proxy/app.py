@@ -17,6 +17,7 @@ around Falcon, because only there is the last byte of a streamed answer seen.
 from __future__ import annotations
 
 import functools
+import io
 import ipaddress
 import itertools
 import json
@@ -380,14 +381,12 @@ class Ready:
                 proxy.upstream.scheme, proxy.upstream.host, proxy.upstream.port,
                 min(proxy.upstream.connect_timeout, 2.0), 2.0, proxy.upstream.ssl_context,
             )
-            try:
-                conn = origin.connect()
-                try:
-                    conn.request("HEAD", (proxy.upstream_prefix or "") + "/", headers={"Host": origin.authority})
-                    conn.getresponse().read()
-                finally:
-                    conn.close()
-            except (OSError, Exception) as exc:  # any failure means: not ready
+            try:  # any answer means: reachable; the connection is not kept (a cache of none)
+                relay.forward(
+                    relay.ConnectionCache(limit=0), origin, "HEAD", (proxy.upstream_prefix or "") + "/",
+                    [("Host", origin.authority)], io.BytesIO(), 0,
+                )
+            except relay.OriginError as exc:
                 state.last_probe_error = f"cannot reach the upstream {proxy.config.upstream.url}: {exc}"
                 return
             state.heard_from_upstream()
