@@ -1,0 +1,54 @@
+"""The access log line as a collector reads it from the worker's stdout (a pipe here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from agent_proxy.logs import ACCESS, AccessLog
+
+FIELDS = {
+    "request_id": "5f2a-1", "direction": "northbound", "client_ip": "10.0.0.2", "method": "GET",
+    "target": '/a "quoted" \\ path/é\n', "status": 200, "bytes_in": 0, "bytes_out": 1234, "duration_ms": 0.612,
+}
+
+
+@pytest.fixture
+def pipe():
+    read, write = os.pipe()
+    yield read, write
+    os.close(read)
+    os.close(write)
+
+
+def test_a_json_line_is_one_object_with_every_field(pipe):
+    read, write = pipe
+    AccessLog("info", "json", fd=write).write(FIELDS)
+    line = os.read(read, 65536).decode()
+    assert line.endswith("\n") and line.count("\n") == 1
+    entry = json.loads(line)
+    assert entry.pop("level") == "info" and entry.pop("logger") == ACCESS and entry.pop("message") == "request"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry.pop("ts"))
+    assert entry == FIELDS
+
+
+def test_values_that_are_not_strings_or_numbers_stay_valid_json(pipe):
+    read, write = pipe
+    AccessLog("info", "json", fd=write).write({"missing": None, "flag": True, "listed": ["a", 1]})
+    entry = json.loads(os.read(read, 65536))
+    assert (entry["missing"], entry["flag"], entry["listed"]) == (None, True, ["a", 1])
+
+
+def test_a_text_line_names_each_field(pipe):
+    read, write = pipe
+    AccessLog("info", "text", fd=write).write({"status": 200, "target": "/x"})
+    line = os.read(read, 65536).decode()
+    assert re.fullmatch(rf"\S+Z info {ACCESS}: request status=200 target=/x\n", line)
+
+
+def test_above_info_the_access_log_is_off():
+    assert not AccessLog("warning", "json", fd=1).enabled
+    assert AccessLog("debug", "json", fd=1).enabled
