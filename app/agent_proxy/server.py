@@ -127,8 +127,8 @@ def serve(config_path: str, port: int | None = None) -> int:
     listen = f"{_hostport(config.listen.host, port)}"
     if control:
         listen += f" {_hostport(control.host, control_port)}"
-    state, metrics = WorkerState(), Metrics()
-    switch = Switch(create_app(config, secret, state, metrics, control_port))
+    state, metrics, access_lines = WorkerState(), Metrics(), logs.LineBatch()
+    switch = Switch(create_app(config, secret, state, metrics, control_port, access_lines))
     limits = config.limits
     socket_map: dict = {}
     dispatcher = BoundedDispatcher(limits.max_in_flight)
@@ -189,7 +189,7 @@ def serve(config_path: str, port: int | None = None) -> int:
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
-        switch.current = create_app(new, new_secret, state, metrics, control_port)
+        switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
         fixed = [k for k in ("listen", "listen_control", "limits.threads") if _get(new, k) != _get(config, k)]
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
@@ -202,9 +202,11 @@ def serve(config_path: str, port: int | None = None) -> int:
     try:
         while not stop.is_set():
             wasyncore.loop(timeout=0.2, map=socket_map, use_poll=True, count=1)
+            access_lines.flush()
     finally:
         server.task_dispatcher.shutdown()
         wasyncore.close_all(socket_map)
+        access_lines.flush()
     logs.event(log, "stopped")
     return 0
 

@@ -221,6 +221,9 @@ def test_sigterm_drains_in_flight_requests(origin, tmp_path, http):
     slow.join(10)
     assert result["r"].status == 200 and result["r"].data == b"slow answer"
     assert proc.popen.wait(10) == 0
+    # the drained request's access log line was written on the way out
+    logged = [json.loads(l) for l in proc.output().splitlines() if l.startswith("{")]
+    assert [l["status"] for l in logged if l.get("target") == "/slow"] == [200]
 
 
 def test_sighup_reloads_and_refuses_a_bad_file(origin, tmp_path, http):

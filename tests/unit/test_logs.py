@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 
 import pytest
 
-from agent_proxy.logs import ACCESS, AccessLog
+from agent_proxy.logs import ACCESS, AccessLog, LineBatch
 
 FIELDS = {
     "request_id": "5f2a-1", "direction": "northbound", "client_ip": "10.0.0.2", "method": "GET",
@@ -20,8 +22,9 @@ FIELDS = {
 def pipe():
     read, write = os.pipe()
     yield read, write
-    os.close(read)
-    os.close(write)
+    for fd in (read, write):
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def test_a_json_line_is_one_object_with_every_field(pipe):
@@ -52,3 +55,40 @@ def test_a_text_line_names_each_field(pipe):
 def test_above_info_the_access_log_is_off():
     assert not AccessLog("warning", "json", fd=1).enabled
     assert AccessLog("debug", "json", fd=1).enabled
+
+
+def test_a_batch_writes_every_line_whole_and_in_order_when_flushed(pipe):
+    read, write = pipe
+    batch = LineBatch(fd=write)
+    log = AccessLog("info", "json", batch=batch)
+
+    def serve(thread: int):
+        for n in range(200):
+            log.write({"thread": thread, "n": n, "target": "/" + "x" * (n % 97)})
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    os.set_blocking(read, False)
+    with pytest.raises(BlockingIOError):
+        os.read(read, 1)  # nothing is written before the flush
+    reader = threading.Thread(target=lambda: received.append(_read_all(read)))
+    received: list[bytes] = []
+    reader.start()
+    batch.flush()
+    os.close(write)
+    reader.join(10)
+    entries = [json.loads(line) for line in received[0].decode().splitlines()]
+    assert len(entries) == 800
+    for thread in range(4):
+        assert [e["n"] for e in entries if e["thread"] == thread] == list(range(200))
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
