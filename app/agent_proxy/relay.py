@@ -166,13 +166,11 @@ class Connection:
         """The status line and headers of the next answer, without the blank line."""
         buffer = self.buffer
         while True:
-            end = buffer.find(b"\r\n\r\n")
+            end, size = buffer.find(b"\r\n\r\n"), 4
+            bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))  # lines ended by LF alone
+            if bare >= 0:
+                end, size = bare, 2
             if end >= 0:
-                size = 4
-                break
-            end = buffer.find(b"\n\n")  # origins that end lines with LF alone
-            if end >= 0:
-                size = 2
                 break
             if len(buffer) > MAX_HEAD:
                 raise ProtocolError("an answer head over 64 KiB")

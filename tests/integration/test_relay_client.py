@@ -209,9 +209,9 @@ def test_http_1_0_and_connection_close_are_not_kept(scripted):
 
 
 def test_heads_with_bare_line_feeds_and_folded_lines_are_read(scripted):
-    _, origin, cache = scripted(b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Long: one\n two\n\nok")
+    _, origin, cache = scripted(b"HTTP/1.1 200 OK\nContent-Length: 6\nX-Long: one\n two\n\nok\r\n\r\n")
     answer = get(cache, origin)
-    assert (answer.headers, body_of(answer)) == ([("Content-Length", "2"), ("X-Long", "one two")], b"ok")
+    assert (answer.headers, body_of(answer)) == ([("Content-Length", "6"), ("X-Long", "one two")], b"ok\r\n\r\n")
 
 
 @pytest.mark.parametrize("answer, says", [
