@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from waitress import wasyncore
+from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
@@ -93,6 +93,31 @@ class Channel(HTTPChannel):
         return not self._flushing and super().writable()
 
 
+class Trigger(trigger.trigger):
+    """waitress's wake-up pipe, written once until the main loop has read it.
+
+    Every task pulls the trigger when it ends so that the main loop polls its channel
+    again; under load many tasks end between two passes of the loop, and one byte wakes
+    it for all of them. A pull that finds one pending skips its write(2) (and the GIL
+    handoff around it). The flag is cleared once the pipe has been read, before the loop
+    runs the thunks and polls again: a pull that skipped its write made its changes before
+    that, so the next poll sees them; a pull after it writes.
+    """
+
+    _pulled = False
+
+    def _physical_pull(self):
+        if not self._pulled:
+            self._pulled = True
+            super()._physical_pull()
+
+    def recv(self, buffer_size):
+        try:
+            return super().recv(buffer_size)
+        finally:
+            self._pulled = False
+
+
 class Switch:
     """The WSGI callable waitress holds; points at the current app, swapped on reload."""
 
@@ -159,6 +184,7 @@ def serve(config_path: str, port: int | None = None) -> int:
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = Channel
+            listener.trigger.__class__ = Trigger
 
     stop = threading.Event()
 
