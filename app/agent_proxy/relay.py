@@ -145,6 +145,15 @@ class Connection:
             return data
         return self.sock.recv(size)
 
+    def stream(self, size: int) -> Iterator[bytes]:
+        """The next ``size`` bytes, in pieces of at most CHUNK."""
+        while size:
+            data = self.take(min(CHUNK, size))
+            if not data:
+                raise ProtocolError("the origin closed the connection mid-body")
+            size -= len(data)
+            yield data
+
     def read_exactly(self, size: int) -> bytes:
         while len(self.buffer) < size:
             if not self.fill():
@@ -337,13 +346,7 @@ class StreamedBody:
         self._complete = True
 
     def _by_length(self, conn: Connection) -> Iterator[bytes]:
-        remaining = self._head.length
-        while remaining:
-            data = conn.take(min(CHUNK, remaining))
-            if not data:
-                raise ProtocolError("the origin closed the connection mid-body")
-            remaining -= len(data)
-            yield data
+        yield from conn.stream(self._head.length)
 
     def _chunked(self, conn: Connection) -> Iterator[bytes]:
         while True:
@@ -356,12 +359,7 @@ class StreamedBody:
                 while conn.read_line():  # trailers: not relayed
                     pass
                 return
-            while size:
-                data = conn.take(min(CHUNK, size))
-                if not data:
-                    raise ProtocolError("the origin closed the connection mid-chunk")
-                size -= len(data)
-                yield data
+            yield from conn.stream(size)
             if conn.read_line():
                 raise ProtocolError("a chunk longer than its size")
 
