@@ -461,7 +461,7 @@ def forward(
             cache.discard(conn)
             if reused and attempt == 1 and (payload is not None or not length):
                 continue  # the origin closed an idle keep-alive connection: try a fresh one
-            raise OriginError(f"{origin.authority} closed the connection: {exc or 'before answering'}") from None
+            raise OriginError(f"{origin.authority} closed the connection: {str(exc) or 'before answering'}") from None
         except (OSError, ProtocolError) as exc:
             cache.discard(conn)
             raise OriginError(f"talking to {origin.authority} failed: {exc}") from None
