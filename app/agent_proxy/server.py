@@ -184,6 +184,7 @@ def serve(config_path: str, port: int | None = None) -> int:
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = Channel
+            # waitress makes the trigger in the listener's __init__, with no class to pass in
             listener.trigger.__class__ = Trigger
 
     stop = threading.Event()
