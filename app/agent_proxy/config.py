@@ -227,6 +227,8 @@ class Limits:
     max_in_flight: int = _setting(64, _int(1, 100000))
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
     drain_seconds: float = _setting(30.0, _seconds)
+    # Each worker runs on one core of those it may use (worker N on the Nth, round-robin).
+    pin_cpu: bool = _setting(True, _bool)
 
 
 @dataclass(frozen=True)
