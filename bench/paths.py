@@ -240,12 +240,16 @@ class Lab:
     def worker_config(self, name: str, **overrides) -> Path:
         return write_config(self.dir / name, f"http://127.0.0.1:{self.origin_port}", **overrides)
 
-    def single_worker(self, name: str = "worker", **overrides) -> BenchPath:
+    def single_worker(self, name: str = "worker", title: str = "one worker -> origin", **overrides) -> BenchPath:
         port = free_port()
         config = self.worker_config(name, listen={"host": "127.0.0.1", "port": port}, **overrides)
         proc = self._worker(config, port, name)
-        return BenchPath("worker", "one worker -> origin", f"http://127.0.0.1:{port}",
-                         [proc.pid], self.origin_pids, [proc.pid])
+        return BenchPath(name, title, f"http://127.0.0.1:{port}", [proc.pid], self.origin_pids, [proc.pid])
+
+    def unpinned_worker(self) -> BenchPath:
+        """The `worker` path with ``limits.pin_cpu: false``: what pinning buys, side by side."""
+        return self.single_worker("worker-unpinned", "one worker, not pinned to a core -> origin",
+                                  limits={"pin_cpu": False})
 
     def full_node(self) -> BenchPath:
         first, front = _free_ports(NODE_WORKERS), free_port()

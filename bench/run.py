@@ -24,7 +24,7 @@ WORKLOADS = [
     Workload("post-1KiB-c32", "POST", "/upload", 32, body_bytes=1024),
 ]
 SMOKE_WORKLOADS = [w for w in WORKLOADS if w.name == "get-200B-c32"]
-PATH_KEYS = ["direct", "haproxy", "worker", "node", "southbound"]
+PATH_KEYS = ["direct", "haproxy", "worker", "node", "southbound", "worker-unpinned"]
 EXPECTED_SIZE = {"/small": 200, "/medium": 64 * 1024, "/upload": 9}
 
 
@@ -68,7 +68,7 @@ def machine() -> dict:
 
 def build_paths(lab: Lab, keys: list[str]) -> list[BenchPath]:
     starters = {"direct": lambda: direct, "haproxy": lab.haproxy_alone, "worker": lab.single_worker,
-                "node": lab.full_node, "southbound": lab.southbound}
+                "node": lab.full_node, "southbound": lab.southbound, "worker-unpinned": lab.unpinned_worker}
     direct = lab.origin()  # every other path relays to it
     paths = []
     for key in keys:
