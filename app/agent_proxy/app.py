@@ -34,7 +34,7 @@ import falcon
 from . import __version__, relay, signing, targets
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
-from .logs import AccessLog, LineBatch
+from .logs import AccessLog, LineWriter
 from .metrics import Metrics
 from .overload import rejecting
 
@@ -140,7 +140,7 @@ def _in_networks(ip: str, networks: tuple) -> bool:
 class Proxy:
     """Everything one configuration needs at request time, built once."""
 
-    def __init__(self, config: Config, secret: bytes, state: WorkerState, metrics: Metrics, access_lines: LineBatch | None = None):
+    def __init__(self, config: Config, secret: bytes, state: WorkerState, metrics: Metrics, access_lines: LineWriter | None = None):
         self.config = config
         self.secret = secret
         self.state = state
@@ -163,7 +163,7 @@ class Proxy:
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
         self.request_ids = RequestIds()
-        self.access_log = AccessLog(config.logging.level, config.logging.format, batch=access_lines)
+        self.access_log = AccessLog(config.logging.level, config.logging.format, access_lines)
 
     def client_ip(self, env: dict) -> str:
         """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
@@ -572,13 +572,13 @@ class _Counted:
 
 def create_app(
     config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None,
-    control_port: int | None = None, access_lines: LineBatch | None = None,
+    control_port: int | None = None, access_lines: LineWriter | None = None,
 ) -> Worker:
     """Build the worker's WSGI application for ``config``; nothing is shared between calls.
 
     ``control_port``: the port of the separate control listener (``listen_control``), if any.
-    ``access_lines``: where access log lines gather until the worker's main loop writes
-    them; without it, each line is written by the thread that served the request.
+    ``access_lines``: where access log lines go (a worker's ``LineBatch``, written by its
+    main loop); without it, each line is written to stdout by the thread that served it.
     """
     state = state or WorkerState()
     metrics = metrics or Metrics()

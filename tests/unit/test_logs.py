@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from agent_proxy.logs import ACCESS, AccessLog, LineBatch
+from agent_proxy.logs import ACCESS, AccessLog, LineBatch, LineWriter
 
 FIELDS = {
     "request_id": "5f2a-1", "direction": "northbound", "client_ip": "10.0.0.2", "method": "GET",
@@ -29,7 +29,7 @@ def pipe():
 
 def test_a_json_line_is_one_object_with_every_field(pipe):
     read, write = pipe
-    AccessLog("info", "json", fd=write).write(FIELDS)
+    AccessLog("info", "json", LineWriter(write)).write(FIELDS)
     line = os.read(read, 65536).decode()
     assert line.endswith("\n") and line.count("\n") == 1
     entry = json.loads(line)
@@ -40,27 +40,27 @@ def test_a_json_line_is_one_object_with_every_field(pipe):
 
 def test_values_that_are_not_strings_or_numbers_stay_valid_json(pipe):
     read, write = pipe
-    AccessLog("info", "json", fd=write).write({"missing": None, "flag": True, "listed": ["a", 1]})
+    AccessLog("info", "json", LineWriter(write)).write({"missing": None, "flag": True, "listed": ["a", 1]})
     entry = json.loads(os.read(read, 65536))
     assert (entry["missing"], entry["flag"], entry["listed"]) == (None, True, ["a", 1])
 
 
 def test_a_text_line_names_each_field(pipe):
     read, write = pipe
-    AccessLog("info", "text", fd=write).write({"status": 200, "target": "/x"})
+    AccessLog("info", "text", LineWriter(write)).write({"status": 200, "target": "/x"})
     line = os.read(read, 65536).decode()
     assert re.fullmatch(rf"\S+Z info {ACCESS}: request status=200 target=/x\n", line)
 
 
 def test_above_info_the_access_log_is_off():
-    assert not AccessLog("warning", "json", fd=1).enabled
-    assert AccessLog("debug", "json", fd=1).enabled
+    assert not AccessLog("warning", "json", LineWriter(1)).enabled
+    assert AccessLog("debug", "json", LineWriter(1)).enabled
 
 
 def test_a_batch_writes_every_line_whole_and_in_order_when_flushed(pipe):
     read, write = pipe
     batch = LineBatch(fd=write)
-    log = AccessLog("info", "json", batch=batch)
+    log = AccessLog("info", "json", batch)
 
     def serve(thread: int):
         for n in range(200):
