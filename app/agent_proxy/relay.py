@@ -5,12 +5,13 @@ one request from start to end, so a thread's connection is never shared. The cli
 this module's own, not ``http.client``: relaying a 200-byte answer from nginx, the
 standard library costs ~88 us of CPU per request on the target machines and this ~50
 (one thread in a loop, the two in alternating rounds); in a worker relaying at full
-speed that was a tenth of all its CPU. It does what a relay needs and no more: the request goes out in one send
-(head and a small body together), the answer's head is parsed from one buffer, and its
-body is framed by the rules of RFC 9112 section 6.3 (no body for HEAD, 1xx, 204 and 304;
-chunked; Content-Length; otherwise until the origin closes). Bodies pass through as bytes:
-small answers are read whole (cheaper than streaming them), large ones stream in 256 KiB
-reads. Nothing is decoded, nothing is decompressed, redirects are relayed as they are.
+speed that was a tenth of all its CPU. It does what a relay needs and no more: the
+request goes out in one send (head and a small body together), the answer's head is
+parsed from one buffer, and its body is framed by the rules of RFC 9112 section 6.3 (no
+body for HEAD, 1xx, 204 and 304; chunked; Content-Length; otherwise until the origin
+closes). Bodies pass through as bytes: small answers are read whole (cheaper than
+streaming them), large ones stream in 256 KiB reads. Nothing is decoded, nothing is
+decompressed, redirects are relayed as they are.
 """
 
 from __future__ import annotations
@@ -350,9 +351,12 @@ class StreamedBody:
 
     def __init__(self, conn: Connection, head: Head, framing: str, origin: Origin, cache: ConnectionCache):
         self._conn = conn
-        self._pieces = {
-            LENGTH: lambda: conn.stream(head.length), CHUNKED: conn.unchunk, UNTIL_CLOSE: conn.until_close,
-        }[framing]
+        if framing == LENGTH:
+            self._pieces = conn.stream(head.length)
+        elif framing == CHUNKED:
+            self._pieces = conn.unchunk()
+        else:
+            self._pieces = conn.until_close()
         # Reusable once read to the end, unless the end was the origin closing.
         self._reusable = framing != UNTIL_CLOSE and head.keep_alive
         self._origin = origin
@@ -361,7 +365,7 @@ class StreamedBody:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._pieces()
+            yield from self._pieces
         except (OSError, ProtocolError):
             # The origin broke off mid-body; the client sees a truncated answer, as it would directly.
             return
