@@ -2,8 +2,9 @@
 
 Everything listens on loopback, or inside the two network namespaces that this module
 creates for the southbound path (``apbench-<pid>-node`` and ``apbench-<pid>-agent``,
-linked by one veth pair, no route anywhere else). Every process is started here and
-stopped by PID; the namespaces are deleted by name once their processes are gone.
+linked by one veth pair, no route anywhere else). Every process is started here with
+the test kit (kit/) and stopped by PID; the namespaces are deleted by name once their
+processes are gone.
 
 The origin is nginx serving three static files (200 B, 64 KiB, 100 MiB) and
 ``POST /upload``, which reads the whole request body and discards it, then answers 200
@@ -15,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent_proxy import signing
-from lab import netns
-from tests.helpers import AGENT_PROXY, SECRET, Process, free_port, start_worker, wait_for_port, write_config
+from kit import SECRET, NodeFront, Process, free_port, netns, start_node, start_worker, wait_for_port, wait_until, write_config
 
 from . import procstat
 
@@ -73,21 +71,6 @@ class BenchPath:
         done = subprocess.run(argv + [self.url(path)], capture_output=True, text=True, timeout=20)
         status, size = done.stdout.split() if done.stdout.strip() else ("0", "0")
         return int(status), int(size)
-
-
-def _free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (workers sit on P, P+1, ...)."""
-    for _ in range(50):
-        first = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first, first + count):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return first
-    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1")
 
 
 def write_www(directory: Path, big_bytes: int) -> Path:
@@ -186,10 +169,9 @@ class Lab:
     # -- processes
 
     def _start(self, name: str, argv: list[str], host: str, port: int, ns: str | None = None) -> Process:
-        full = (netns.prefix(ns) if ns else []) + argv
-        proc = Process(name, full, self.dir / f"{name}.log").start()
+        proc = Process(name, argv, self.dir / f"{name}.log", netns=ns).start()
         self.stack.callback(proc.stop)
-        wait_for_port(host, port, timeout=20, netns=ns, proc=proc)
+        wait_for_port(host, port, timeout=20, proc=proc)
         return proc
 
     def _worker(self, config: Path, port: int, name: str, ns: str | None = None) -> Process:
@@ -204,23 +186,20 @@ class Lab:
         proc = self._start(name, ["nginx", "-c", str(conf), "-g", "daemon off;"], listen_host, port, ns)
         return procstat.with_children(proc.pid)
 
-    def _node_front(self, config: Path, host: str, port: int, ns: str | None = None) -> list[int]:
-        rendered = subprocess.run(
-            [AGENT_PROXY, "render", "node-haproxy", "-c", str(config), "--set", "log_format=raw"],
-            capture_output=True, text=True, timeout=30,
-        )
-        if rendered.returncode != 0:
-            raise RuntimeError(f"agent-proxy render node-haproxy failed: {rendered.stderr.strip()}")
-        cfg = config.parent / "haproxy-node.cfg"
-        cfg.write_text(rendered.stdout)
-        proc = self._start(f"front-{config.parent.name}", ["haproxy", "-f", str(cfg)], host, port, ns)
-        # Master-worker: the CPU is spent in the worker the master forks once it has bound.
-        deadline = time.monotonic() + 10
-        while len(pids := procstat.with_children(proc.pid)) < 2:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"HAProxy master {proc.pid} started no worker within 10 s:\n{proc.output()}")
-            time.sleep(0.05)
-        return pids
+    def node(self, name: str, origin_url: str, **options) -> NodeFront:
+        """A node (``NODE_WORKERS`` workers, HAProxy front) from kit.start_node, stopped with the lab."""
+        node = start_node(self.dir / name, origin_url, NODE_WORKERS, name=name, max_conn_per_source=None, **options)
+        self.stack.callback(node.stop)
+        return node
+
+    @staticmethod
+    def front_pids(node: NodeFront) -> list[int]:
+        """HAProxy's master and the worker it forks once it has bound (where the CPU is spent)."""
+        def forked() -> list[int] | None:
+            pids = procstat.with_children(node.haproxy.pid)
+            return pids if len(pids) >= 2 else None
+
+        return wait_until(forked, 10, f"HAProxy master {node.haproxy.pid} starts its worker")
 
     # -- the paths
 
@@ -252,16 +231,10 @@ class Lab:
                                   limits={"pin_cpu": False})
 
     def full_node(self) -> BenchPath:
-        first, front = _free_ports(NODE_WORKERS), free_port()
-        config = self.worker_config(
-            "node", listen={"host": "127.0.0.1", "port": first},
-            front={"bind": "127.0.0.1", "port": front, "workers": NODE_WORKERS,
-                   "stats_socket": str(self.dir / "node" / "haproxy.sock")},
-        )
-        workers = [self._worker(config, first + i, f"node-worker-{i}").pid for i in range(NODE_WORKERS)]
-        haproxy = self._node_front(config, "127.0.0.1", front)
+        node = self.node("node", f"http://127.0.0.1:{self.origin_port}")
+        workers = [proc.pid for proc in node.workers.values()]
         return BenchPath("node", f"full node: TLS front + {NODE_WORKERS} workers -> origin",
-                         f"https://127.0.0.1:{front}", haproxy + workers, self.origin_pids, workers)
+                         node.url, self.front_pids(node) + workers, self.origin_pids, workers)
 
     def southbound(self) -> BenchPath:
         """Front, workers and wrk in one namespace; the agent (nginx) in another."""
@@ -272,18 +245,11 @@ class Lab:
             self.stack.callback(netns.delete, ns)  # runs after the processes inside stopped
         netns.link(node_ns, "apb-node", f"{NODE_IP}/24", agent_ns, "apb-agent", f"{AGENT_IP}/24")
         agent = self._nginx("agent", AGENT_IP, AGENT_PORT, agent_ns)
-        first, front = 8002, 2002
-        config = write_config(
-            self.dir / "south", "http://127.0.0.1:9",
-            listen={"host": "127.0.0.1", "port": first},
-            front={"bind": "127.0.0.1", "port": front, "workers": NODE_WORKERS,
-                   "stats_socket": str(self.dir / "south" / "haproxy.sock")},
-            networks={"agents": ["10.0.0.0/24"], "upstream": ["127.0.0.0/8"]},
-            agents={"ports": [AGENT_PORT], "tls": False},
-        )
-        workers = [self._worker(config, first + i, f"south-worker-{i}", node_ns).pid for i in range(NODE_WORKERS)]
-        haproxy = self._node_front(config, "127.0.0.1", front, node_ns)
+        node = self.node("south", "http://127.0.0.1:9", netns=node_ns, first_port=8002, front_port=2002,
+                         networks={"agents": ["10.0.0.0/24"], "upstream": ["127.0.0.0/8"]},
+                         agents={"ports": [AGENT_PORT], "tls": False})
+        workers = [proc.pid for proc in node.workers.values()]
         return BenchPath("southbound", f"southbound: TLS front + {NODE_WORKERS} workers -> agent in a namespace",
-                         f"https://127.0.0.1:{front}/_proxy/agents/{AGENT_IP}/{AGENT_PORT}",
-                         haproxy + workers, agent, workers, netns=node_ns,
+                         f"{node.url}/_proxy/agents/{AGENT_IP}/{AGENT_PORT}",
+                         self.front_pids(node) + workers, agent, workers, netns=node_ns,
                          signed_prefix=f"/_proxy/agents/{AGENT_IP}/{AGENT_PORT}")

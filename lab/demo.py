@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import netns, procs
+from kit import netns, wait_until
+
 from .runner import Lab, LabError
 
 COMMANDS_AFTER_FAILURE = 10
@@ -109,7 +110,7 @@ def send_command(lab: Lab, proxy_id: str, agent_ip: str, args: dict) -> dict:
 def commands_seen(lab: Lab, agent: str) -> list[dict]:
     """The `command` events in an agent's log (one JSON object per line)."""
     events = []
-    for line in Path(lab.processes[agent].log).read_text(errors="replace").splitlines():
+    for line in lab.processes[agent].log_path.read_text(errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:
@@ -131,10 +132,10 @@ def command_reaches_only_site_a(lab: Lab) -> str:
         agent_body = json.loads(agent_body)
     expect(agent_body.get("instance_id") == agent_a, f"answered by {agent_body.get('instance_id')}, expected {agent_a}: {agent_body}")
     expect(agent_body.get("result") == {"demo": token}, f"echo came back as {agent_body.get('result')}, sent {{'demo': {token!r}}}")
-    deadline = time.monotonic() + 5
-    while not commands_seen(lab, agent_a) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    expect(bool(commands_seen(lab, agent_a)), f"{agent_a}'s log shows no command event")
+    try:
+        wait_until(lambda: commands_seen(lab, agent_a), 5, f"a command event in {agent_a}'s log")
+    except TimeoutError as exc:
+        raise StepFailed(str(exc)) from None
     expect(len(commands_seen(lab, agent_b)) == before_b, f"{agent_b} (site-b, also {ip}) saw a command")
     return (f"{site_a.proxy_id} {ip}: echo {token} answered by {agent_a}\n"
             f"{agent_a}'s log: {len(commands_seen(lab, agent_a))} command(s); {agent_b}'s log (site-b, also {ip}): {before_b}")
@@ -151,7 +152,7 @@ def active_balancer(lab: Lab, site_name: str) -> str:
 
 
 def balancer_log(lab: Lab, site_name: str) -> Path:
-    return Path(lab.processes[f"{active_balancer(lab, site_name)}/front"].log)
+    return lab.processes[f"{active_balancer(lab, site_name)}/front"].log_path
 
 
 def served_by(lab: Lab, site_name: str, offset: int = 0) -> list[str]:
@@ -166,10 +167,14 @@ def served_by(lab: Lab, site_name: str, offset: int = 0) -> list[str]:
 
 def wait_served(lab: Lab, site_name: str, offset: int, count: int, timeout: float = 5) -> list[str]:
     # HAProxy logs a TCP connection when it closes, just after the answer came back.
-    deadline = time.monotonic() + timeout
-    while len(seen := served_by(lab, site_name, offset)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return seen
+    def enough() -> list[str] | None:
+        seen = served_by(lab, site_name, offset)
+        return seen if len(seen) >= count else None
+
+    try:
+        return wait_until(enough, timeout, f"{count} connections in the balancer's log")
+    except TimeoutError:
+        return served_by(lab, site_name, offset)   # the caller says what is missing
 
 
 def failover(lab: Lab, node: str = "node1", count: int = COMMANDS_AFTER_FAILURE) -> str:
@@ -211,7 +216,7 @@ def balancer_failover(lab: Lab, site_name: str = "site-a", process: str = "front
     standby = lab.wait_site_address(site_name, away_from=active, timeout=10)
     moved = time.monotonic() - killed
     expect(moved < MAX_FAILOVER_SECONDS, f"{site.site_address} took {moved:.1f} s to move from {active} to {standby}")
-    offset = Path(lab.processes[f"{standby}/front"].log).stat().st_size
+    offset = lab.processes[f"{standby}/front"].log_path.stat().st_size
     started = time.monotonic()
     for i in range(count):
         send_command(lab, site.proxy_id, ip, {"after_balancer_failure": i})
@@ -253,7 +258,7 @@ def torn_down(lab: Lab, veths_before: set[str] | None = None) -> str:
     expect(not problems, "; ".join(problems))
     left_ns = [n for n in netns.names() if n.startswith(lab.prefix)]
     expect(not left_ns, f"namespaces left: {left_ns}")
-    left_pids = [p.pid for p in recorded if procs.alive(p)]
+    left_pids = [p.pid for p in recorded if p.alive()]
     expect(not left_pids, f"processes left: {left_pids}")
     if veths_before is not None:
         added = root_veths() - veths_before

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import urllib3
 
-from . import netns
+from kit import netns
 
 
 def run(url: str, ca_file: str, rate: float, seconds: float, threads: int) -> dict:

@@ -29,16 +29,15 @@ from typing import Callable
 
 import yaml
 
-from . import netns, procs, topology
-from .procs import Proc
+from kit import AGENT_PROXY, Process, ProcessError, netns, wait_for_port, wait_until
+
+from . import topology
 from .topology import Host, Site, Topology
 
 DEFAULT_WORKDIR = Path("/run/agent-proxy-lab")
 DEFAULT_PREFIX = "aplab-"
 STATE_FILE = "state.json"
 MARKER = ".agent-proxy-lab"
-VENV_BIN = Path(sys.executable).parent
-AGENT_PROXY = str(VENV_BIN / "agent-proxy")
 LB_MONITOR_PORT = 8404
 REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "haproxy", "keepalived", "curl")
 
@@ -81,7 +80,7 @@ class Lab:
         self.topology: Topology = topology.load(self.topology_file)
         self.say = say
         self.namespaces: list[str] = []
-        self.processes: dict[str, Proc] = {}
+        self.processes: dict[str, Process] = {}
         self.nodes: dict[str, NodeInfo] = {}
         # True once this object wrote the state file or was loaded from it: only then may
         # down() remove it (a lab refused at preflight must not forget a running one).
@@ -104,7 +103,7 @@ class Lab:
             "prefix": self.prefix,
             "topology_file": str(self.topology_file),
             "namespaces": self.namespaces,
-            "processes": {name: p.to_dict() for name, p in self.processes.items()},
+            "processes": {name: p.record() for name, p in self.processes.items()},
             "nodes": {name: asdict(n) for name, n in self.nodes.items()},
         }
         tmp = self.state_path.with_suffix(".tmp")
@@ -120,7 +119,7 @@ class Lab:
             raise LabError(f"no lab state at {path}: nothing to do (is the lab up? `python -m lab up`)") from None
         lab = cls(workdir, state["prefix"], state["topology_file"], say)
         lab.namespaces = state["namespaces"]
-        lab.processes = {name: Proc.from_dict(p) for name, p in state["processes"].items()}
+        lab.processes = {name: Process.from_record(p) for name, p in state["processes"].items()}
         lab.nodes = {name: NodeInfo(**n) for name, n in state["nodes"].items()}
         lab.owns_state = True
         return lab
@@ -397,8 +396,12 @@ class Lab:
 
     # -- processes
 
-    def spawn(self, name: str, host: str, argv: list[str]) -> Proc:
-        proc = procs.start(name, self.ns(host), argv, self.workdir / "logs" / f"{name.replace('/', '-')}.log")
+    def spawn(self, name: str, host: str, argv: list[str]) -> Process:
+        log = self.workdir / "logs" / f"{name.replace('/', '-')}.log"
+        try:
+            proc = Process(name, argv, log, netns=self.ns(host)).start()
+        except ProcessError as exc:
+            raise LabError(str(exc)) from None
         self.processes[name] = proc
         self.save()
         return proc
@@ -452,7 +455,7 @@ class Lab:
             self.save()
 
     def _running(self, process: str) -> bool:
-        return process in self.processes and procs.alive(self.processes[process])
+        return process in self.processes and self.processes[process].alive()
 
     def site_address_holders(self, site_name: str) -> list[str]:
         """The balancers of a site that have its site address on an interface now."""
@@ -467,17 +470,19 @@ class Lab:
     def wait_site_address(self, site_name: str, away_from: str | None = None, timeout: float = 15) -> str:
         """Until exactly one balancer (not ``away_from``) holds the site address; returns its name."""
         site = self.topology.sites[site_name]
-        deadline = time.monotonic() + timeout
         holders: list[str] = []
-        while time.monotonic() < deadline:
-            holders = self.site_address_holders(site_name)
-            if len(holders) == 1 and holders[0] != away_from:
-                return holders[0]
-            time.sleep(0.05)
-        logs = "\n".join(f"{n}/keepalived:\n{_tail(self.processes[f'{n}/keepalived'].log, 5)}"
-                         for n in site.balancers if f"{n}/keepalived" in self.processes)
-        raise LabError(f"{site.site_address} is on {holders or 'no balancer'} after {timeout:g} s"
-                       f"{f', expected it to leave {away_from}' if away_from else ''}\n{logs}")
+
+        def one_holder() -> str | None:
+            holders[:] = self.site_address_holders(site_name)
+            return holders[0] if len(holders) == 1 and holders[0] != away_from else None
+
+        try:
+            return wait_until(one_holder, timeout, f"{site.site_address} on one balancer")
+        except TimeoutError:
+            logs = "\n".join(f"{n}/keepalived:\n{self.processes[f'{n}/keepalived'].output(5)}"
+                             for n in site.balancers if f"{n}/keepalived" in self.processes)
+            raise LabError(f"{site.site_address} is on {holders or 'no balancer'} after {timeout:g} s"
+                           f"{f', expected it to leave {away_from}' if away_from else ''}\n{logs}") from None
 
     def register(self, site_name: str) -> str:
         """`agent-proxy register` from the site's first node; the upstream handshakes back."""
@@ -512,18 +517,21 @@ class Lab:
         """Until the upstream lists every agent of the topology under its site's proxy_id."""
         topo = self.topology
         wanted = {(site.proxy_id, topo.hosts[a].address, a) for site in topo.sites.values() for a in site.agents}
-        deadline = time.monotonic() + timeout
         seen: set = set()
-        while time.monotonic() < deadline:
+
+        def all_listed() -> list[dict] | None:
             status, body = self.operator("GET", "/operator/v1/agents")
-            if status == 200:
-                agents = json.loads(body)
-                seen = {(a["proxy_id"], a["ip"], a["instance_id"]) for a in agents}
-                if wanted <= seen:
-                    return agents
-            time.sleep(0.2)
-        missing = ", ".join(f"{i} ({p} {ip})" for p, ip, i in sorted(wanted - seen))
-        raise LabError(f"agents did not handshake with the upstream within {timeout:g} s: {missing}")
+            if status != 200:
+                return None
+            agents = json.loads(body)
+            seen.update((a["proxy_id"], a["ip"], a["instance_id"]) for a in agents)
+            return agents if wanted <= seen else None
+
+        try:
+            return wait_until(all_listed, timeout, "the agents listed by the upstream", interval=0.2)
+        except TimeoutError:
+            missing = ", ".join(f"{i} ({p} {ip})" for p, ip, i in sorted(wanted - seen))
+            raise LabError(f"agents did not handshake with the upstream within {timeout:g} s: {missing}") from None
 
     # -- talking to things inside the lab
 
@@ -555,33 +563,29 @@ class Lab:
 
         return netns.call_in(self.ns(host), attempt, timeout=timeout + 5)
 
-    def wait_port(self, host: str, address: str, port: int, what: str, proc: Proc | None = None, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and not procs.alive(proc):
-                raise LabError(f"{what} exited (status {procs.exit_status(proc)}) before listening on "
-                               f"{address}:{port} in {self.ns(host)}:\n{_tail(proc.log)}")
-            try:
-                self.connect(host, address, port, 0.5)
-                return
-            except OSError:
-                time.sleep(0.05)
-        detail = f"\n{_tail(proc.log)}" if proc is not None else ""
-        raise LabError(f"{what} did not listen on {address}:{port} in {self.ns(host)} within {timeout:g} s{detail}")
+    def wait_port(self, host: str, address: str, port: int, what: str, proc: Process | None = None, timeout: float = 20) -> None:
+        try:
+            wait_for_port(address, port, timeout, netns=self.ns(host), proc=proc)
+        except (TimeoutError, ProcessError) as exc:
+            raise LabError(f"{what}: {exc}") from None
 
     def wait_http(self, host: str, address: str, port: int, path: str, what: str, tls: bool = False, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
         last = "no answer"
-        while time.monotonic() < deadline:
+
+        def answers_200() -> bool:
+            nonlocal last
             try:
                 status, body = self.http(host, address, port, "GET", path, tls=tls, timeout=2)
-                if status == 200:
-                    return
-                last = f"{status} {body[:200]!r}"
             except OSError as exc:
                 last = str(exc)
-            time.sleep(0.1)
-        raise LabError(f"{what}: GET {path} on {address}:{port} in {self.ns(host)} did not answer 200 within {timeout:g} s (last: {last})")
+                return False
+            last = f"{status} {body[:200]!r}"
+            return status == 200
+
+        try:
+            wait_until(answers_200, timeout, f"GET {path}", interval=0.1)
+        except TimeoutError:
+            raise LabError(f"{what}: GET {path} on {address}:{port} in {self.ns(host)} did not answer 200 within {timeout:g} s (last: {last})") from None
 
     def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
              timeout: float = 10) -> tuple[int, bytes]:
@@ -609,32 +613,35 @@ class Lab:
         stopped = []
         for key in sorted(node.pids, key=lambda k: k != "front"):
             proc = self.processes[f"{name}/{key}"]
-            if procs.alive(proc):
-                os.kill(proc.pid, signum)
+            proc.signal(signum)
             stopped.append(f"{key} pid {proc.pid}")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            # HAProxy's own worker processes go when their master goes; wait for the namespace to be empty.
-            if not any(procs.alive(self.processes[f"{name}/{k}"]) for k in node.pids) and not netns.pids(node.namespace):
-                for key in node.pids:
-                    procs.stop(self.processes[f"{name}/{key}"])  # reaps
-                return stopped
-            time.sleep(0.05)
-        raise LabError(f"{name}: processes still running 10 s after signal {signum}: {netns.pids(node.namespace)}")
+        # HAProxy's own worker processes go when their master goes; wait for the namespace to be empty.
+        try:
+            wait_until(lambda: not any(self.processes[f"{name}/{k}"].alive() for k in node.pids)
+                       and not netns.pids(node.namespace), 10, f"{name} stopped")
+        except TimeoutError:
+            raise LabError(f"{name}: processes still running 10 s after signal {signum}: {netns.pids(node.namespace)}") from None
+        for key in node.pids:
+            self.processes[f"{name}/{key}"].stop()  # reaps
+        return stopped
 
     def down(self, timeout: float = 10) -> list[str]:
         """Stop every recorded process (SIGTERM, SIGKILL after ``timeout``), delete every recorded namespace."""
         report = []
         for name, proc in reversed(list(self.processes.items())):
-            outcome = procs.stop(proc, timeout)
-            if outcome not in ("stopped", "already gone"):
-                report.append(f"{name} (pid {proc.pid}): {outcome}")
+            try:
+                proc.stop(timeout)
+            except ProcessError as exc:
+                report.append(f"{name} (pid {proc.pid}): {exc}")
+                continue
+            if proc.stopped not in ("stopped", "already gone"):
+                report.append(f"{name} (pid {proc.pid}): {proc.stopped}")
         for ns in reversed(self.namespaces):
             strays = netns.pids(ns) if netns.exists(ns) else []
             if strays:
                 report.append(f"{ns}: processes the lab did not start are still inside: {strays} (not touched)")
             netns.delete(ns)
-        left = [p for p in self.processes.values() if procs.alive(p)]
+        left = [p for p in self.processes.values() if p.alive()]
         if not left and self.owns_state and self.state_path.exists():
             self.state_path.unlink()
         self.processes, self.namespaces = {}, []
@@ -646,7 +653,7 @@ class Lab:
         for ns in self.namespaces:
             lines.append(f"namespace {ns}: {'present' if ns in existing else 'MISSING'}")
         for name, proc in self.processes.items():
-            lines.append(f"{name:22} pid {proc.pid:<7} {'running' if procs.alive(proc) else 'NOT RUNNING'}  log {proc.log}")
+            lines.append(f"{name:22} pid {proc.pid:<7} {'running' if proc.alive() else 'NOT RUNNING'}  log {proc.log_path}")
         return lines
 
 
@@ -674,10 +681,3 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from . import netns, procs
+from kit import ProcessError, netns
+
 from .runner import AGENT_PROXY, Lab, LabError
 
 LB_BACKEND = "nodes"
@@ -53,16 +54,19 @@ def upgrade_node(lab: Lab, name: str, say: Callable[[str], None] = print, timeou
     on_every = _on_every(lab, balancers, name, step)
     on_every("drain")
     front = lab.processes[f"{name}/front"]
-    if not procs.alive(front):
+    if not front.alive():
         raise LabError(f"{name}'s front (pid {front.pid}) is not running")
     os.kill(front.pid, signal.SIGUSR2)
     step("front reloaded (SIGUSR2): its old process closes each connection after its answer")
     on_every("wait-idle", timeout)
     for port in node.worker_ports:
         worker = lab.processes[f"{name}/worker-{port}"]
-        outcome = procs.stop(worker, timeout)   # SIGTERM: in-flight requests finish, then it exits
-        if outcome != "stopped":
-            raise LabError(f"{name}'s worker on {port}: {outcome}")
+        try:
+            worker.stop(timeout)   # SIGTERM: in-flight requests finish, then it exits
+        except ProcessError as exc:
+            raise LabError(f"{name}'s worker on {port}: {exc}") from None
+        if worker.stopped != "stopped":
+            raise LabError(f"{name}'s worker on {port}: {worker.stopped}")
     step(f"workers stopped (SIGTERM): {', '.join(map(str, node.worker_ports))}")
     for port in node.worker_ports:
         proc = lab.spawn(f"{name}/worker-{port}", name, [AGENT_PROXY, "serve", "-c", node.config_path, "--port", str(port)])

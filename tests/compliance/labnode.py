@@ -25,8 +25,7 @@ from pathlib import Path
 import yaml
 
 from agent_proxy.tlsutil import self_signed
-from lab import netns
-from tests.helpers import AGENT_PROXY, REPO, Process, wait_for_port
+from kit import AGENT_PROXY, REPO, Process, netns, wait_for_port
 
 NODE_IP, UPSTREAM_IP = "10.1.2.3", "8.7.6.5"
 UPSTREAM_PORT, FRONT_PORT, FIRST_WORKER, WORKERS = 3302, 2002, 8002, 2
@@ -87,9 +86,9 @@ class LabNode:
         shutil.chown(self.config_dir / "psk", SERVICE_USER, SERVICE_GROUP)
 
     def _start(self, name: str, argv: list[str], port: int, host: str) -> Process:
-        proc = Process(name, netns.prefix(self.namespace) + argv, self.root / f"{name}.log").start()
+        proc = Process(name, argv, self.root / f"{name}.log", netns=self.namespace).start()
         self.procs.append(proc)
-        wait_for_port(host, port, netns=self.namespace, proc=proc)
+        wait_for_port(host, port, proc=proc)
         return proc
 
     def _start_upstream(self) -> None:

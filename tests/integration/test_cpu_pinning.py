@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.front import free_ports
-from tests.helpers import AGENT_PROXY, Process, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, Process, free_ports, start_worker, wait_for_port, write_config
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning needs two cores to choose from")

@@ -17,9 +17,9 @@ import pytest
 import urllib3
 import yaml
 
-from tests.helpers import free_port, wait_for_port, write_config
-from tests.front import (
-    headers_of, run_load, render, server_stats, start_haproxy, start_node, start_origin, wait_until,
+from kit import (
+    free_port, headers_of, render, run_load, server_stats, start_haproxy, start_node, start_origin,
+    wait_for_port, wait_until, write_config,
 )
 
 CLIENT = "127.0.0.5"

@@ -20,22 +20,9 @@ import urllib3
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import fingerprint
-from tests.helpers import SECRET
-from tests.front import (
-    AGENT,
-    BALANCER,
-    LIMITED_AGENT,
-    MAX_CONN_PER_SOURCE,
-    all_up,
-    echo_via,
-    headers_of,
-    proxy_v2_header,
-    run_load,
-    server_stats,
-    start_node,
-    start_origin,
-    stats_command,
-    wait_until,
+from kit import (
+    AGENT, BALANCER, LIMITED_AGENT, MAX_CONN_PER_SOURCE, SECRET, all_up, echo_via, headers_of,
+    proxy_v2_header, run_load, server_stats, start_node, start_origin, stats_command, wait_until,
 )
 
 

@@ -14,9 +14,9 @@ import subprocess
 
 import pytest
 
-from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
-from tests.front import (
-    AGENT, BALANCER, echo_via, free_ports, headers_of, proxy_v2_header, render, start_origin,
+from kit import (
+    AGENT, BALANCER, Process, echo_via, free_port, free_ports, headers_of, proxy_v2_header, render,
+    start_origin, start_worker, wait_for_port, write_config,
 )
 
 NGINX = "/usr/sbin/nginx"

@@ -1,6 +1,6 @@
 """`agent-proxy lb`: the real CLI against a real HAProxy's stats socket.
 
-The HAProxy is a node front (tests/front.py: backend `workers`, servers `worker<port>`)
+The HAProxy is a node front (kit/node.py: backend `workers`, servers `worker<port>`)
 before two real workers and the test origin; it has the same runtime API as the balancer.
 """
 
@@ -13,8 +13,7 @@ import time
 import pytest
 import urllib3
 
-from tests.front import server_stats, start_node, start_origin, wait_until
-from tests.helpers import AGENT_PROXY
+from kit import AGENT_PROXY, server_stats, start_node, start_origin, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import AGENT_PROXY, REPO, SECRET, Process, free_port, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, REPO, SECRET, Process, free_port, start_worker, wait_for_port, write_config
 
 
 @pytest.fixture(scope="module")

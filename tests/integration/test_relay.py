@@ -15,7 +15,7 @@ import urllib3
 import yaml
 
 from agent_proxy import signing
-from tests.helpers import SECRET, free_port, start_worker, write_config
+from kit import SECRET, free_port, start_worker, wait_until, write_config
 from tests.origin import Origin
 
 MAX_BODY = 8 * 1024 * 1024
@@ -188,13 +188,12 @@ def test_metrics_count_requests_by_direction(worker, http):
 
 def test_one_json_log_line_per_request_without_secrets(worker, http):
     http.request("GET", worker["url"] + "/echo?token=very-secret-query", headers={"X-Request-ID": "log-me-1"})
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def logged() -> list[dict]:
         lines = [json.loads(l) for l in worker["proc"].output().splitlines() if l.startswith("{")]
-        mine = [l for l in lines if l.get("request_id") == "log-me-1"]
-        if mine:
-            break
-        time.sleep(0.05)
+        return [l for l in lines if l.get("request_id") == "log-me-1"]
+
+    mine = wait_until(logged, 5, "the access line of request log-me-1")
     assert len(mine) == 1
     entry = mine[0]
     assert {k: entry[k] for k in ("direction", "client_ip", "target", "status")} == {
@@ -212,9 +211,7 @@ def test_sigterm_drains_in_flight_requests(origin, tmp_path, http):
     result = {}
     slow = threading.Thread(target=lambda: result.update(r=http.request("GET", url + "/slow?s=2")))
     slow.start()
-    deadline = time.monotonic() + 5
-    while not any(r["target"].startswith("/slow") for r in origin.received) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: any(r["target"].startswith("/slow") for r in origin.received), 5, "the slow request reaches the origin")
     proc.signal(signal.SIGTERM)
     time.sleep(0.2)
     assert http.request("GET", url + "/_proxy/health").status == 503
@@ -236,24 +233,16 @@ def test_sighup_reloads_and_refuses_a_bad_file(origin, tmp_path, http):
         data["networks"]["agents"] = ["10.0.0.0/24"]
         config.write_text(yaml.safe_dump(data))
         proc.signal(signal.SIGHUP)
-        _wait_for_log(proc, "configuration reloaded")
+        wait_until(lambda: "configuration reloaded" in proc.output(), 5, "the worker logs the reload")
         assert http.request("GET", url + "/echo").status == 403
         config.write_text(config.read_text().replace("10.0.0.0/24", "10.0.0.1/24"))
         proc.signal(signal.SIGHUP)
-        _wait_for_log(proc, "reload refused")
+        wait_until(lambda: "reload refused" in proc.output(), 5, "the worker logs the refusal")
         assert "networks.agents: is not a valid CIDR network" in proc.output()
         assert http.request("GET", url + "/echo").status == 403  # still the last good config
         assert http.request("GET", url + "/_proxy/health").status == 200
     finally:
         proc.stop()
-
-
-def _wait_for_log(proc, text: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in proc.output():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the worker never logged {text!r}:\n{proc.output()}")
-        time.sleep(0.05)
 
 
 def test_control_listener_separates_upstream_and_agent_paths(origin, tmp_path, http):
@@ -283,9 +272,7 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
         slow = [threading.Thread(target=http.request, args=("GET", url + "/slow?s=2")) for _ in range(2)]
         for thread in slow:
             thread.start()
-        deadline = time.monotonic() + 5
-        while sum(r["target"].startswith("/slow") for r in origin.received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: sum(r["target"].startswith("/slow") for r in origin.received) >= 2, 5, "both slow requests reach the origin")
         for _ in range(5):
             started = time.monotonic()
             response = http.request("GET", url + "/echo")

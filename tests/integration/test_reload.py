@@ -16,8 +16,10 @@ import pytest
 import urllib3
 import yaml
 
-from tests.front import all_up, render, run_load, start_node, start_origin, wait_until
-from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
+from kit import (
+    Process, all_up, free_port, render, run_load, start_node, start_origin, start_worker, wait_for_port,
+    wait_until, write_config,
+)
 
 TOTAL, THREADS, LIMIT = 1500, 16, 15
 NGINX = "/usr/sbin/nginx"

@@ -16,8 +16,7 @@ import pytest
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from lab import netns
-from tests.helpers import REPO, SECRET, Process, start_worker, wait_for_port, write_config
+from kit import REPO, SECRET, Process, netns, start_worker, wait_for_port, write_config
 
 pytestmark = pytest.mark.netns
 
@@ -36,10 +35,10 @@ def site(tmp_path_factory):
         cert, key = self_signed("agent", ["10.0.0.2"])
         (tmp / "agent.crt").write_bytes(cert)
         (tmp / "agent.key").write_bytes(key)
-        agent = Process("agent", netns.prefix(agent_ns) + [sys.executable, "-m", "tests.origin", "10.0.0.2:2003", "--tls", str(tmp / "agent.crt"), str(tmp / "agent.key")],
-                        tmp / "agent.log", env={"PYTHONPATH": f"{REPO}:{REPO / 'app'}"}).start()
+        agent = Process("agent", [sys.executable, "-m", "tests.origin", "10.0.0.2:2003", "--tls", str(tmp / "agent.crt"), str(tmp / "agent.key")],
+                        tmp / "agent.log", env={"PYTHONPATH": f"{REPO}:{REPO / 'app'}"}, netns=agent_ns).start()
         procs.append(agent)
-        wait_for_port("10.0.0.2", 2003, netns=agent_ns, proc=agent)
+        wait_for_port("10.0.0.2", 2003, proc=agent)
         config = write_config(
             tmp, "http://127.0.0.1:9",
             listen={"host": "127.0.0.1", "port": 8002},

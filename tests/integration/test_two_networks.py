@@ -23,14 +23,12 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from agent_proxy.tlsutil import self_signed
-from lab import netns
-from tests.helpers import AGENT_PROXY, REPO, SECRET, Process, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, REPO, SECRET, Process, netns, start_worker, wait_for_port, wait_until, write_config
 
 pytestmark = pytest.mark.netns
 
@@ -38,16 +36,6 @@ UPSTREAM_IP = "8.7.6.5"
 SITES = {"site-a": "4.3.2.1", "site-b": "4.3.2.2"}
 SECRETS = {"site-a": SECRET, "site-b": "the-secret-of-site-b-0123456789abcdef"}
 PYTHONPATH = {"PYTHONPATH": f"{REPO / 'app'}"}
-
-
-def wait_until(what: str, predicate, timeout: float = 15, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what}: not within {timeout} s")
 
 
 class Lab:
@@ -105,21 +93,21 @@ class Lab:
         for site, secret in SECRETS.items():
             (self.tmp / f"{site}.psk").write_text(secret + "\n")
             secret_args += ["--proxy", f"{site}={self.tmp / f'{site}.psk'}"]
-        proc = Process("upstream", netns.prefix(self.upstream_ns) + [
+        proc = Process("upstream", [
             sys.executable, "-m", "agent_proxy.reference.upstream", "--listen", "0.0.0.0:3302",
             "--cert", str(self.tmp / "upstream.crt"), "--key", str(self.tmp / "upstream.key"),
             "--allow-token-override", *secret_args,
-        ], self.tmp / "upstream.log", env=PYTHONPATH).start()
+        ], self.tmp / "upstream.log", env=PYTHONPATH, netns=self.upstream_ns).start()
         self.procs.append(proc)
-        wait_for_port("127.0.0.1", 3302, netns=self.upstream_ns, proc=proc)
+        wait_for_port("127.0.0.1", 3302, proc=proc)
 
     def start_agents(self) -> None:
         for site in SITES:
-            proc = Process(f"agent-{site}", netns.prefix(self.agent_ns[site]) + [
+            proc = Process(f"agent-{site}", [
                 sys.executable, "-m", "agent_proxy.reference.agent", "--endpoint", "http://10.0.0.1:2002",
                 "--listen", "10.0.0.2:2003", "--instance-id", f"vm-{site}",
                 "--checkin-interval", "1", "--max-backoff", "2",
-            ], self.tmp / f"agent-{site}.log", env=PYTHONPATH).start()
+            ], self.tmp / f"agent-{site}.log", env=PYTHONPATH, netns=self.agent_ns[site]).start()
             self.procs.append(proc)
             self.agents[site] = proc
 
@@ -186,14 +174,14 @@ def lab(tmp_path_factory):
         lab.ready_before_upstream = lab.ready("site-a")
         lab.start_upstream()
         for site in SITES:
-            wait_until(f"{site} ready", lambda: lab.ready(site) == 200, timeout=10)
+            wait_until(lambda: lab.ready(site) == 200, 10, f"{site} ready")
             result = subprocess.run(netns.prefix(lab.proxy_ns[site]) + [AGENT_PROXY, "register", "-c", str(lab.configs[site])],
                                     capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             lab.registered[site] = result.stdout.strip()
         lab.start_agents()
         for site in SITES:
-            wait_until(f"agent of {site} checked in", lambda: any(a["checkins"] for a in lab.agent_records(site)))
+            wait_until(lambda: any(a["checkins"] for a in lab.agent_records(site)), 15, f"agent of {site} checked in")
         yield lab
     finally:
         lab.teardown()
@@ -235,7 +223,7 @@ def test_a_badly_signed_command_is_rejected_by_the_agent(lab):
     assert answer["agent_status"] == 401
     assert answer["agent_body"]["description"] == "signature does not match"
     assert answer["proxy_error"] is None  # the agent refused it, not the proxy
-    wait_until("the agent logged the rejection", lambda: len(lab.events("site-a", "command-rejected")) > rejected_before, 5)
+    wait_until(lambda: len(lab.events("site-a", "command-rejected")) > rejected_before, 5, "the agent logged the rejection")
 
 
 def test_restarting_a_proxy_changes_nothing_for_its_agent(lab):
@@ -243,11 +231,11 @@ def test_restarting_a_proxy_changes_nothing_for_its_agent(lab):
     assert len(before) == 1
     backoffs = len(lab.events("site-a", "backoff"))
     lab.workers["site-a"].stop()
-    wait_until("the agent noticed the proxy was gone", lambda: len(lab.events("site-a", "backoff")) > backoffs, 10)
+    wait_until(lambda: len(lab.events("site-a", "backoff")) > backoffs, 10, "the agent noticed the proxy was gone")
     lab.start_worker("site-a")
     checkins = before[0]["checkins"]
-    after = wait_until("the agent checked in again through the restarted proxy",
-                       lambda: [a for a in lab.agent_records("site-a") if a["checkins"] >= checkins + 2], 15)
+    after = wait_until(lambda: [a for a in lab.agent_records("site-a") if a["checkins"] >= checkins + 2], 15,
+                       "the agent checked in again through the restarted proxy")
     assert len(lab.agent_records("site-a")) == 1
     assert after[0]["handshakes"] == before[0]["handshakes"] == 1
     # Still reachable southbound through the new worker process.

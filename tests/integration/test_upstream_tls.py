@@ -9,7 +9,7 @@ import urllib3
 import yaml
 
 from agent_proxy.tlsutil import self_signed
-from tests.helpers import start_worker, write_config
+from kit import start_worker, write_config
 from tests.origin import Origin
 
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from kit import netns, wait_until
 from lab import load as load_run
-from lab import netns, procs
 from lab.runner import Lab
 
 pytestmark = pytest.mark.netns
@@ -84,13 +84,10 @@ def test_the_active_balancers_haproxy_dies_under_load(lab):
 
 def test_the_balancer_that_comes_back_does_not_take_the_address_back(lab):
     # nopreempt: every move cuts the connections through the balancer, so lb1 stays standby.
-    log = lab.processes["lb1/keepalived"].log
+    log = lab.processes["lb1/keepalived"].log_path
     offset = os.path.getsize(log)
     lab.start_balancer("lb1")
-    deadline = time.monotonic() + 10
-    while "Entering BACKUP STATE" not in open(log).read()[offset:] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "Entering BACKUP STATE" in open(log).read()[offset:], "lb1's keepalived did not leave FAULT"
+    wait_until(lambda: "Entering BACKUP STATE" in open(log).read()[offset:], 10, "lb1's keepalived leaves FAULT")
     time.sleep(1.5)   # more than an advertisement interval: time enough for a wrong takeover to show
     assert lab.site_address_holders(SITE) == ["lb2"]
 
@@ -101,6 +98,6 @@ def test_the_active_balancers_keepalived_dies_under_load(lab):
     assert (active, standby) == ("lb2", "lb1")
     assert_survived(moved, result)
     # keepalived's VRRP child leaves with its parent: nothing of it is left in lb2's namespace.
-    assert not procs.alive(lab.processes["lb2/keepalived"])
+    assert not lab.processes["lb2/keepalived"].alive()
     argv_left = [open(f"/proc/{pid}/cmdline").read() for pid in netns.pids(lab.ns("lb2"))]
     assert not [a for a in argv_left if a.startswith("keepalived")], argv_left

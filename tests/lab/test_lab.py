@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from lab import demo, netns, procs
+from lab import demo
 from lab.runner import Lab, LabError
-from tests.helpers import REPO
+from kit import REPO, netns
 
 pytestmark = pytest.mark.netns
 
@@ -56,7 +56,7 @@ def test_a_second_lab_in_the_same_place_is_refused_and_leaves_the_first_alone(la
         Lab(workdir=lab.workdir, prefix=PREFIX, say=lambda _: None).up()
     assert lab.state_path.exists()
     assert set(lab.namespaces) <= set(netns.names())
-    assert all(procs.alive(p) for p in lab.processes.values())
+    assert all(p.alive() for p in lab.processes.values())
 
 
 def test_no_route_leads_off_the_machine(lab, topo):
@@ -136,7 +136,7 @@ def test_losing_a_node_does_not_stop_commands(lab):
     pids = dict(node1.pids)
     demo.failover(lab, "node1", count=5)
     assert not netns.pids(node1.namespace)
-    assert not any(procs.alive(lab.processes[f"node1/{key}"]) for key in pids)
+    assert not any(lab.processes[f"node1/{key}"].alive() for key in pids)
 
 
 def test_down_from_the_command_line_leaves_nothing(lab):
@@ -146,7 +146,7 @@ def test_down_from_the_command_line_leaves_nothing(lab):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert not [n for n in netns.names() if n.startswith(PREFIX)]
-    assert not [p.pid for p in recorded if procs.alive(p)]
+    assert not [p.pid for p in recorded if p.alive()]
     assert not set(namespaces) & set(netns.names())
     assert demo.root_veths() == lab.veths_before
     assert not lab.state_path.exists()

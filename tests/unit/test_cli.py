@@ -6,7 +6,7 @@ import subprocess
 
 import yaml
 
-from tests.helpers import AGENT_PROXY
+from kit import AGENT_PROXY
 
 
 def run(*args, env=None):

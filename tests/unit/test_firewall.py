@@ -13,8 +13,7 @@ import pytest
 
 from agent_proxy import config as configuration
 from agent_proxy.render import render
-from lab import netns
-from tests.helpers import AGENT_PROXY, SECRET
+from kit import AGENT_PROXY, SECRET, netns
 
 NS = f"apt-fw-{os.getpid()}"
 

@@ -19,7 +19,7 @@ from agent_proxy import config as configuration, signing
 from agent_proxy.app import create_app as create_worker
 from agent_proxy.reference import agent, upstream
 from agent_proxy.reference.common import Answer, call
-from tests.helpers import free_port
+from kit import free_port
 
 SECRET_A = b"secret-of-site-a-0123456789"
 SECRET_B = b"secret-of-site-b-0123456789"

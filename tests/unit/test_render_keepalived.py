@@ -12,8 +12,7 @@ import shutil
 import pytest
 
 from agent_proxy.cli import main
-from lab import netns
-from tests.helpers import write_config
+from kit import netns, write_config
 
 KEEPALIVED = shutil.which("keepalived") or "/usr/sbin/keepalived"
 PAIR = ["--set", "interface=eth1", "--set", "virtual_address=10.1.2.3/24", "--set", "priority=150",

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from agent_proxy.cli import main
-from tests.helpers import write_config
+from kit import write_config
 
 HAPROXY, NGINX = "/usr/sbin/haproxy", "/usr/sbin/nginx"
 NODES = {"nodes": [{"name": "node1", "address": "10.1.2.11"}, {"name": "node2", "address": "10.1.2.12", "port": 2102}]}

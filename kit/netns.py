@@ -1,4 +1,4 @@
-"""Network namespaces for the lab and the tests: created and removed by name, never more.
+"""Network namespaces for the lab, the tests and the benchmark: created and removed by name, never more.
 
 Nothing here touches the root namespace except creating and deleting the named
 namespaces themselves: links are created inside a namespace and moved to its peer.
