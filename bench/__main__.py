@@ -1,4 +1,4 @@
-"""python -m bench [--smoke | --profile] [options]: see bench/README.md."""
+"""python -m bench [--smoke | --scale | --profile] [options]: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _stop(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Relay paths side by side: throughput, latency, CPU, memory.")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--smoke", action="store_true", help="every path for ~1 s, one workload: checks the harness, asserts no performance")
+    mode.add_argument("--smoke", action="store_true", help="every path for ~1 s, one workload, and a small scale run: checks the harness, asserts no performance")
+    mode.add_argument("--scale", action="store_true", help="how cost grows: the knee up to 1,024 connections, 10,000 idle agents held, 20,000 agents called southbound (a few minutes)")
     mode.add_argument("--profile", action="store_true", help="py-spy on one worker under load; prints the top functions by own time")
     parser.add_argument("--seconds", type=float, help="per measurement (default 4; smoke 1; profile 10)")
     parser.add_argument("--rounds", type=int, help="rounds of all paths and workloads (default 3; smoke 1)")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
     args = parser.parse_args(argv)
 
-    from . import run  # after argument parsing: --help needs nothing installed
+    from . import run, scale  # after argument parsing: --help needs nothing installed
 
     keys = [k.strip() for k in args.paths.split(",") if k.strip()]
     unknown = [k for k in keys if k not in run.PATH_KEYS]
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             return run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
                            seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
-                           with_chart=with_chart, stem="smoke")
+                           with_chart=with_chart, stem="smoke", scale_size=scale.SMOKE)
+        if args.scale:
+            return run.run(args.results, work_dir, keys=[], workloads=[], seconds=0, rounds=0, warmup=0,
+                           big_bytes=0, with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S-scale"),
+                           scale_size=scale.FULL)
         return run.run(args.results, work_dir, keys=keys, workloads=run.WORKLOADS,
                        seconds=args.seconds or 4, rounds=args.rounds or 3, warmup=1, big_bytes=100 * 2**20,
                        with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S"))

@@ -87,8 +87,10 @@ def write_www(directory: Path, big_bytes: int) -> Path:
     return www
 
 
-def nginx_config(directory: Path, www: Path, listen: str) -> Path:
-    """The origin's configuration, everything inside ``directory``."""
+def nginx_config(directory: Path, www: Path, listen: str, tls: tuple[Path, Path] | None = None) -> Path:
+    """The origin's (or the agents') configuration, everything inside ``directory``;
+    ``tls``: (certificate, key) to serve HTTPS with."""
+    tls_lines = f"ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n        " if tls else ""
     text = f"""\
 # Origin for the relay benchmark. One worker process: the origin is not what is
 # measured, and the other paths need the second core.
@@ -110,8 +112,8 @@ http {{
     keepalive_timeout 60s;
     keepalive_requests 10000000;
     server {{
-        listen {listen} backlog=4096;
-        root {www};
+        listen {listen}{" ssl" if tls else ""} backlog=4096;
+        {tls_lines}root {www};
         location / {{ }}
         # Reads the whole body, discards it, answers with a short body (nginx cannot echo).
         location = /upload {{
@@ -159,6 +161,7 @@ class Lab:
         self.www = write_www(directory, big_bytes)
         self.origin_port: int | None = None
         self.origin_pids: list[int] = []
+        self.tag = f"apbench-{os.getpid()}"   # the prefix of the namespaces it creates
 
     def __enter__(self) -> "Lab":
         return self
@@ -179,16 +182,20 @@ class Lab:
         self.stack.callback(proc.stop)
         return proc
 
-    def _nginx(self, name: str, listen_host: str, port: int, ns: str | None = None) -> list[int]:
+    def nginx(self, name: str, listen_host: str, port: int, ns: str | None = None,
+              tls: tuple[Path, Path] | None = None, probe_host: str | None = None) -> list[int]:
+        """nginx serving the files on ``listen_host``:``port`` ("*": every address, then
+        ``probe_host`` is where it is waited for); its master's and workers' PIDs."""
         conf_dir = self.dir / name
         conf_dir.mkdir()
-        conf = nginx_config(conf_dir, self.www, f"{listen_host}:{port}")
-        proc = self._start(name, ["nginx", "-c", str(conf), "-g", "daemon off;"], listen_host, port, ns)
+        conf = nginx_config(conf_dir, self.www, f"{listen_host}:{port}", tls)
+        proc = self._start(name, ["nginx", "-c", str(conf), "-g", "daemon off;"], probe_host or listen_host, port, ns)
         return procstat.with_children(proc.pid)
 
     def node(self, name: str, origin_url: str, **options) -> NodeFront:
         """A node (``NODE_WORKERS`` workers, HAProxy front) from kit.start_node, stopped with the lab."""
-        node = start_node(self.dir / name, origin_url, NODE_WORKERS, name=name, max_conn_per_source=None, **options)
+        options.setdefault("max_conn_per_source", None)   # the product's default
+        node = start_node(self.dir / name, origin_url, NODE_WORKERS, name=name, **options)
         self.stack.callback(node.stop)
         return node
 
@@ -205,7 +212,7 @@ class Lab:
 
     def origin(self) -> BenchPath:
         self.origin_port = free_port()
-        self.origin_pids = self._nginx("origin", "127.0.0.1", self.origin_port)
+        self.origin_pids = self.nginx("origin", "127.0.0.1", self.origin_port)
         return BenchPath("direct", "origin directly (nginx)", f"http://127.0.0.1:{self.origin_port}",
                          self.origin_pids, self.origin_pids)
 
@@ -238,13 +245,12 @@ class Lab:
 
     def southbound(self) -> BenchPath:
         """Front, workers and wrk in one namespace; the agent (nginx) in another."""
-        tag = f"apbench-{os.getpid()}"
-        node_ns, agent_ns = f"{tag}-node", f"{tag}-agent"
+        node_ns, agent_ns = f"{self.tag}-node", f"{self.tag}-agent"
         for ns in (node_ns, agent_ns):
             netns.add(ns)
             self.stack.callback(netns.delete, ns)  # runs after the processes inside stopped
         netns.link(node_ns, "apb-node", f"{NODE_IP}/24", agent_ns, "apb-agent", f"{AGENT_IP}/24")
-        agent = self._nginx("agent", AGENT_IP, AGENT_PORT, agent_ns)
+        agent = self.nginx("agent", AGENT_IP, AGENT_PORT, agent_ns)
         node = self.node("south", "http://127.0.0.1:9", netns=node_ns, first_port=8002, front_port=2002,
                          networks={"agents": ["10.0.0.0/24"], "upstream": ["127.0.0.0/8"]},
                          agents={"ports": [AGENT_PORT], "tls": False})

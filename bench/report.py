@@ -83,7 +83,18 @@ def markdown(results: dict) -> str:
         f"# Relay benchmark, {m['date']}",
         "",
         f"{m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, load average "
-        f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end. "
+        f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end.",
+    ]
+    if results["paths"]:
+        lines += _paths_markdown(results)
+    if results.get("scale"):
+        lines += scale_markdown(results["scale"])
+    return "\n".join(lines)
+
+
+def _paths_markdown(results: dict) -> list[str]:
+    lines = [
+        "",
         f"{results['settings']['rounds']} rounds of {results['settings']['seconds']:g} s per path and "
         f"workload, paths in alternation; medians of the rounds. Absolute numbers move with "
         f"whatever else runs on the machine; the ratios are measured side by side.",
@@ -133,7 +144,84 @@ def markdown(results: dict) -> str:
                 f"{b['rss_growth_mib']:.1f} |"
             )
     lines += ["", "## Headline", "", headline_text(results.get("headline")), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def sizing(scale: dict) -> dict:
+    """What an operator sizes a site with, from the scale measurements of one node."""
+    curve = [p for p in scale.get("connections_curve", []) if p["errors"] == 0 and p["p99_ms"] < P99_LIMIT_MS]
+    best = max(curve, key=lambda p: p["rps"], default=None)
+    per_idle = (scale.get("idle_connections") or {}).get("rss_kib_per_connection")
+    south = scale.get("southbound_agents") or {}
+    return {
+        "agents_per_node": int(best["rps"] * 60 / CHECKINS_PER_MINUTE) if best else None,
+        "agents_per_node_from": f"{best['rps']:,.0f} req/s at {best['connections']} connections, p99 "
+                                f"{best['p99_ms']:.1f} ms" if best else None,
+        "idle_agents_per_gib": int(2**20 / per_idle) if per_idle and per_idle > 0 else None,
+        "southbound_calls_per_s": south.get("requests_per_s") if not south.get("errors") else None,
+    }
+
+
+def sizing_text(scale: dict) -> str:
+    s = scale["sizing"]
+    return (f"sizing: {_fmt(s['agents_per_node'])} agents per node at one check-in a minute "
+            f"({s['agents_per_node_from'] or f'no point with p99 under {P99_LIMIT_MS:g} ms'}); "
+            f"{_fmt(s['idle_agents_per_gib'])} idle agents per GiB; "
+            f"{_fmt(s['southbound_calls_per_s'])} southbound calls/s to distinct agents")
+
+
+def scale_errors(scale: dict, name: str) -> int:
+    part = scale.get(name)
+    if isinstance(part, list):
+        return sum(p["errors"] for p in part)
+    return part["errors"] if part else 0
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    size, met = scale["size"], scale.get("met", {})
+
+    def verdict(name: str) -> str:
+        return {True: "met", False: "**NOT MET**"}.get(met.get(name), "not judged at this size")
+
+    lines = ["", "## Scale (`--scale`)", "",
+             f"The knee: 200-byte GETs through the full node (TLS front, 2 workers), {size['seconds']:g} s "
+             f"per point, one run each; the front's per-source limit off (the load comes from one address). "
+             f"Target: {scale['targets']['connections_curve']}: {verdict('connections_curve')}.", "",
+             "| connections | req/s | p50 ms | p99 ms | errors | × best |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p in scale.get("connections_curve", []):
+        lines.append(f"| {p['connections']:,} | {_fmt(p['rps'])} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
+                     f"{p['errors']} | {_fmt(p['share_of_best'], '.2f')} |")
+    idle = scale.get("idle_connections")
+    if idle:
+        lines += ["", f"Idle agents held open: {idle['asked']:,} TLS connections to the same node's front, each "
+                  f"after one GET /_proxy/health, held while {idle['load']['connections']} connections load it "
+                  f"for {size['seconds']:g} s (front: global maxconn {scale['front_maxconn']:,}, idle timeouts "
+                  f"{scale['front_idle_timeout']}). Target: {scale['targets']['idle_connections']}: "
+                  f"{verdict('idle_connections')}.", "",
+                  "| held | errors | opened in s | load req/s | load p99 ms | p99 without idle ms | "
+                  "RSS front+workers KiB without / with | KiB per idle connection |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| {idle['held']:,} | {idle['errors']} | {idle['open_seconds']} | {_fmt(idle['load']['rps'])} | "
+                  f"{idle['p99_ms']:.2f} | {idle['load_without_idle']['p99_ms']:.2f} | "
+                  f"{idle['rss_kib_without_idle']:,} / {idle['rss_kib_with_idle']:,} | "
+                  f"{_fmt(idle['rss_kib_per_connection'], '.1f')} |"]
+    south = scale.get("southbound_agents")
+    if south:
+        lines += ["", f"Many distinct agents southbound: one signed GET to each of {south['agents']:,} agent "
+                  f"addresses (one nginx, TLS, listening for all of them in its own namespace), through a node "
+                  f"in another namespace (agents.tls on), from {south['client_threads']} client connections, "
+                  f"after {south['warm_agents']} warm-up calls. Target: {scale['targets']['southbound_agents']}: "
+                  f"{verdict('southbound_agents')}.", "",
+                  "| agents | errors | seconds | calls/s | CPU µs/call (front+workers) | worker RSS MiB before / after "
+                  "| growth MiB | worker fds before / after |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| {south['agents']:,} | {south['errors']} | {south['seconds']} | {_fmt(south['requests_per_s'])} | "
+                  f"{_fmt(south['cpu_us_per_request'])} | {south['rss_before_mib']:.1f} / {south['rss_after_mib']:.1f} | "
+                  f"{south['rss_growth_mib']:.1f} | {south['fds_before']} / {south['fds_after']} |"]
+        if south["failures"]:
+            lines += ["", "First failures: " + "; ".join(south["failures"])]
+    lines += ["", sizing_text(scale), ""]
+    return lines
 
 
 def chart(results: dict, path: Path) -> None:
@@ -174,12 +262,43 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def scale_chart(results: dict, path: Path) -> None:
+    """The knee: requests/s and p99 against connections (log scale), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = results["scale"]["connections_curve"]
+    x = [p["connections"] for p in curve]
+    fig, left = plt.subplots(figsize=(8, 5))
+    left.plot(x, [p["rps"] for p in curve], "o-", color="tab:blue", label="requests/s")
+    left.set_xscale("log", base=2)
+    left.set_xticks(x, [f"{c:,}" for c in x])
+    left.set_xlabel("connections (200-byte GETs through the full node)")
+    left.set_ylabel("requests/s", color="tab:blue")
+    left.set_ylim(bottom=0)
+    right = left.twinx()
+    right.plot(x, [p["p99_ms"] for p in curve], "s--", color="tab:red", label="p99 ms")
+    right.axhline(P99_LIMIT_MS, color="grey", linestyle=":", linewidth=1)
+    right.set_yscale("log")
+    right.set_ylabel("p99 latency, ms (log)", color="tab:red")
+    m = results["machine"]
+    fig.suptitle(f"agent-proxy node: the knee, {m['date']}, {m['nproc']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write(results: dict, directory: Path, stem: str, with_chart: bool) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = [directory / f"{stem}.json", directory / f"{stem}.md"]
     written[0].write_text(json.dumps(results, indent=2) + "\n")
     written[1].write_text(markdown(results))
-    if with_chart:
+    if with_chart and results["paths"]:
         written.append(directory / f"{stem}.png")
         chart(results, written[-1])
+    if with_chart and results.get("scale", {}).get("connections_curve"):
+        written.append(directory / f"{stem}-scale.png")
+        scale_chart(results, written[-1])
     return written

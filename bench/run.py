@@ -131,15 +131,16 @@ def big_bodies(lab: Lab) -> list[dict]:
 
 
 def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[Workload], seconds: float,
-        rounds: int, warmup: float, big_bytes: int, with_chart: bool, stem: str) -> int:
+        rounds: int, warmup: float, big_bytes: int, with_chart: bool, stem: str, scale_size=None) -> int:
+    """The paths ``keys`` (none: skipped) and, given ``scale_size``, the scale measurements (bench/scale.py)."""
     results = {"machine": machine(), "settings": {
         "seconds": seconds, "rounds": rounds, "warmup_seconds": warmup, "wrk": "-t2 (-t1 at c1) --timeout 5s",
-        "workloads": [w.__dict__ for w in workloads], "big_bytes": big_bytes,
+        "workloads": [w.__dict__ for w in workloads] if keys else [], "big_bytes": big_bytes,
         "worker_logging": "info, json (the default config): one access log line per request to a file",
         "southbound_agents_tls": False,
     }, "paths": {}}
     with Lab(work_dir, big_bytes) as lab:
-        paths = build_paths(lab, keys)
+        paths = build_paths(lab, keys) if keys else []
         check(paths, workloads)
         luas = {w.name: load.script(w, work_dir) for w in workloads}
         if warmup:
@@ -148,7 +149,7 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
                 load.run(path.url(first.path), first, luas[first.name], warmup,
                          path.headers(first.method, first.path), path.prefix)
         raw: dict[str, dict[str, list[dict]]] = {p.key: {w.name: [] for w in workloads} for p in paths}
-        for r in range(rounds):
+        for r in range(rounds if paths else 0):
             for workload in workloads:
                 # Rotate the order each round so that no path always runs first or last.
                 shift = (r + workloads.index(workload)) % len(paths)
@@ -168,6 +169,11 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
             }
         if big_bytes:
             results["big_bodies"] = big_bodies(lab)
+        if scale_size is not None:
+            from . import scale
+
+            results["scale"] = scale.run(lab, scale_size)
+            results["scale"]["sizing"] = report.sizing(results["scale"])
     results["machine"]["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     report.add_ratios(results)
     results["headline"] = report.headline(results)
@@ -180,5 +186,13 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
               if s["status_errors"] or not s["requests"]]
     if broken:
         print(f"FAILED: non-2xx answers or no requests on {', '.join(broken)}: these numbers measure errors", file=sys.stderr)
-    print(report.headline_text(results["headline"]))
-    return 1 if broken else 0
+    if results["paths"]:
+        print(report.headline_text(results["headline"]))
+    failed_scale = []
+    if "scale" in results:
+        print(report.sizing_text(results["scale"]))
+        failed_scale = [name for name in ("connections_curve", "idle_connections", "southbound_agents")
+                        if report.scale_errors(results["scale"], name)]
+        if failed_scale:
+            print(f"FAILED: errors in scale/{', scale/'.join(failed_scale)}", file=sys.stderr)
+    return 1 if broken or failed_scale else 0
