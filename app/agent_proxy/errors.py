@@ -80,13 +80,16 @@ def handle_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyErro
         resp.set_header(name, value)
 
 
-# The errors Falcon raises by itself (method not allowed, a malformed request, a fault).
-_FALCON_CODES = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+# The errors Falcon or waitress raise by themselves (method not allowed, a malformed
+# request, a head or body too large, a fault).
+_SERVER_CODES = {
+    400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "body-too-large", 431: "header-too-large",
+}
 
 
 def code_for_status(status: int) -> str:
     """The catalogue's code for an error a server layer (Falcon, waitress) raised."""
-    return _FALCON_CODES.get(status) or ("bad-request" if status < 500 else "internal-error")
+    return _SERVER_CODES.get(status) or ("bad-request" if status < 500 else "internal-error")
 
 
 def serialize_falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -21,10 +22,12 @@ import time
 
 from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line, get_header_lines
+from waitress.rfc7230 import HEADER_FIELD_RE
 from waitress.server import BaseWSGIServer, create_server
-from waitress.task import WSGITask
+from waitress.task import ErrorTask, WSGITask
 
-from . import __version__, config as configuration, logs
+from . import __version__, config as configuration, errors, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
 from .metrics import Metrics
@@ -67,6 +70,61 @@ class OneWriteTask(WSGITask):
         return channel.write_soon(b"".join(parts))
 
 
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """waitress's request parser, with the framing rules it leaves open closed.
+
+    waitress 3 frames a request carrying both Content-Length and Transfer-Encoding by
+    the chunks and keeps the connection, so bytes after the body would be read as a next
+    request (RFC 9112 6.1: such a request MUST be answered and the connection closed); it
+    accepts ``chunked, chunked``, ignores Transfer-Encoding on HTTP/1.0, answers other
+    codings 501, and takes control bytes (NUL, TAB, DEL, ...) in the request target
+    (RFC 9112 3.2: 400). Each of these is a ParsingError here: waitress answers 400 and
+    closes the connection after the answer, discarding whatever else was sent; the app
+    never sees the request, so nothing is relayed.
+    """
+
+    def parse_header(self, header_plus: bytes) -> None:
+        first_line, _, header = header_plus.partition(b"\r\n")
+        if _CONTROL_BYTES.search(first_line):
+            raise ParsingError("control bytes in the request line")
+        codings, lengths = [], 0
+        for line in get_header_lines(header):
+            field = HEADER_FIELD_RE.match(line)
+            if not field:
+                continue  # waitress's own parse says "Invalid header"
+            name = field.group("name").lower()
+            if name == b"transfer-encoding":
+                codings += [c.strip(b" \t").lower() for c in field.group("value").split(b",")]
+            elif name == b"content-length":
+                lengths += 1
+        if codings:
+            version = crack_first_line(first_line.rstrip())[2]
+            if lengths:
+                raise ParsingError("Content-Length and Transfer-Encoding together")
+            if version != b"1.1":
+                raise ParsingError("Transfer-Encoding in a request that is not HTTP/1.1")
+            if codings != [b"chunked"]:
+                raise ParsingError("a Transfer-Encoding other than chunked")
+        super().parse_header(header_plus)
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error answers (400, 413, 431, 500) in the proxy's shape: JSON and the code."""
+
+    def execute(self):
+        error = self.request.error
+        code = errors.code_for_status(error.code)
+        body = errors.body(code, error.body)
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.extend([("Content-Type", "application/json"), (errors.ERROR_HEADER, code)])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class Channel(HTTPChannel):
     """waitress's channel, not writable while a task thread is sending on it.
 
@@ -80,6 +138,8 @@ class Channel(HTTPChannel):
     """
 
     task_class = OneWriteTask
+    error_task_class = JsonErrorTask
+    parser_class = StrictRequestParser
     _flushing = False
 
     def _flush_some(self, do_close=True):
