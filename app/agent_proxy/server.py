@@ -6,7 +6,8 @@
 * SIGHUP: the configuration is read again and validated; if it is good, a new app is
   swapped in atomically for new requests (in-flight requests finish with the old one);
   if not, the worker keeps the old one and logs one line naming the key. The listen
-  address and thread count cannot change without a restart (said in the log).
+  addresses, thread count, CPU pinning, connection limit and idle timeout cannot change
+  without a restart (said in the log).
 * With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``), READY=1 is sent once listening.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import threading
@@ -24,7 +26,7 @@ from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line, get_header_lines
 from waitress.rfc7230 import HEADER_FIELD_RE
-from waitress.server import BaseWSGIServer, create_server
+from waitress.server import BaseWSGIServer, TcpWSGIServer, create_server
 from waitress.task import ErrorTask, WSGITask
 
 from . import __version__, config as configuration, errors, logs
@@ -153,6 +155,52 @@ class Channel(HTTPChannel):
         return not self._flushing and super().writable()
 
 
+def _idle(channel: HTTPChannel) -> bool:
+    """No request in progress and nothing left to send (a half-received head counts as idle)."""
+    return not (channel.requests or channel.total_outbufs_len or channel.will_close or channel.close_when_flushed)
+
+
+class Listener(TcpWSGIServer):
+    """waitress's listener, which keeps accepting at the connection limit by making room.
+
+    waitress stops accept() while its socket map holds connection_limit sockets: 2,000 idle
+    connections left /_proxy/health unanswered until the idle ones timed out (~120 s),
+    and the front marked the node down. Here a connection past the limit closes the
+    longest-idle one instead, as nginx reuses idle keep-alive connections; a client may
+    always lose an idle connection (RFC 9112 9.3). Only when every connection is busy is
+    the newcomer closed at once. A worker thus never holds more than connection_limit + 1
+    client sockets, and health checks, which are never idle, get through a flood.
+    """
+
+    def readable(self):
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)  # closes connections idle for channel_timeout
+        return self.accepting
+
+    def handle_accept(self):
+        try:
+            accepted = self.accept()
+            if accepted is None:
+                return
+            conn, addr = accepted
+            self.set_socket_options(conn)
+        except OSError:
+            return  # the peer was gone before we got to it
+        if len(self._map) >= self.adj.connection_limit and not self._close_longest_idle():
+            conn.close()
+            return
+        self.channel_class(self, conn, addr, self.adj, map=self._map)
+
+    def _close_longest_idle(self) -> bool:
+        idle = [c for c in self._map.values() if isinstance(c, HTTPChannel) and _idle(c)]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_activity).will_close = True  # closed by the main loop next pass
+        return True
+
+
 class Trigger(trigger.trigger):
     """waitress's wake-up pipe, written once until the main loop has read it.
 
@@ -221,9 +269,23 @@ def _log_settings(config: configuration.Config, port: int) -> None:
         logs.event(log, warning, logging.WARNING)
 
 
+def ensure_descriptors(need: int, source: str) -> None:
+    """Raise this process's open-file limit to ``need`` within its hard limit, or refuse to start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError([
+            f"{source}: limits.connection_limit: a worker may need {need} open files (connections, pool, threads) "
+            f"but may open only {hard} (LimitNOFILE in its unit, ulimit -n)"
+        ])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def serve(config_path: str, port: int | None = None) -> int:
     config = configuration.load(config_path)
     secret = config.read_secret()
+    ensure_descriptors(config.worker_descriptors(), config.source)
     logs.setup(config.logging.level, config.logging.format)
     port = port or config.listen.port
     _log_settings(config, port)
@@ -251,10 +313,12 @@ def serve(config_path: str, port: int | None = None) -> int:
             _dispatcher=dispatcher,
             listen=listen,
             threads=limits.threads,
-            connection_limit=2000,
+            connection_limit=limits.connection_limit,
             backlog=4096,
             asyncore_use_poll=True,
-            channel_timeout=max(120, int(config.upstream.read_timeout) + 30),
+            # A connection idle this long is closed, looked for once a second.
+            channel_timeout=limits.idle_timeout,
+            cleanup_interval=1,
             # waitress answers bodies far over the limit itself (a bare 413); the app
             # answers the rest with its JSON 413. Big answers stream: keep waitress's
             # own buffer small so that it does not hold them whole.
@@ -268,6 +332,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         return 1
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
+            # waitress builds its listeners in create_server, with no class to pass in
+            listener.__class__ = Listener
             listener.channel_class = Channel
             # waitress makes the trigger in the listener's __init__, with no class to pass in
             listener.trigger.__class__ = Trigger
@@ -302,7 +368,10 @@ def serve(config_path: str, port: int | None = None) -> int:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
         switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
-        fixed = [k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu") if _get(new, k) != _get(config, k)]
+        fixed = [
+            k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu", "limits.connection_limit", "limits.idle_timeout")
+            if _get(new, k) != _get(config, k)
+        ]
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
 
