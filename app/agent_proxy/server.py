@@ -179,19 +179,25 @@ class Listener(TcpWSGIServer):
             self.maintenance(now)  # closes connections idle for channel_timeout
         return self.accepting
 
+    # Connections taken off the accept queue per pass of the main loop. waitress takes one,
+    # and a pass costs more with every connection held: filling 2,200 connections took
+    # ~10 s, in which a health check waited in the queue past the front's check timeout.
+    ACCEPTS_PER_PASS = 64
+
     def handle_accept(self):
-        try:
-            accepted = self.accept()
-            if accepted is None:
-                return
-            conn, addr = accepted
-            self.set_socket_options(conn)
-        except OSError:
-            return  # the peer was gone before we got to it
-        if len(self._map) >= self.adj.connection_limit and not self._close_longest_idle():
-            conn.close()
-            return
-        self.channel_class(self, conn, addr, self.adj, map=self._map)
+        for _ in range(self.ACCEPTS_PER_PASS):
+            try:
+                accepted = self.accept()
+                if accepted is None:
+                    return  # the queue is empty
+                conn, addr = accepted
+                self.set_socket_options(conn)
+            except OSError:
+                continue  # the peer was gone before we got to it
+            if len(self._map) >= self.adj.connection_limit and not self._close_longest_idle():
+                conn.close()
+                continue
+            self.channel_class(self, conn, addr, self.adj, map=self._map)
 
     def _close_longest_idle(self) -> bool:
         idle = [c for c in self._map.values() if isinstance(c, HTTPChannel) and _idle(c)]

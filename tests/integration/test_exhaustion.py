@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from agent_proxy import config as configuration
+from tests.front import server_stats, start_node, start_origin
 from tests.helpers import AGENT_PROXY, Process, free_port, start_worker, wait_for_port, write_config
 from tests.origin import Origin
 
@@ -135,3 +137,28 @@ def test_a_worker_refuses_to_start_without_the_descriptors_its_limit_needs(origi
         assert re.search(rf"^Max open files\s+{need}\s+{need}\s", limits, re.M), limits
     finally:
         assert proc.stop() == 0, proc.output()[-2000:]
+
+
+def test_the_node_front_keeps_a_flooded_worker_up(tmp_path):
+    (tmp_path / "origin").mkdir()
+    origin_proc, origin_url = start_origin(tmp_path / "origin")
+    node = start_node(tmp_path / "node", origin_url, workers=1, balancers=[])
+    flood: list[socket.socket] = []
+    try:
+        (port, worker), = node.workers.items()
+        baseline = open_descriptors(worker.pid)
+        for _ in range(FLOOD):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_until(lambda: open_descriptors(worker.pid) >= baseline + LIMIT - 10, 60, "the worker holds its connection limit")
+        time.sleep(3)  # three health checks (inter 1 s); two failed ones (fall 2) take a worker out
+        stats = server_stats(node.stats_socket, "workers")[f"worker{port}"]
+        assert (stats["status"], stats["chkdown"]) == ("UP", "0"), stats
+        context = ssl.create_default_context(cafile=str(node.cert))
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /echo HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            assert tls.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for sock in flood:
+            sock.close()
+        node.stop()
+        origin_proc.stop()
