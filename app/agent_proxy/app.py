@@ -16,6 +16,7 @@ around Falcon, because only there is the last byte of a streamed answer seen.
 
 from __future__ import annotations
 
+import enum
 import functools
 import io
 import ipaddress
@@ -27,13 +28,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import urlsplit
 
 import falcon
 
 from . import __version__, relay, signing, targets
 from .config import Config
-from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
+from .errors import ERROR_HEADER, ProxyError, body as error_body, handle_proxy_error, serialize_falcon_error
 from .logs import AccessLog, LineWriter
 from .metrics import Metrics
 from .overload import rejecting
@@ -45,8 +47,6 @@ _IDENTITY_PREFIXES = ("x-forwarded-", "x-agent-proxy-")
 _DROPPED = relay.HOP_BY_HOP | {"host", "forwarded", "x-real-ip", "content-length"}
 _NONCE_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_CONTROL_PATHS = ("/_proxy/handshake", "/_proxy/v2/features", "/_proxy/metrics")
-_OPEN_PATHS = ("/_proxy/health", "/_proxy/ready", "/_proxy/features")
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Proxy:
                 try:
                     return str(ipaddress.ip_address(candidate))
                 except ValueError:
-                    raise ProxyError(400, "bad-forwarded-for", "Bad request", "unparseable X-Forwarded-For from the front") from None
+                    raise ProxyError("bad-forwarded-for", "unparseable X-Forwarded-For from the front") from None
         return peer
 
     def verify_upstream(self, req: falcon.Request) -> None:
@@ -187,14 +187,14 @@ class Proxy:
             )
         except signing.SignatureError as exc:
             self.metrics.rejected.labels("signature").inc()
-            raise unauthorized(str(exc)) from None
+            raise ProxyError("bad-signature", str(exc)) from None
         self.state.heard_from_upstream()
 
     def check_upstream_source(self, ip: str) -> None:
         networks = self.config.networks.upstream
         if networks and not _in_networks(ip, networks):
             self.metrics.rejected.labels("source").inc()
-            raise forbidden("source-not-allowed", f"{ip} is not in networks.upstream")
+            raise ProxyError("source-not-allowed", f"{ip} is not in networks.upstream")
 
     def relay_answer(self, resp: falcon.Response, answer: relay.Answer) -> None:
         resp.status = f"{answer.status} {answer.reason}"
@@ -208,26 +208,82 @@ class Proxy:
     def origin_failure(self, direction: str, peer: str, exc: relay.OriginError) -> ProxyError:
         kind = "timeout" if exc.timeout else "unreachable"
         self.metrics.origin_errors.labels(direction, kind).inc()
-        if exc.timeout:
-            return ProxyError(504, f"{peer}-timeout", "Gateway timeout", str(exc))
-        return ProxyError(502, f"{peer}-unreachable", "Bad gateway", str(exc))
+        return ProxyError(f"{peer}-{kind}", str(exc))
+
+
+class Policy(enum.Enum):
+    """Who may call a route. Each is checked by ``Guard``; there is no "anyone else"."""
+
+    OPEN = "anyone"
+    AGENTS = "source in `networks.agents`"
+    UPSTREAM = "signed by the upstream; source in `networks.upstream` when set"
+    METRICS = "source in `networks.upstream` or `trusted_proxies`"
+
+    @property
+    def upstream_facing(self) -> bool:
+        """With listen_control, served on the control listener only (OPEN: on both)."""
+        return self in (Policy.UPSTREAM, Policy.METRICS)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path the worker serves, who may call it, and how its handler is built."""
+
+    methods: str  # for the README's table
+    path: str  # exact; with ``prefix``, every path that starts with it
+    policy: Policy
+    direction: str  # the access log's "direction"
+    build: Callable[["Proxy"], object]
+    prefix: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"route {self.path}: policy must be a Policy, got {self.policy!r}")
+
+
+PROXY_PREFIX = "/_proxy/"
+
+
+class RouteTable:
+    """The routes, looked up the way Falcon routes them; under /_proxy/ only what is declared."""
+
+    def __init__(self, routes: tuple[Route, ...]):
+        self.routes = routes
+        self.exact = {r.path: r for r in routes if not r.prefix}
+        self.prefixes = sorted((r for r in routes if r.prefix), key=lambda r: -len(r.path))
+
+    def find(self, path: str) -> Route | None:
+        route = self.exact.get(path)
+        if route is not None:
+            return route
+        own = path.startswith(PROXY_PREFIX)
+        for route in self.prefixes:
+            if path.startswith(route.path) and (own == route.path.startswith(PROXY_PREFIX)):
+                return route
+        return None
 
 
 class Guard:
-    """Middleware: who may call what. Runs before routing so that nothing slips past."""
+    """Middleware: who may call what, from the route table. Runs before routing.
 
-    def __init__(self, proxy: Proxy, control_port: int | None = None):
+    An undeclared path under /_proxy/ is 404 before any other check, for every caller:
+    the answer is the same whoever asks, so it tells nothing about sources or secrets.
+    """
+
+    def __init__(self, proxy: Proxy, table: RouteTable, control_port: int | None = None):
         self.proxy = proxy
+        self.table = table
         self.control_port = str(control_port) if control_port else None
 
-    def separate_listeners(self, env: dict, path: str) -> None:
-        """With listen_control, upstream-facing paths live on their own port only."""
-        upstream_facing = path.startswith(targets.PREFIX) or path.startswith(_CONTROL_PATHS)
-        on_control_port = env.get("SERVER_PORT") == self.control_port
-        if path.startswith(_OPEN_PATHS) or upstream_facing == on_control_port:
+    def separate_listeners(self, env: dict, path: str, route: Route) -> None:
+        """With listen_control, upstream-facing routes live on their own port only."""
+        if route.policy is Policy.OPEN:
             return
-        where = "the control listener" if upstream_facing else "the agent listener"
-        raise ProxyError(404, "not-found", "Not found", f"{path} is served on {where} only")
+        on_control_port = env.get("SERVER_PORT") == self.control_port
+        if route.policy.upstream_facing == on_control_port:
+            return
+        where = "the control listener" if route.policy.upstream_facing else "the agent listener"
+        raise ProxyError("not-found", f"{path} is served on {where} only")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         env = req.env
@@ -235,31 +291,32 @@ class Guard:
         ip = proxy.client_ip(env)
         info = env["agent_proxy.log"]
         info["client_ip"] = ip
-        target = raw_target(env)
-        if not target.startswith("/"):
-            raise bad_target("absolute-form request targets are not accepted; this is not a forward proxy")
+        if not raw_target(env).startswith("/"):
+            raise ProxyError("bad-target", "absolute-form request targets are not accepted; this is not a forward proxy")
         if req.method == "CONNECT":
-            raise ProxyError(405, "method-not-allowed", "Method not allowed", "CONNECT is never relayed")
+            raise ProxyError("method-not-allowed", "CONNECT is never relayed")
         path = req.path
+        route = self.table.find(path)
+        if route is None:
+            raise ProxyError("not-found", f"{path} is not a path of this proxy")
         if self.control_port is not None:
-            self.separate_listeners(env, path)
-        if not path.startswith("/_proxy/"):
-            info["direction"] = "northbound"
+            self.separate_listeners(env, path, route)
+        info["direction"] = route.direction
+        policy = route.policy
+        if policy is Policy.OPEN:
+            return
+        if policy is Policy.AGENTS:
             if not _in_networks(ip, proxy.config.networks.agents):
                 proxy.metrics.rejected.labels("source").inc()
-                raise forbidden("source-not-allowed", f"{ip} is not in networks.agents")
-            return
-        if path.startswith(_OPEN_PATHS):
-            return
-        if path == "/_proxy/metrics":
-            info["direction"] = "control"
+                raise ProxyError("source-not-allowed", f"{ip} is not in networks.agents")
+        elif policy is Policy.METRICS:
             if ip not in proxy.trusted and not _in_networks(ip, proxy.config.networks.upstream):
-                raise forbidden("source-not-allowed", f"{ip} may not read metrics")
-            return
-        if path.startswith(targets.PREFIX) or path.startswith(_CONTROL_PATHS):
-            info["direction"] = "southbound" if path.startswith(targets.PREFIX) else "control"
+                raise ProxyError("source-not-allowed", f"{ip} may not read metrics")
+        elif policy is Policy.UPSTREAM:
             proxy.check_upstream_source(ip)
             proxy.verify_upstream(req)
+        else:  # a Policy without a check here: refuse rather than let it through
+            raise ProxyError("internal-error", f"no check for policy {policy.name}")
 
 
 class Northbound:
@@ -334,10 +391,7 @@ class Southbound:
 def _body_length(req: falcon.Request, config: Config) -> int:
     length = req.content_length or 0
     if length > config.limits.max_body_bytes:
-        raise ProxyError(
-            413, "body-too-large", "Body too large",
-            f"{length} bytes; limits.max_body_bytes is {config.limits.max_body_bytes}",
-        )
+        raise ProxyError("body-too-large", f"{length} bytes; limits.max_body_bytes is {config.limits.max_body_bytes}")
     return length
 
 
@@ -454,9 +508,9 @@ class FeaturesV2:
 class Handshake:
     """The upstream checks that this proxy holds the secret: sign its nonce back."""
 
-    def __init__(self, proxy: Proxy, features: Features):
+    def __init__(self, proxy: Proxy):
         self.proxy = proxy
-        self.features = features
+        self.features = Features(proxy.config)
 
     def on_post(self, req, resp):
         length = req.content_length or 0
@@ -466,7 +520,7 @@ class Handshake:
             data = None
         nonce = data.get("nonce") if isinstance(data, dict) else None
         if not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
-            raise ProxyError(400, "bad-nonce", "Bad handshake", 'body must be {"nonce": "<8-256 URL-safe characters>"}')
+            raise ProxyError("bad-nonce", 'body must be {"nonce": "<8-256 URL-safe characters>"}')
         config = self.proxy.config
         resp.set_header(
             "X-Agent-Proxy-Signature",
@@ -490,9 +544,15 @@ class MetricsResource:
 class Worker:
     """The WSGI callable waitress serves: counts, logs and bounds every request."""
 
-    def __init__(self, falcon_app: falcon.App, proxy: Proxy):
+    def __init__(self, falcon_app: falcon.App, proxy: Proxy, table: RouteTable):
         self.falcon_app = falcon_app
         self.proxy = proxy
+        self.table = table
+
+    def _open(self, path: str) -> bool:
+        """Open routes (health, ready) are answered even past limits.max_in_flight."""
+        route = self.table.find(path)
+        return route is not None and route.policy is Policy.OPEN
 
     def __call__(self, env, start_response):
         proxy, state = self.proxy, self.proxy.state
@@ -500,13 +560,13 @@ class Worker:
         info = env["agent_proxy.log"] = {"direction": "local", "client_ip": env.get("REMOTE_ADDR", ""), "bytes_in": 0}
         with state.lock:
             state.in_flight += 1
-        if rejecting() and not env.get("PATH_INFO", "").startswith(_OPEN_PATHS):
+        if rejecting() and not self._open(env.get("PATH_INFO", "")):
             self._leave()
             proxy.metrics.rejected.labels("overload").inc()
             start_response("503 Service Unavailable", [
                 ("Content-Type", "application/json"), (ERROR_HEADER, "overloaded"), ("Retry-After", "1"),
             ])
-            return [b'{"title": "Overloaded", "description": "limits.max_in_flight requests are in flight"}']
+            return [error_body("overloaded", "limits.max_in_flight requests are in flight")]
         status_holder = []
 
         def recording_start_response(status, headers, exc_info=None):
@@ -570,32 +630,65 @@ class _Counted:
             self._worker._finish(*self._args, self._sent)
 
 
+# Every route the worker serves, with who may call it: the only place a route is added
+# (create_app wires these and nothing else; the app refuses routes added later).
+ROUTES = (
+    Route("GET", "/_proxy/health", Policy.OPEN, "local", lambda proxy: Health(proxy.state)),
+    Route("GET", "/_proxy/ready", Policy.OPEN, "local", Ready),
+    Route("GET", "/_proxy/features", Policy.OPEN, "local", lambda proxy: Features(proxy.config)),
+    Route("GET", "/_proxy/v2/features", Policy.UPSTREAM, "control", lambda proxy: FeaturesV2(proxy.config)),
+    Route("POST", "/_proxy/handshake", Policy.UPSTREAM, "control", Handshake),
+    Route("GET", "/_proxy/metrics", Policy.METRICS, "control", lambda proxy: MetricsResource(proxy.metrics)),
+    Route("ANY", targets.PREFIX, Policy.UPSTREAM, "southbound", Southbound, prefix=True),
+    # Everything outside /_proxy/ (the lookup never gives a /_proxy/ path to this one).
+    Route("ANY", "/", Policy.AGENTS, "northbound", Northbound, prefix=True),
+)
+
+
+class _SealedApp(falcon.App):
+    """A Falcon app that takes no route or sink once create_app has wired the table."""
+
+    sealed = False
+
+    def add_route(self, *args, **kwargs):
+        self._refuse_when_sealed()
+        return super().add_route(*args, **kwargs)
+
+    def add_sink(self, *args, **kwargs):
+        self._refuse_when_sealed()
+        return super().add_sink(*args, **kwargs)
+
+    def _refuse_when_sealed(self):
+        if self.sealed:
+            raise RuntimeError("routes are declared in app.ROUTES, each with its policy; add it there")
+
+
 def create_app(
     config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None,
-    control_port: int | None = None, access_lines: LineWriter | None = None,
+    control_port: int | None = None, access_lines: LineWriter | None = None, routes: tuple[Route, ...] = ROUTES,
 ) -> Worker:
     """Build the worker's WSGI application for ``config``; nothing is shared between calls.
 
     ``control_port``: the port of the separate control listener (``listen_control``), if any.
     ``access_lines``: where access log lines go (a worker's ``LineBatch``, written by its
     main loop); without it, each line is written to stdout by the thread that served it.
+    ``routes``: the route table (tests pass their own to check the guard).
     """
     state = state or WorkerState()
     metrics = metrics or Metrics()
     proxy = Proxy(config, secret, state, metrics, access_lines)
-    app = falcon.App(middleware=[Guard(proxy, control_port)], media_type=None)
+    table = RouteTable(routes)
+    app = _SealedApp(middleware=[Guard(proxy, table, control_port)], media_type=None)
     app.req_options.strip_url_path_trailing_slash = False
     app.add_error_handler(ProxyError, handle_proxy_error)
     app.set_error_serializer(serialize_falcon_error)
-
-    features = Features(config)
-    app.add_route("/_proxy/health", Health(state))
-    app.add_route("/_proxy/ready", Ready(proxy))
-    app.add_route("/_proxy/features", features)
-    app.add_route("/_proxy/v2/features", FeaturesV2(config))
-    app.add_route("/_proxy/handshake", Handshake(proxy, features))
-    app.add_route("/_proxy/metrics", MetricsResource(metrics))
-    # Routes take precedence over sinks; any other /_proxy/ path is a 404, never relayed.
-    app.add_sink(Southbound(proxy), prefix=r"^/_proxy/agents/")
-    app.add_sink(Northbound(proxy), prefix=r"^/(?!_proxy/)")
-    return Worker(app, proxy)
+    for route in routes:
+        handler = route.build(proxy)
+        if not route.prefix:
+            app.add_route(route.path, handler)
+        elif route.path.startswith(PROXY_PREFIX):
+            app.add_sink(handler, prefix="^" + re.escape(route.path))
+        else:
+            app.add_sink(handler, prefix="^" + re.escape(route.path) + "(?!" + re.escape(PROXY_PREFIX[1:]) + ")")
+    app.sealed = True
+    return Worker(app, proxy, table)

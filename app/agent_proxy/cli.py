@@ -17,12 +17,9 @@ import yaml
 
 from . import __version__, config as configuration
 from .config import ConfigError
+from .errors import CommandError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class CommandError(Exception):
-    """A runtime failure with a message for the operator (exit 1)."""
 
 
 def _fail(message: str, code: int) -> int:

@@ -222,13 +222,21 @@ class Agents:
 class Limits:
     max_body_bytes: int = _setting(10 * 1024 * 1024, _int(0))
     threads: int = _setting(16, _int(1, 1024))
-    auth_skew_seconds: int = _setting(300, _int(1, 86400))
+    # Signatures whose timestamp is further than this from the node's clock are refused;
+    # a captured request can be replayed for up to twice this (README, Security).
+    auth_skew_seconds: int = _setting(60, _int(1, 86400))
     # Requests one worker holds at once (queued in waitress or relaying); past it: 503.
     max_in_flight: int = _setting(64, _int(1, 100000))
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
     drain_seconds: float = _setting(30.0, _seconds)
     # Each worker runs on one core of those it may use (worker N on the Nth, round-robin).
     pin_cpu: bool = _setting(True, _bool)
+    # Connections one worker holds open (waitress's connection_limit). Past it, the
+    # longest-idle connection is closed to make room. At most 60,000, so that a worker's
+    # descriptors (Config.worker_descriptors) fit its unit's LimitNOFILE=65536.
+    connection_limit: int = _setting(2000, _int(16, 60000))
+    # Seconds a worker keeps a connection that has no request in progress.
+    idle_timeout: int = _setting(60, _int(1, 86400))
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,12 @@ class Front:
     balancers: tuple[IPNetwork, ...] = _setting((), _list_of(_network))
     # Concurrent connections one source address may hold on :2002; 0 disables the limit.
     max_conn_per_source: int = _setting(200, _int(0, 1000000))
+    # Client connections the node front holds at once (HAProxy's maxconn); past it, new
+    # ones wait in the kernel's accept queue. HAProxy reserves two descriptors a
+    # connection: at most 90,000 under its unit's LimitNOFILE=200000. The default, at
+    # ~30 KiB of HAProxy memory per TLS connection about 270 MiB, also starts where the
+    # hard open-file limit is 20,000 (labs, test machines).
+    max_connections: int = _setting(9000, _int(1, 90000))
     stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
 
 
@@ -281,6 +295,12 @@ class Config:
 
     def worker_ports(self) -> list[int]:
         return [self.listen.port + i for i in range(self.worker_count)]
+
+    def worker_descriptors(self) -> int:
+        """Descriptors one worker may need: its client connections (one more while making
+        room), the kept upstream and agent connections, one relay per thread, and 64 for
+        listeners, the wake-up pipe, logs and the reject thread."""
+        return self.limits.connection_limit + 1 + self.upstream.pool_size + self.limits.threads + 64
 
     def read_secret(self) -> bytes:
         """The shared secret's bytes (the file's text, surrounding white space removed)."""
@@ -394,6 +414,14 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
+    # The node front sends a worker up to max_in_flight requests and keeps as many idle
+    # connections (pool-max-conn); during a reload the old HAProxy holds as many again.
+    front_share = 4 * config.limits.max_in_flight + 16
+    if config.limits.connection_limit < front_share:
+        problems.append(
+            f"limits.connection_limit: must be at least 4 x limits.max_in_flight + 16 ({front_share}), "
+            "the connections the node front may hold to one worker"
+        )
 
 
 def _check_tls_files(config: Config, problems: list[str]) -> None:

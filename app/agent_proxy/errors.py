@@ -1,60 +1,99 @@
-"""Errors the proxy itself makes: JSON ``{"title","description"}`` plus ``X-Agent-Proxy-Error``.
+"""Every error the proxy makes, in one catalogue, and the CLI's runtime failure.
 
-An upstream's or agent's own error status is relayed untouched and never passes through
-here, so the header tells an operator at a glance whose error it is.
+An error the proxy answers itself is JSON ``{"title","description"}`` with
+``X-Agent-Proxy-Error: <code>``; its status and title come from ``CATALOGUE`` and nowhere
+else (the README's error table is this table, checked by a test). An upstream's or
+agent's own error status is relayed untouched and never passes through here, so the
+header tells an operator at a glance whose error it is.
 """
 
 from __future__ import annotations
 
-import http
 import json
+from dataclasses import dataclass
 
 import falcon
 
 ERROR_HEADER = "X-Agent-Proxy-Error"
 
 
-class ProxyError(Exception):
-    """A request the proxy answers itself with ``status``; ``code`` goes in the header."""
+@dataclass(frozen=True)
+class Error:
+    code: str
+    status: int
+    title: str
+    when: str  # one line for the README's table
 
-    def __init__(self, status: int, code: str, title: str, description: str = "", headers: dict | None = None):
-        super().__init__(description or title)
-        self.status = status
+
+CATALOGUE: dict[str, Error] = {e.code: e for e in (
+    Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, a malformed head (the connection is closed)"),
+    Error("bad-target", 400, "Bad target", "a southbound target that is not `/_proxy/agents/{ip}/{port}/{path}` with a canonical IP and port, or an absolute-form target"),
+    Error("bad-forwarded-for", 400, "Bad request", "the trusted front sent an X-Forwarded-For that is not an address"),
+    Error("bad-nonce", 400, "Bad handshake", "a handshake body that is not `{\"nonce\": N}` with 8-256 URL-safe characters"),
+    Error("bad-signature", 401, "Signature required", "a signature that is missing, malformed, wrong or outside `limits.auth_skew_seconds`"),
+    Error("source-not-allowed", 403, "Forbidden", "the caller's address may not call this path"),
+    Error("target-forbidden", 403, "Forbidden", "a southbound target that is never allowed (loopback, link-local, multicast, ...)"),
+    Error("target-not-allowed", 403, "Forbidden", "a southbound target outside `networks.agents` or `agents.ports`"),
+    Error("not-found", 404, "Not found", "a path under `/_proxy/` that is not in the route table, or not served on this listener"),
+    Error("method-not-allowed", 405, "Method not allowed", "a method the route does not take, and CONNECT anywhere"),
+    Error("body-too-large", 413, "Body too large", "a request body over `limits.max_body_bytes`"),
+    Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),
+    Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback)"),
+    Error("bad-answer", 502, "Bad gateway", "the origin's answer breaks HTTP/1.1 and nothing was relayed yet"),
+    Error("upstream-unreachable", 502, "Bad gateway", "no connection to the upstream (refused, TLS failed, ...)"),
+    Error("agent-unreachable", 502, "Bad gateway", "no connection to the agent"),
+    Error("upstream-closed", 502, "Bad gateway", "the upstream closed the connection before answering"),
+    Error("agent-closed", 502, "Bad gateway", "the agent closed the connection before answering"),
+    Error("overloaded", 503, "Overloaded", "`limits.max_in_flight` requests are being served or queued (with `Retry-After: 1`)"),
+    Error("upstream-timeout", 504, "Gateway timeout", "the upstream did not connect or answer in time"),
+    Error("agent-timeout", 504, "Gateway timeout", "the agent did not connect or answer in time"),
+)}
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself: the catalogue's status and title for ``code``."""
+
+    def __init__(self, code: str, description: str = "", headers: dict | None = None):
+        error = CATALOGUE[code]  # a KeyError here is a code missing from the catalogue
+        super().__init__(description or error.title)
         self.code = code
-        self.title = title
+        self.status = error.status
+        self.title = error.title
         self.description = description
         self.headers = headers or {}
 
 
-def bad_target(description: str) -> ProxyError:
-    return ProxyError(400, "bad-target", "Bad target", description)
+class CommandError(Exception):
+    """A runtime failure of a CLI command, with a message for the operator (exit 1)."""
 
 
-def unauthorized(description: str) -> ProxyError:
-    return ProxyError(401, "bad-signature", "Signature required", description)
-
-
-def forbidden(code: str, description: str) -> ProxyError:
-    return ProxyError(403, code, "Forbidden", description)
-
-
-def body(title: str, description: str) -> bytes:
-    return json.dumps({"title": title, "description": description}).encode()
+def body(code: str, description: str) -> bytes:
+    return json.dumps({"title": CATALOGUE[code].title, "description": description}).encode()
 
 
 def handle_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params) -> None:
     resp.status = ex.status
     resp.content_type = "application/json"
-    resp.data = body(ex.title, ex.description)
+    resp.data = body(ex.code, ex.description)
     resp.set_header(ERROR_HEADER, ex.code)
     for name, value in ex.headers.items():
         resp.set_header(name, value)
 
 
-# Falcon's own errors (unknown /_proxy/ path, method not allowed, bad request line) in the
-# same shape; the code is the status name, e.g. "not-found".
+# The errors Falcon or waitress raise by themselves (method not allowed, a malformed
+# request, a head or body too large, a fault).
+_SERVER_CODES = {
+    400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "body-too-large", 431: "header-too-large",
+}
+
+
+def code_for_status(status: int) -> str:
+    """The catalogue's code for an error a server layer (Falcon, waitress) raised."""
+    return _SERVER_CODES.get(status) or ("bad-request" if status < 500 else "internal-error")
+
+
 def serialize_falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
-    status = http.HTTPStatus(ex.status_code)
+    code = code_for_status(ex.status_code)
     resp.content_type = "application/json"
-    resp.data = body(status.phrase, ex.description or "")
-    resp.set_header(ERROR_HEADER, status.phrase.lower().replace(" ", "-"))
+    resp.data = body(code, ex.description or "")
+    resp.set_header(ERROR_HEADER, code)

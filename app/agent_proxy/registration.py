@@ -18,8 +18,8 @@ import ssl
 from urllib.parse import quote, urlsplit
 
 from . import __version__, relay, signing
-from .cli import CommandError
 from .config import Config
+from .errors import CommandError
 
 API = "/api/v1/agent-proxies"
 

@@ -6,7 +6,8 @@
 * SIGHUP: the configuration is read again and validated; if it is good, a new app is
   swapped in atomically for new requests (in-flight requests finish with the old one);
   if not, the worker keeps the old one and logs one line naming the key. The listen
-  address and thread count cannot change without a restart (said in the log).
+  addresses, thread count, CPU pinning, connection limit and idle timeout cannot change
+  without a restart (said in the log).
 * With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``), READY=1 is sent once listening.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import resource
 import signal
 import socket
 import threading
@@ -21,10 +24,12 @@ import time
 
 from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer, create_server
-from waitress.task import WSGITask
+from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line, get_header_lines
+from waitress.rfc7230 import HEADER_FIELD_RE
+from waitress.server import BaseWSGIServer, TcpWSGIServer, create_server
+from waitress.task import ErrorTask, WSGITask
 
-from . import __version__, config as configuration, logs
+from . import __version__, config as configuration, errors, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
 from .metrics import Metrics
@@ -67,6 +72,61 @@ class OneWriteTask(WSGITask):
         return channel.write_soon(b"".join(parts))
 
 
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """waitress's request parser, with the framing rules it leaves open closed.
+
+    waitress 3 frames a request carrying both Content-Length and Transfer-Encoding by
+    the chunks and keeps the connection, so bytes after the body would be read as a next
+    request (RFC 9112 6.1: such a request MUST be answered and the connection closed); it
+    accepts ``chunked, chunked``, ignores Transfer-Encoding on HTTP/1.0, answers other
+    codings 501, and takes control bytes (NUL, TAB, DEL, ...) in the request target
+    (RFC 9112 3.2: 400). Each of these is a ParsingError here: waitress answers 400 and
+    closes the connection after the answer, discarding whatever else was sent; the app
+    never sees the request, so nothing is relayed.
+    """
+
+    def parse_header(self, header_plus: bytes) -> None:
+        first_line, _, header = header_plus.partition(b"\r\n")
+        if _CONTROL_BYTES.search(first_line):
+            raise ParsingError("control bytes in the request line")
+        codings, lengths = [], 0
+        for line in get_header_lines(header):
+            field = HEADER_FIELD_RE.match(line)
+            if not field:
+                continue  # waitress's own parse says "Invalid header"
+            name = field.group("name").lower()
+            if name == b"transfer-encoding":
+                codings += [c.strip(b" \t").lower() for c in field.group("value").split(b",")]
+            elif name == b"content-length":
+                lengths += 1
+        if codings:
+            version = crack_first_line(first_line.rstrip())[2]
+            if lengths:
+                raise ParsingError("Content-Length and Transfer-Encoding together")
+            if version != b"1.1":
+                raise ParsingError("Transfer-Encoding in a request that is not HTTP/1.1")
+            if codings != [b"chunked"]:
+                raise ParsingError("a Transfer-Encoding other than chunked")
+        super().parse_header(header_plus)
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error answers (400, 413, 431, 500) in the proxy's shape: JSON and the code."""
+
+    def execute(self):
+        error = self.request.error
+        code = errors.code_for_status(error.code)
+        body = errors.body(code, error.body)
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.extend([("Content-Type", "application/json"), (errors.ERROR_HEADER, code)])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
 class Channel(HTTPChannel):
     """waitress's channel, not writable while a task thread is sending on it.
 
@@ -80,6 +140,8 @@ class Channel(HTTPChannel):
     """
 
     task_class = OneWriteTask
+    error_task_class = JsonErrorTask
+    parser_class = StrictRequestParser
     _flushing = False
 
     def _flush_some(self, do_close=True):
@@ -91,6 +153,58 @@ class Channel(HTTPChannel):
 
     def writable(self):
         return not self._flushing and super().writable()
+
+
+def _idle(channel: HTTPChannel) -> bool:
+    """No request in progress and nothing left to send (a half-received head counts as idle)."""
+    return not (channel.requests or channel.total_outbufs_len or channel.will_close or channel.close_when_flushed)
+
+
+class Listener(TcpWSGIServer):
+    """waitress's listener, which keeps accepting at the connection limit by making room.
+
+    waitress stops accept() while its socket map holds connection_limit sockets: 2,000 idle
+    connections left /_proxy/health unanswered until the idle ones timed out (~120 s),
+    and the front marked the node down. Here a connection past the limit closes the
+    longest-idle one instead, as nginx reuses idle keep-alive connections; a client may
+    always lose an idle connection (RFC 9112 9.3). Only when every connection is busy is
+    the newcomer closed at once. A worker thus never holds more than connection_limit + 1
+    client sockets, and health checks, which are never idle, get through a flood.
+    """
+
+    def readable(self):
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)  # closes connections idle for channel_timeout
+        return self.accepting
+
+    # Connections taken off the accept queue per pass of the main loop. waitress takes one,
+    # and a pass costs more with every connection held: filling 2,200 connections took
+    # ~10 s, in which a health check waited in the queue past the front's check timeout.
+    ACCEPTS_PER_PASS = 64
+
+    def handle_accept(self):
+        for _ in range(self.ACCEPTS_PER_PASS):
+            try:
+                accepted = self.accept()
+                if accepted is None:
+                    return  # the queue is empty
+                conn, addr = accepted
+                self.set_socket_options(conn)
+            except OSError:
+                continue  # the peer was gone before we got to it
+            if len(self._map) >= self.adj.connection_limit and not self._close_longest_idle():
+                conn.close()
+                continue
+            self.channel_class(self, conn, addr, self.adj, map=self._map)
+
+    def _close_longest_idle(self) -> bool:
+        idle = [c for c in self._map.values() if isinstance(c, HTTPChannel) and _idle(c)]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_activity).will_close = True  # closed by the main loop next pass
+        return True
 
 
 class Trigger(trigger.trigger):
@@ -161,9 +275,23 @@ def _log_settings(config: configuration.Config, port: int) -> None:
         logs.event(log, warning, logging.WARNING)
 
 
+def ensure_descriptors(need: int, source: str) -> None:
+    """Raise this process's open-file limit to ``need`` within its hard limit, or refuse to start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError([
+            f"{source}: limits.connection_limit: a worker may need {need} open files (connections, pool, threads) "
+            f"but may open only {hard} (LimitNOFILE in its unit, ulimit -n)"
+        ])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def serve(config_path: str, port: int | None = None) -> int:
     config = configuration.load(config_path)
     secret = config.read_secret()
+    ensure_descriptors(config.worker_descriptors(), config.source)
     logs.setup(config.logging.level, config.logging.format)
     port = port or config.listen.port
     _log_settings(config, port)
@@ -191,10 +319,12 @@ def serve(config_path: str, port: int | None = None) -> int:
             _dispatcher=dispatcher,
             listen=listen,
             threads=limits.threads,
-            connection_limit=2000,
+            connection_limit=limits.connection_limit,
             backlog=4096,
             asyncore_use_poll=True,
-            channel_timeout=max(120, int(config.upstream.read_timeout) + 30),
+            # A connection idle this long is closed, looked for once a second.
+            channel_timeout=limits.idle_timeout,
+            cleanup_interval=1,
             # waitress answers bodies far over the limit itself (a bare 413); the app
             # answers the rest with its JSON 413. Big answers stream: keep waitress's
             # own buffer small so that it does not hold them whole.
@@ -208,6 +338,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         return 1
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
+            # waitress builds its listeners in create_server, with no class to pass in
+            listener.__class__ = Listener
             listener.channel_class = Channel
             # waitress makes the trigger in the listener's __init__, with no class to pass in
             listener.trigger.__class__ = Trigger
@@ -242,7 +374,10 @@ def serve(config_path: str, port: int | None = None) -> int:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
         switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
-        fixed = [k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu") if _get(new, k) != _get(config, k)]
+        fixed = [
+            k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu", "limits.connection_limit", "limits.idle_timeout")
+            if _get(new, k) != _get(config, k)
+        ]
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from .config import Config
-from .errors import bad_target, forbidden
+from .errors import ProxyError
 
 PREFIX = "/_proxy/agents/"
 
@@ -47,40 +47,40 @@ def _never_allowed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
 def parse(raw_target: str, config: Config) -> Target:
     """Check a raw request target; raise ProxyError (400 or 403) naming what is wrong."""
     if not raw_target.startswith(PREFIX):
-        raise bad_target("southbound paths look like /_proxy/agents/{ip}/{port}/{path}")
+        raise ProxyError("bad-target", "southbound paths look like /_proxy/agents/{ip}/{port}/{path}")
     rest = raw_target[len(PREFIX):]
     path, sep, query = rest.partition("?")
     parts = path.split("/", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise bad_target("southbound paths look like /_proxy/agents/{ip}/{port}/{path}")
+        raise ProxyError("bad-target", "southbound paths look like /_proxy/agents/{ip}/{port}/{path}")
     ip_text, port_text = parts[0], parts[1]
     agent_path = "/" + (parts[2] if len(parts) == 3 else "")
 
     try:
         addr = ipaddress.ip_address(ip_text)
     except ValueError:
-        raise bad_target(f"{ip_text!r} is not a literal IP address (host names are never accepted)") from None
+        raise ProxyError("bad-target", f"{ip_text!r} is not a literal IP address (host names are never accepted)") from None
     reason = _never_allowed(addr)
     if reason:
-        raise forbidden("target-forbidden", f"{ip_text} is {reason}; never a target")
+        raise ProxyError("target-forbidden", f"{ip_text} is {reason}; never a target")
     if str(addr) != ip_text:
         # 010.0.0.2, 0xa.0.0.2, 167772162, 10.2, upper-case or uncompressed IPv6 ...
-        raise bad_target(f"{ip_text!r} is not in canonical form (write {addr})")
+        raise ProxyError("bad-target", f"{ip_text!r} is not in canonical form (write {addr})")
     networks = config.networks.agents
     inside = [net for net in networks if addr.version == net.version and addr in net]
     if not inside:
-        raise forbidden("target-not-allowed", f"{ip_text} is outside networks.agents")
+        raise ProxyError("target-not-allowed", f"{ip_text} is outside networks.agents")
     if all(net.num_addresses > 2 and addr in (net.network_address, net.broadcast_address) for net in inside):
-        raise forbidden("target-forbidden", f"{ip_text} is a network or broadcast address")
+        raise ProxyError("target-forbidden", f"{ip_text} is a network or broadcast address")
 
     if not port_text.isdigit() or port_text != str(int(port_text)):
-        raise bad_target(f"{port_text!r} is not a port number")
+        raise ProxyError("bad-target", f"{port_text!r} is not a port number")
     port = int(port_text)
     if port not in config.agents.ports:
-        raise forbidden("target-not-allowed", f"port {port} is not in agents.ports")
+        raise ProxyError("target-not-allowed", f"port {port} is not in agents.ports")
 
     for segment in agent_path.split("/"):
         decoded = unquote(segment)
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded or "\x00" in decoded:
-            raise bad_target("the agent path must not contain '.', '..' or encoded separators")
+            raise ProxyError("bad-target", "the agent path must not contain '.', '..' or encoded separators")
     return Target(ip_text, port, agent_path + (sep + query if sep else ""))

@@ -155,3 +155,20 @@ def test_each_app_has_its_own_state():
     first.simulate_get("/_proxy/health")
     text = second.simulate_get("/_proxy/metrics").text
     assert 'direction="local"' not in text
+
+
+def test_a_captured_signature_is_replayable_for_twice_the_skew(client):
+    # README, Security: a request signed by a clock one skew ahead of the node's is
+    # accepted from the moment it is captured until one skew after its timestamp.
+    skew = make_config().limits.auth_skew_seconds
+    assert skew == 60  # the documented default
+    path = "/_proxy/v2/features"
+
+    def answered(signed_at):
+        return client.simulate_get(path, remote_addr=UPSTREAM, headers=signed("GET", path, ts=signed_at)).status_code
+
+    now = int(time.time())
+    assert answered(now + skew - 1) == 200  # signed ahead: replayable for 2 x skew from now
+    assert answered(now - skew + 1) == 200  # the same moment's capture, one skew later
+    assert answered(now - skew - 2) == 401
+    assert answered(now + skew + 2) == 401

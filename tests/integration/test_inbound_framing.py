@@ -1,0 +1,157 @@
+"""Requests whose framing is ambiguous, or whose target carries control bytes, never reach an origin.
+
+Raw sockets against a real `agent-proxy serve`; the upstream is a TCP listener that keeps
+every byte it receives, so "nothing was forwarded" is checked at the byte level.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.helpers import start_worker, write_config
+
+
+class RecordingOrigin:
+    """Accepts connections, keeps every byte, answers each request head with a 200."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received: list[bytes] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            pending = b""
+            while data := conn.recv(65536):
+                with self.lock:
+                    self.received.append(data)
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def bytes(self) -> bytes:
+        with self.lock:
+            return b"".join(self.received)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.received.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def origin():
+    origin = RecordingOrigin()
+    yield origin
+    origin.close()
+
+
+@pytest.fixture(scope="module")
+def worker(origin, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("framing")
+    config = write_config(tmp, f"http://127.0.0.1:{origin.port}")
+    proc = start_worker(config, tmp)
+    yield yaml.safe_load(config.read_text())["listen"]["port"]
+    assert proc.stop() == 0, proc.output()
+
+
+def exchange(port: int, request: bytes, timeout: float = 5) -> tuple[bytes, bool]:
+    """Send ``request``; return what came back and whether the worker closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer, deadline = b"", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return answer, False
+            if not data:
+                return answer, True
+            answer += data
+        return answer, False
+
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: origin\r\n\r\n"
+
+BAD_FRAMING = {
+    "content-length-and-chunked": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "chunked-and-content-length": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\nContent-Length: 48\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "gzip-then-chunked": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "chunked-twice": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "two-te-headers": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "identity": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: identity\r\nContent-Length: 0\r\n\r\n" + SMUGGLED,
+    "empty-te": b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: \r\n\r\n" + SMUGGLED,
+    "te-on-http-1.0": b"POST /agent/v1/checkin HTTP/1.0\r\nHost: p\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n" + SMUGGLED,
+}
+
+CONTROL_TARGETS = {
+    "nul": b"/agent/v1/check\x00in",
+    "tab": b"/agent/v1/check\tin",
+    "soh": b"/agent/\x01",
+    "escape": b"/agent/\x1b[31m",
+    "unit-separator": b"/agent/\x1f",
+    "del": b"/agent/\x7f",
+    "nul-in-query": b"/agent/v1/checkin?a=\x00",
+    "tab-in-southbound": b"/_proxy/agents/10.0.0.2/2003/\tx",
+    "tab-after-version": None,  # the whole line below
+}
+
+
+def assert_refused(port: int, origin: RecordingOrigin, request: bytes) -> None:
+    origin.clear()
+    answer, closed = exchange(port, request)
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert re.match(r"HTTP/1\.[01] 400 ", head), answer
+    assert "\r\nX-Agent-Proxy-Error: bad-request" in head, answer
+    assert answer.count(b"HTTP/1.") == 1, "a second answer: the rest was read as a request"
+    assert closed, "the connection stayed open"
+    time.sleep(0.2)  # a relayed request would have reached the origin by now
+    assert origin.bytes() == b""
+
+
+@pytest.mark.parametrize("request_bytes", BAD_FRAMING.values(), ids=BAD_FRAMING.keys())
+def test_ambiguous_framing_is_400_closed_and_not_forwarded(worker, origin, request_bytes):
+    assert_refused(worker, origin, request_bytes)
+
+
+@pytest.mark.parametrize("target", [t for t in CONTROL_TARGETS.values() if t], ids=[k for k, t in CONTROL_TARGETS.items() if t])
+def test_control_bytes_in_the_target_are_400_and_not_forwarded(worker, origin, target):
+    assert_refused(worker, origin, b"GET " + target + b" HTTP/1.1\r\nHost: p\r\n\r\n")
+
+
+def test_a_tab_after_the_version_is_400(worker, origin):
+    assert_refused(worker, origin, b"GET /agent/v1/checkin HTTP/1.1\t\r\nHost: p\r\n\r\n")
+
+
+def test_well_framed_requests_still_pass_on_one_connection(worker, origin):
+    # The refusals above must not come from refusing everything: a chunked POST and a GET
+    # on the same connection both reach the origin and both are answered.
+    origin.clear()
+    request = (
+        b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        b"GET /agent/v1/next?a=%00 HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    )
+    answer, closed = exchange(worker, request)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+    received = origin.bytes()
+    assert b"POST /agent/v1/checkin HTTP/1.1\r\n" in received and b"\r\n\r\nhello" in received
+    assert b"GET /agent/v1/next?a=%00 HTTP/1.1\r\n" in received
