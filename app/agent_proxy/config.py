@@ -12,6 +12,7 @@ read as YAML scalars or flow sequences, so ``AGENT_PROXY_LIMITS__THREADS=8`` is 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -124,15 +125,16 @@ def _list_of(check):
 def _network(value: Any) -> IPNetwork:
     try:
         return ipaddress.ip_network(str(value), strict=True)
-    except ValueError:
-        raise ValueError(f"is not a valid CIDR network: {value!r}") from None
+    except ValueError as exc:
+        # ipaddress says why, e.g. "10.0.0.1/8 has host bits set"
+        raise ValueError(f"is not a valid CIDR network: {exc}") from None
 
 
 def _address(value: Any) -> IPAddress:
     try:
         return ipaddress.ip_address(str(value))
-    except ValueError:
-        raise ValueError(f"is not an IP address: {value!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"is not an IP address: {exc}") from None
 
 
 def _host(value: Any) -> str:
@@ -329,7 +331,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str], defaulted: set[str]
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in known:
-            problems.append(f"{prefix}{key}: unknown key")
+            problems.append(f"{prefix}{key}: unknown key{_did_you_mean(key, known, prefix)}")
     values = {}
     for name, f in known.items():
         key = f"{prefix}{name}"
@@ -357,7 +359,18 @@ def _build(cls, data: Any, prefix: str, problems: list[str], defaulted: set[str]
     return cls(**values)
 
 
-def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[str]) -> None:
+def _did_you_mean(key: Any, known, prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[str]) -> dict[str, str]:
+    """Merge the overrides into ``data``; return dotted key -> the variable that set it.
+
+    A section the file does not have, made for a variable, maps to that variable too, so
+    that a typo in a section name blames the variable and not the file.
+    """
+    origins: dict[str, str] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -368,7 +381,9 @@ def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[st
             problems.append(f"{name}: cannot parse {text!r}")
             continue
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
+            if part not in node:
+                origins.setdefault(".".join(path[:depth + 1]), name)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 problems.append(f"{name}: {'.'.join(path)} is not inside a section")
@@ -376,6 +391,16 @@ def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[st
             node = child
         else:
             node[path[-1]] = value
+            origins[".".join(path)] = name
+    return origins
+
+
+def _blame(problem: str, source: str, origins: dict[str, str]) -> str:
+    """Prefix a "key: what is wrong" line with where the key came from."""
+    key = problem.split(":", 1)[0]
+    if problem.startswith(ENV_PREFIX):
+        return problem
+    return f"{origins.get(key, source)}: {problem}"
 
 
 def _semantic_checks(config: Config, problems: list[str]) -> None:
@@ -435,13 +460,13 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the file must hold a mapping of keys, got {type(data).__name__}"])
     data = _deep_copy(data)
-    _apply_environment(data, environ if environ is not None else os.environ, problems)
+    origins = _apply_environment(data, environ if environ is not None else os.environ, problems)
     defaulted: set[str] = set()
     config = _build(Config, data, "", problems, defaulted)
     if config is not None and not problems:
         _semantic_checks(config, problems)
     if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
+        raise ConfigError([_blame(p, source, origins) for p in problems])
     return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
 
 

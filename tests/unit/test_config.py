@@ -43,11 +43,12 @@ def test_required_keys_are_named():
     "data, expected",
     [
         ({**MINIMAL, "colour": "blue"}, "colour: unknown key"),
-        ({**MINIMAL, "limits": {"thread": 4}}, "limits.thread: unknown key"),
+        ({**MINIMAL, "limits": {"thread": 4}}, "limits.thread: unknown key (did you mean limits.threads?)"),
+        ({**MINIMAL, "loging": {}}, "loging: unknown key (did you mean logging?)"),
         ({**MINIMAL, "proxy_id": "site a!"}, "proxy_id: must match"),
         ({**MINIMAL, "upstream": {"url": "ftp://x"}}, "upstream.url: must be an http:// or https:// URL"),
         ({**MINIMAL, "upstream": {"url": "http://8.7.6.5:3302"}}, "upstream.url: plain http upstream needs upstream.allow_insecure: true"),
-        ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: '10.0.0.1/24'"),
+        ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: 10.0.0.1/24 has host bits set"),
         ({**MINIMAL, "networks": {"upstream": "8.7.6.5/32"}}, "networks.upstream: must be a list"),
         ({**MINIMAL, "limits": {"threads": "many"}}, "limits.threads: must be a whole number, got 'many'"),
         ({**MINIMAL, "limits": {"max_body_bytes": -1}}, "limits.max_body_bytes: must be >= 0, got -1"),
@@ -86,7 +87,16 @@ def test_environment_overrides_the_file():
 
 
 def test_unknown_environment_key_is_named():
-    assert problems(MINIMAL, {"AGENT_PROXY_LIMITS__THREADZ": "8"}) == ["agent-proxy.yaml: limits.threadz: unknown key"]
+    assert problems(MINIMAL, {"AGENT_PROXY_LIMITS__THREADZ": "8"}) == [
+        "AGENT_PROXY_LIMITS__THREADZ: limits.threadz: unknown key (did you mean limits.threads?)"
+    ]
+    assert problems({**MINIMAL, "limits": {"threads": 4}}, {"AGENT_PROXY_LIMITS__THREADS": "0"}) == [
+        "AGENT_PROXY_LIMITS__THREADS: limits.threads: must be between 1 and 1024, got 0"
+    ]
+    # The file's own mistakes still name the file.
+    assert problems({**MINIMAL, "limits": {"treads": 4}}, {"AGENT_PROXY_LIMITS__THREADS": "8"}) == [
+        "agent-proxy.yaml: limits.treads: unknown key (did you mean limits.threads?)"
+    ]
 
 
 def test_load_names_the_file_and_yaml_line(tmp_path):
