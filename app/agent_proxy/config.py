@@ -160,19 +160,30 @@ def _choice(*choices: str):
     return check
 
 
-def _setting(default: Any, check) -> Any:
-    """A dataclass field with its default and its check."""
+def _setting(default: Any, check, restart: str | None = None) -> Any:
+    """A dataclass field with its default and its check.
+
+    ``restart``: why a running worker cannot apply a new value on reload (SIGHUP), so that
+    it needs a restart. Said here only; see :func:`restart_keys`.
+    """
     if isinstance(default, (list, dict)):
         raise TypeError("defaults must be immutable")
-    return field(default=default, metadata={"check": check})
+    return field(default=default, metadata=_restart({"check": check}, restart))
 
 
 def _required(check) -> Any:
     return field(default=None, metadata={"check": check, "required": True})
 
 
-def _section(cls) -> Any:
-    return field(default_factory=cls, metadata={"section": cls})
+def _section(cls, restart: str | None = None) -> Any:
+    return field(default_factory=cls, metadata=_restart({"section": cls}, restart))
+
+
+def _restart(metadata: dict, restart: str | None) -> dict:
+    return {**metadata, "restart": restart} if restart else metadata
+
+
+_LISTENERS = "waitress opens its listeners at start"
 
 
 # -- the sections
@@ -186,7 +197,7 @@ class Upstream:
     client_cert: str | None = _setting(None, _optional(_readable_file))
     client_key: str | None = _setting(None, _optional(_readable_file))
     connect_timeout: float = _setting(5.0, _seconds)
-    read_timeout: float = _setting(60.0, _seconds)
+    read_timeout: float = _setting(60.0, _seconds, restart="waitress's channel timeout is derived from it at start")
     pool_size: int = _setting(32, _int(1, 4096))
     # /_proxy/ready answers 200 while the upstream was heard from within this window.
     ready_window: float = _setting(120.0, _seconds)
@@ -222,15 +233,17 @@ class Agents:
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = _setting(10 * 1024 * 1024, _int(0))
-    threads: int = _setting(16, _int(1, 1024))
+    max_body_bytes: int = _setting(
+        10 * 1024 * 1024, _int(0), restart="waitress's own body cap (twice it, plus 1 MiB) is set at start"
+    )
+    threads: int = _setting(16, _int(1, 1024), restart="waitress makes its thread pool at start")
     auth_skew_seconds: int = _setting(300, _int(1, 86400))
     # Requests one worker holds at once (queued in waitress or relaying); past it: 503.
     max_in_flight: int = _setting(64, _int(1, 100000))
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
     drain_seconds: float = _setting(30.0, _seconds)
     # Each worker runs on one core of those it may use (worker N on the Nth, round-robin).
-    pin_cpu: bool = _setting(True, _bool)
+    pin_cpu: bool = _setting(True, _bool, restart="the core is chosen before the first thread starts")
 
 
 @dataclass(frozen=True)
@@ -259,10 +272,12 @@ class Config:
     proxy_id: str = _required(_proxy_id)
     public_url: str | None = _setting(None, _optional(_url))
     upstream: Upstream = _section(Upstream)
-    listen: Listen = _section(Listen)
+    listen: Listen = _section(Listen, restart=_LISTENERS)
     # Optional separate listener for the upstream-facing paths (handshake, v2/features,
     # agents/..., metrics); when set, the agent-facing listener refuses them.
-    listen_control: Listen | None = field(default=None, metadata={"section": Listen, "optional": True})
+    listen_control: Listen | None = field(
+        default=None, metadata=_restart({"section": Listen, "optional": True}, _LISTENERS)
+    )
     tls: Tls = _section(Tls)
     shared_secret_file: str = _setting("/etc/agent-proxy/psk", _path)
     trusted_proxies: tuple[IPAddress, ...] = _setting(
@@ -298,9 +313,42 @@ class Config:
             )
         return secret.encode("utf-8")
 
-    def effective(self) -> list[tuple[str, Any, bool]]:
-        """(key, value, is_default) for every setting, for the start-up log."""
-        return [(key, value, key in self.defaulted) for key, value in _flatten(self)]
+    def effective(self) -> dict[str, Any]:
+        """Every setting as dotted key -> a JSON-able value, and ``defaults``: the keys left
+        at their default; for the start-up log. Holds paths, never the secret itself."""
+        settings = {key: _plain(value) for key, value in _flatten(self)}
+        return {"settings": settings, "defaults": sorted(k for k in settings if k in self.defaulted)}
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key, e.g. ``limits.threads``."""
+        value = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def restart_keys(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> why a running worker applies it only at start (a reload cannot).
+
+    Derived from the fields' ``restart`` metadata: the worker's reload log, the README's
+    table and the Ansible role's restart decision all come from here.
+    """
+    found = {}
+    for f in dataclasses.fields(cls or Config):
+        key = prefix + f.name
+        if f.metadata.get("restart"):
+            found[key] = f.metadata["restart"]
+        elif f.metadata.get("section"):
+            found.update(restart_keys(f.metadata["section"], key + "."))
+    return found
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 # -- parsing

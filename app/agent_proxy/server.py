@@ -5,8 +5,10 @@
   then exits 0.
 * SIGHUP: the configuration is read again and validated; if it is good, a new app is
   swapped in atomically for new requests (in-flight requests finish with the old one);
-  if not, the worker keeps the old one and logs one line naming the key. The listen
-  address and thread count cannot change without a restart (said in the log).
+  if not, the worker keeps the old one and logs one line naming the key. The log level
+  and format, ``limits.max_in_flight`` and ``limits.drain_seconds`` change too; the keys
+  ``config.restart_keys()`` names need a restart, and the reload's log line lists those
+  that differ from what the worker started with (``needs_restart``).
 * With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``), READY=1 is sent once listening.
 """
 
@@ -152,11 +154,9 @@ def pin_to_cpu(index: int) -> int | None:
 
 
 def _log_settings(config: configuration.Config, port: int) -> None:
-    for key, value, default in config.effective():
-        if isinstance(value, tuple):
-            value = [str(v) for v in value]
-        logs.event(log, "setting", key=key, value=value, default=default)
-    logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}", config=config.source)
+    # One line: every effective setting, and which of them are defaults.
+    logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}",
+               config=config.source, **config.effective())
     for warning in configuration.warnings(config):
         logs.event(log, warning, logging.WARNING)
 
@@ -215,7 +215,7 @@ def serve(config_path: str, port: int | None = None) -> int:
     stop = threading.Event()
 
     def drain_then_stop() -> None:
-        deadline = time.monotonic() + limits.drain_seconds
+        deadline = time.monotonic() + config.limits.drain_seconds
         while time.monotonic() < deadline:
             with state.lock:
                 if state.in_flight == 0:
@@ -233,6 +233,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         logs.event(log, "draining", in_flight=state.in_flight, signal=signal.Signals(signum).name)
         threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
 
+    started = config
+
     def on_hup(signum, frame):
         nonlocal config
         try:
@@ -241,9 +243,12 @@ def serve(config_path: str, port: int | None = None) -> int:
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
+        logs.setup(new.logging.level, new.logging.format)
+        dispatcher.max_held = new.limits.max_in_flight
         switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
-        fixed = [k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu") if _get(new, k) != _get(config, k)]
         config = new
+        # Against what the worker started with: until a restart, every reload says it.
+        fixed = [key for key in configuration.restart_keys() if new.get(key) != started.get(key)]
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -266,10 +271,4 @@ def serve(config_path: str, port: int | None = None) -> int:
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-def _get(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 

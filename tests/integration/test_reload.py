@@ -8,6 +8,7 @@ a failure, and the goal is none.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -17,7 +18,7 @@ import urllib3
 import yaml
 
 from tests.front import all_up, render, run_load, start_node, start_origin, wait_until
-from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
+from tests.helpers import SECRET, Process, free_port, start_worker, wait_for_port, write_config
 
 TOTAL, THREADS, LIMIT = 1500, 16, 15
 NGINX = "/usr/sbin/nginx"
@@ -127,3 +128,29 @@ def test_nginx_front_reloads_under_load_without_a_failed_request(origin, tmp_pat
             proc.stop()
 
 
+
+
+def test_start_up_logs_one_line_of_settings_and_a_reload_names_what_needs_a_restart(origin, tmp_path):
+    config = write_config(tmp_path, origin)
+    proc = start_worker(config, tmp_path)
+    try:
+        settings_lines = [json.loads(line) for line in proc.output().splitlines() if '"settings"' in line]
+        assert len(settings_lines) == 1 and settings_lines[0]["message"] == "starting"
+        started = settings_lines[0]
+        assert started["settings"]["proxy_id"] == "site-a" and started["settings"]["networks.agents"] == ["127.0.0.0/8"]
+        assert "limits.threads" in started["defaults"] and "proxy_id" not in started["defaults"]
+        assert SECRET not in proc.output()
+
+        data = yaml.safe_load(config.read_text())
+        data["limits"] = {"threads": 4, "drain_seconds": 2}
+        data["logging"] = {"level": "info", "format": "text"}
+        config.write_text(yaml.safe_dump(data))
+        for reloads in (1, 2):
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda: proc.output().count("configuration reloaded") == reloads, 5, "the worker logs the reload")
+        reloaded = [line for line in proc.output().splitlines() if "configuration reloaded" in line]
+        # The log format changed with the reload (text from then on), and until a restart
+        # every reload says which of its changes wait for one.
+        assert all(not line.startswith("{") and "needs_restart=['limits.threads']" in line for line in reloaded), reloaded
+    finally:
+        proc.stop()

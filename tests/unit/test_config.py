@@ -1,6 +1,7 @@
 """The configuration file: defaults, every kind of mistake named by key, environment overrides."""
 
 import ipaddress
+import json
 
 import pytest
 import yaml
@@ -128,10 +129,11 @@ def test_effective_settings_mark_defaults_and_never_hold_the_secret(tmp_path):
     secret = tmp_path / "psk"
     secret.write_text("s3cr3t-value-that-must-not-show\n")
     config = parse({**MINIMAL, "shared_secret_file": str(secret)})
-    effective = {key: (value, default) for key, value, default in config.effective()}
-    assert effective["proxy_id"] == ("site-a", False)
-    assert effective["listen.port"] == (8002, True)
-    assert "s3cr3t" not in yaml.safe_dump([str(v) for v in effective.values()])
+    effective = config.effective()
+    assert effective["settings"]["proxy_id"] == "site-a" and "proxy_id" not in effective["defaults"]
+    assert effective["settings"]["listen.port"] == 8002 and "listen.port" in effective["defaults"]
+    assert effective["settings"]["networks.agents"] == ["10.0.0.0/24"]
+    assert "s3cr3t" not in json.dumps(effective)
 
 
 def test_tls_files_must_load_not_just_be_readable(tmp_path):
