@@ -9,17 +9,21 @@ a failure, and the goal is none.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import urllib3
 import yaml
 
 from tests.front import all_up, render, run_load, start_node, start_origin, wait_until
-from tests.helpers import SECRET, Process, free_port, start_worker, wait_for_port, write_config
+from tests.helpers import AGENT_PROXY, SECRET, Process, free_port, start_worker, wait_for_port, write_config
 
+ROOT = Path(__file__).resolve().parents[2]
 TOTAL, THREADS, LIMIT = 1500, 16, 15
 NGINX = "/usr/sbin/nginx"
 
@@ -152,5 +156,36 @@ def test_start_up_logs_one_line_of_settings_and_a_reload_names_what_needs_a_rest
         # The log format changed with the reload (text from then on), and until a restart
         # every reload says which of its changes wait for one.
         assert all(not line.startswith("{") and "needs_restart=['limits.threads']" in line for line in reloaded), reloaded
+    finally:
+        proc.stop()
+
+
+def run_exec_reload(config: Path, main_pid: int) -> subprocess.CompletedProcess:
+    """The worker unit's ExecReload= lines, run as systemd runs them: in order, stopping at
+    the first that fails (its status is what `systemctl reload` reports)."""
+    unit = (ROOT / "appliance/systemd/agent-proxy@.service").read_text()
+    for line in re.findall(r"^ExecReload=(.+)$", unit, re.MULTILINE):
+        argv = [AGENT_PROXY if word == "/opt/agent-proxy/bin/agent-proxy"
+                else str(config) if word == "/etc/agent-proxy/agent-proxy.yaml"
+                else str(main_pid) if word == "$MAINPID" else word for word in line.split()]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            return done
+    return done
+
+
+def test_the_worker_units_reload_fails_on_a_broken_config_and_signals_nothing(origin, tmp_path):
+    config = write_config(tmp_path, origin)
+    proc = start_worker(config, tmp_path)
+    try:
+        good = config.read_text()
+        config.write_text(good + "limts: {}\n")
+        refused = run_exec_reload(config, proc.pid)
+        assert refused.returncode == 2 and "limts: unknown key (did you mean limits?)" in refused.stderr
+        time.sleep(0.5)
+        assert "reload" not in proc.output().replace(str(tmp_path), ""), "the worker was signalled despite the broken config"
+        config.write_text(good)
+        assert run_exec_reload(config, proc.pid).returncode == 0
+        wait_until(lambda: "configuration reloaded" in proc.output(), 5, "the worker logs the reload")
     finally:
         proc.stop()
