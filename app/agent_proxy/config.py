@@ -265,6 +265,9 @@ class Front:
 class Logging:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
     format: str = _setting("json", _choice("json", "text"))
+    # Access lines for /_proxy/health and /_proxy/ready: the fronts and balancers ask every
+    # second or two, which on a quiet node is most of the log. The metrics count them anyway.
+    access_health: bool = _setting(False, _bool)
 
 
 @dataclass(frozen=True)
