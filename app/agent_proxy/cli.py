@@ -160,13 +160,16 @@ def _variables(args: argparse.Namespace) -> dict:
 def cmd_render(args: argparse.Namespace) -> int:
     import jinja2
 
-    from .render import render
+    from .render import MissingVariables, render
 
     config = _load(args.config)
     try:
         sys.stdout.write(render(args.template, config, _variables(args)))
+    except MissingVariables as exc:
+        them = "it" if len(exc.names) == 1 else "them"
+        return _fail(f"render {args.template}: {exc} (pass {them} with --set or --vars)", EXIT_USAGE)
     except jinja2.UndefinedError as exc:
-        return _fail(f"render {args.template}: missing variable: {exc.message} (pass it with --set or --vars)", EXIT_USAGE)
+        return _fail(f"render {args.template}: {exc.message}", EXIT_USAGE)
     return EXIT_OK
 
 
