@@ -46,6 +46,9 @@ _DROPPED = relay.HOP_BY_HOP | {"host", "forwarded", "x-real-ip", "content-length
 _NONCE_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CONTROL_PATHS = ("/_proxy/handshake", "/_proxy/v2/features", "/_proxy/metrics")
+# RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
+# every message it forwards (requests both ways, and their answers).
+VIA = "1.1 agent-proxy"
 _HEALTH_PATHS = ("/_proxy/health", "/_proxy/ready")
 _OPEN_PATHS = (*_HEALTH_PATHS, "/_proxy/features")
 _ERROR_HEADER_LOWER = ERROR_HEADER.lower()
@@ -202,6 +205,7 @@ class Proxy:
         resp.status = f"{answer.status} {answer.reason}"
         for name, value in answer.headers:
             resp.append_header(name, value)
+        resp.append_header("Via", VIA)
         if answer.length is not None:
             resp.data = b"".join(answer.body)
         else:
@@ -293,6 +297,7 @@ class Northbound:
             ("X-Forwarded-For", ip),
             ("X-Forwarded-Proto", proto),
             ("X-Request-ID", request_id),
+            ("Via", VIA),
         ]
         length = _body_length(req, config)
         info["bytes_in"] = length
@@ -326,7 +331,7 @@ class Southbound:
             proxy.agent_context,
         )
         headers = incoming_headers(env, frozenset({"authorization", "x-request-id"}))
-        headers += [("Host", origin.authority), ("X-Request-ID", request_id)]
+        headers += [("Host", origin.authority), ("X-Request-ID", request_id), ("Via", VIA)]
         length = _body_length(req, proxy.config)
         info["bytes_in"] = length
         started = time.perf_counter()

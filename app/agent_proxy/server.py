@@ -33,6 +33,8 @@ from .metrics import Metrics
 from .overload import BoundedDispatcher
 
 log = logging.getLogger("agent_proxy.server")
+IDENT = "agent-proxy"  # waitress's Server header on the answers the proxy makes itself
+_WAITRESS_VIA = f"\r\nVia: {IDENT}\r\n".encode()
 
 
 def sd_notify(message: str) -> None:
@@ -56,6 +58,12 @@ class OneWriteTask(WSGITask):
     can no longer resend. In one write, the front sees either nothing (and resends a GET
     to another worker) or the answer.
     """
+
+    def build_response_header(self):
+        # waitress adds "Via: <ident>" to an answer that carries its own Server header,
+        # without the protocol version RFC 9110 asks for; the app stamps every relayed
+        # answer with app.VIA, so waitress's line goes.
+        return super().build_response_header().replace(_WAITRESS_VIA, b"\r\n", 1)
 
     def write(self, data):
         if self.wrote_header or not data:
@@ -200,7 +208,7 @@ def serve(config_path: str, port: int | None = None) -> int:
             # own buffer small so that it does not hold them whole.
             max_request_body_size=2 * limits.max_body_bytes + 1024 * 1024,
             outbuf_high_watermark=1024 * 1024,
-            ident="agent-proxy",
+            ident=IDENT,
             clear_untrusted_proxy_headers=False,
         )
     except OSError as exc:
