@@ -173,6 +173,18 @@ wait_for 30 "after systemctl reload agent-proxy-front, the old HAProxy worker(s)
 curl -sfk --max-time 10 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health" || fail "the front does not answer after its reload"
 step "front reload (old worker $old_workers gone)"
 
+# A worker's reload checks the file first: on a broken config `systemctl reload` fails and
+# the worker keeps serving; on a good one it succeeds.
+guest "sudo sh -euc 'cp -p /etc/agent-proxy/agent-proxy.yaml /etc/agent-proxy/agent-proxy.yaml.good
+  echo \"limts: {}\" >> /etc/agent-proxy/agent-proxy.yaml'"
+if guest sudo systemctl reload agent-proxy@8002.service; then
+  fail "systemctl reload agent-proxy@8002 succeeded on a broken config"
+fi
+guest sudo mv /etc/agent-proxy/agent-proxy.yaml.good /etc/agent-proxy/agent-proxy.yaml
+guest sudo systemctl reload agent-proxy@8002.service
+curl -sfk --max-time 10 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health" || fail "the front does not answer after the worker reloads"
+step "worker reload (refused on a broken config, done on a good one)"
+
 guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
 vm_off() { ! kill -0 "$QEMU_PID" 2>/dev/null; }
 wait_for 60 "the VM did not power off (its console: $T/serial.log)" vm_off

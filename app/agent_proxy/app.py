@@ -47,6 +47,12 @@ _IDENTITY_PREFIXES = ("x-forwarded-", "x-agent-proxy-")
 _DROPPED = relay.HOP_BY_HOP | {"host", "forwarded", "x-real-ip", "content-length"}
 _NONCE_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
+# every message it forwards (requests both ways, and their answers).
+VIA = "1.1 agent-proxy"
+# Health checks, left out of the access log unless logging.access_health.
+_HEALTH_PATHS = ("/_proxy/health", "/_proxy/ready")
+_ERROR_HEADER_LOWER = ERROR_HEADER.lower()
 
 
 @dataclass
@@ -163,7 +169,7 @@ class Proxy:
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
         self.request_ids = RequestIds()
-        self.access_log = AccessLog(config.logging.level, config.logging.format, access_lines)
+        self.access_log = AccessLog(config.logging.level, config.logging.format, access_lines, config.logging.access_health)
 
     def client_ip(self, env: dict) -> str:
         """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
@@ -200,6 +206,7 @@ class Proxy:
         resp.status = f"{answer.status} {answer.reason}"
         for name, value in answer.headers:
             resp.append_header(name, value)
+        resp.append_header("Via", VIA)
         if answer.length is not None:
             resp.data = b"".join(answer.body)
         else:
@@ -348,13 +355,17 @@ class Northbound:
             ("X-Forwarded-For", ip),
             ("X-Forwarded-Proto", proto),
             ("X-Request-ID", request_id),
+            ("Via", VIA),
         ]
         length = _body_length(req, config)
         info["bytes_in"] = length
+        started = time.perf_counter()
         try:
             answer = relay.forward(proxy.cache, proxy.upstream, req.method, target, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
             raise proxy.origin_failure("northbound", "upstream", exc) from None
+        finally:
+            info["origin_ms"] = _ms_since(started)
         proxy.state.heard_from_upstream()
         proxy.relay_answer(resp, answer)
 
@@ -378,14 +389,22 @@ class Southbound:
             proxy.agent_context,
         )
         headers = incoming_headers(env, frozenset({"authorization", "x-request-id"}))
-        headers += [("Host", origin.authority), ("X-Request-ID", request_id)]
+        headers += [("Host", origin.authority), ("X-Request-ID", request_id), ("Via", VIA)]
         length = _body_length(req, proxy.config)
         info["bytes_in"] = length
+        started = time.perf_counter()
         try:
             answer = relay.forward(proxy.cache, origin, req.method, target.path_and_query, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
             raise proxy.origin_failure("southbound", "agent", exc) from None
+        finally:
+            info["origin_ms"] = _ms_since(started)
         proxy.relay_answer(resp, answer)
+
+
+def _ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (perf_counter), as the access log writes them."""
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _body_length(req: falcon.Request, config: Config) -> int:
@@ -571,6 +590,10 @@ class Worker:
 
         def recording_start_response(status, headers, exc_info=None):
             status_holder.append(status)
+            if status[0] in "45":  # only the proxy's own errors carry the header
+                for name, value in headers:
+                    if name.lower() == _ERROR_HEADER_LOWER:
+                        info["error"] = value
             return start_response(status, headers, exc_info)
 
         try:
@@ -593,8 +616,8 @@ class Worker:
         status = int(status_holder[0][:3]) if status_holder else 500
         self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent)
         access_log = self.proxy.access_log
-        if access_log.enabled:
-            access_log.write({
+        if access_log.enabled and (access_log.health or env.get("PATH_INFO") not in _HEALTH_PATHS):
+            fields = {
                 "request_id": info.get("request_id", ""),
                 "direction": info["direction"],
                 "client_ip": info["client_ip"],
@@ -604,7 +627,13 @@ class Worker:
                 "bytes_in": info["bytes_in"],
                 "bytes_out": sent,
                 "duration_ms": round(duration * 1000, 3),
-            })
+            }
+            # Only where they apply: the proxy's own error code, the time the origin took
+            # to be connected to and to answer (first byte).
+            for key in ("error", "origin_ms"):
+                if key in info:
+                    fields[key] = info[key]
+            access_log.write(fields)
 
 
 class _Counted:

@@ -20,6 +20,7 @@ from .config import ConfigError
 from .errors import CommandError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+VERSION = f"agent-proxy {__version__}"  # `version` and `--version`
 
 
 def _fail(message: str, code: int) -> int:
@@ -35,10 +36,13 @@ def _load(path: str) -> configuration.Config:
 
 
 def _config_text(proxy_id: str, upstream_url: str, public_url: str, directory: Path) -> str:
+    upstream: dict = {"url": upstream_url}
+    if upstream_url.startswith("http:"):
+        upstream["allow_insecure"] = True
     data = {
         "proxy_id": proxy_id,
         "public_url": public_url,
-        "upstream": {"url": upstream_url},
+        "upstream": upstream,
         "tls": {
             "cert_file": str(directory / "tls" / "proxy.crt"),
             "key_file": str(directory / "tls" / "proxy.key"),
@@ -66,18 +70,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     existing = [str(p) for p in files.values() if p.exists()]
     if existing:
         return _fail(f"refusing to overwrite {', '.join(existing)} (nothing was changed)", EXIT_FAILURE)
-    # Validate what we are about to write before touching the disk.
+    # Validate exactly what we are about to write before touching the disk.
     text = _config_text(proxy_id, args.upstream_url, public_url, directory)
     try:
-        configuration.parse(
-            {**yaml.safe_load(text), "upstream": {"url": args.upstream_url, "allow_insecure": True}},
-            "--proxy-id/--upstream-url",
-            environ={},
-        )
+        configuration.parse(yaml.safe_load(text), "--proxy-id/--upstream-url", environ={})
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"agent-proxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if args.upstream_url.startswith("http:"):
+        print("agent-proxy: warning: --upstream-url is plain http; wrote upstream.allow_insecure: true "
+              "(agents' calls reach the upstream unencrypted)", file=sys.stderr)
 
     from .tlsutil import fingerprint, self_signed
 
@@ -154,13 +157,16 @@ def _variables(args: argparse.Namespace) -> dict:
 def cmd_render(args: argparse.Namespace) -> int:
     import jinja2
 
-    from .render import render
+    from .render import MissingVariables, render
 
     config = _load(args.config)
     try:
         sys.stdout.write(render(args.template, config, _variables(args)))
+    except MissingVariables as exc:
+        them = "it" if len(exc.names) == 1 else "them"
+        return _fail(f"render {args.template}: {exc} (pass {them} with --set or --vars)", EXIT_USAGE)
     except jinja2.UndefinedError as exc:
-        return _fail(f"render {args.template}: missing variable: {exc.message} (pass it with --set or --vars)", EXIT_USAGE)
+        return _fail(f"render {args.template}: {exc.message}", EXIT_USAGE)
     return EXIT_OK
 
 
@@ -195,12 +201,13 @@ def cmd_lb(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"agent-proxy {__version__}")
+    print(VERSION)
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-proxy", description="A stateless, signing agent proxy.")
+    parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ read as YAML scalars or flow sequences, so ``AGENT_PROXY_LIMITS__THREADS=8`` is 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
@@ -124,15 +125,16 @@ def _list_of(check):
 def _network(value: Any) -> IPNetwork:
     try:
         return ipaddress.ip_network(str(value), strict=True)
-    except ValueError:
-        raise ValueError(f"is not a valid CIDR network: {value!r}") from None
+    except ValueError as exc:
+        # ipaddress says why, e.g. "10.0.0.1/8 has host bits set"
+        raise ValueError(f"is not a valid CIDR network: {exc}") from None
 
 
 def _address(value: Any) -> IPAddress:
     try:
         return ipaddress.ip_address(str(value))
-    except ValueError:
-        raise ValueError(f"is not an IP address: {value!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"is not an IP address: {exc}") from None
 
 
 def _host(value: Any) -> str:
@@ -158,19 +160,30 @@ def _choice(*choices: str):
     return check
 
 
-def _setting(default: Any, check) -> Any:
-    """A dataclass field with its default and its check."""
+def _setting(default: Any, check, restart: str | None = None) -> Any:
+    """A dataclass field with its default and its check.
+
+    ``restart``: why a running worker cannot apply a new value on reload (SIGHUP), so that
+    it needs a restart. Said here only; see :func:`restart_keys`.
+    """
     if isinstance(default, (list, dict)):
         raise TypeError("defaults must be immutable")
-    return field(default=default, metadata={"check": check})
+    return field(default=default, metadata=_restart({"check": check}, restart))
 
 
 def _required(check) -> Any:
     return field(default=None, metadata={"check": check, "required": True})
 
 
-def _section(cls) -> Any:
-    return field(default_factory=cls, metadata={"section": cls})
+def _section(cls, restart: str | None = None) -> Any:
+    return field(default_factory=cls, metadata=_restart({"section": cls}, restart))
+
+
+def _restart(metadata: dict, restart: str | None) -> dict:
+    return {**metadata, "restart": restart} if restart else metadata
+
+
+_LISTENERS = "waitress opens its listeners at start"
 
 
 # -- the sections
@@ -220,8 +233,10 @@ class Agents:
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = _setting(10 * 1024 * 1024, _int(0))
-    threads: int = _setting(16, _int(1, 1024))
+    max_body_bytes: int = _setting(
+        10 * 1024 * 1024, _int(0), restart="waitress's own body cap (twice it, plus 1 MiB) is set at start"
+    )
+    threads: int = _setting(16, _int(1, 1024), restart="waitress makes its thread pool at start")
     # Signatures whose timestamp is further than this from the node's clock are refused;
     # a captured request can be replayed for up to twice this (README, Security).
     auth_skew_seconds: int = _setting(60, _int(1, 86400))
@@ -230,13 +245,13 @@ class Limits:
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
     drain_seconds: float = _setting(30.0, _seconds)
     # Each worker runs on one core of those it may use (worker N on the Nth, round-robin).
-    pin_cpu: bool = _setting(True, _bool)
+    pin_cpu: bool = _setting(True, _bool, restart="the core is chosen before the first thread starts")
     # Connections one worker holds open (waitress's connection_limit). Past it, the
     # longest-idle connection is closed to make room. At most 60,000, so that a worker's
     # descriptors (Config.worker_descriptors) fit its unit's LimitNOFILE=65536.
-    connection_limit: int = _setting(2000, _int(16, 60000))
+    connection_limit: int = _setting(2000, _int(16, 60000), restart="waitress's connection limit and the descriptor limit are set at start")
     # Seconds a worker keeps a connection that has no request in progress.
-    idle_timeout: int = _setting(60, _int(1, 86400))
+    idle_timeout: int = _setting(60, _int(1, 86400), restart="waitress's idle sweep is set up at start")
 
 
 @dataclass(frozen=True)
@@ -264,6 +279,9 @@ class Front:
 class Logging:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
     format: str = _setting("json", _choice("json", "text"))
+    # Access lines for /_proxy/health and /_proxy/ready: the fronts and balancers ask every
+    # second or two, which on a quiet node is most of the log. The metrics count them anyway.
+    access_health: bool = _setting(False, _bool)
 
 
 @dataclass(frozen=True)
@@ -271,10 +289,12 @@ class Config:
     proxy_id: str = _required(_proxy_id)
     public_url: str | None = _setting(None, _optional(_url))
     upstream: Upstream = _section(Upstream)
-    listen: Listen = _section(Listen)
+    listen: Listen = _section(Listen, restart=_LISTENERS)
     # Optional separate listener for the upstream-facing paths (handshake, v2/features,
     # agents/..., metrics); when set, the agent-facing listener refuses them.
-    listen_control: Listen | None = field(default=None, metadata={"section": Listen, "optional": True})
+    listen_control: Listen | None = field(
+        default=None, metadata=_restart({"section": Listen, "optional": True}, _LISTENERS)
+    )
     tls: Tls = _section(Tls)
     shared_secret_file: str = _setting("/etc/agent-proxy/psk", _path)
     trusted_proxies: tuple[IPAddress, ...] = _setting(
@@ -316,9 +336,42 @@ class Config:
             )
         return secret.encode("utf-8")
 
-    def effective(self) -> list[tuple[str, Any, bool]]:
-        """(key, value, is_default) for every setting, for the start-up log."""
-        return [(key, value, key in self.defaulted) for key, value in _flatten(self)]
+    def effective(self) -> dict[str, Any]:
+        """Every setting as dotted key -> a JSON-able value, and ``defaults``: the keys left
+        at their default; for the start-up log. Holds paths, never the secret itself."""
+        settings = {key: _plain(value) for key, value in _flatten(self)}
+        return {"settings": settings, "defaults": sorted(k for k in settings if k in self.defaulted)}
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key, e.g. ``limits.threads``."""
+        value = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def restart_keys(cls: type = None, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> why a running worker applies it only at start (a reload cannot).
+
+    Derived from the fields' ``restart`` metadata: the worker's reload log, the README's
+    table and the Ansible role's restart decision all come from here.
+    """
+    found = {}
+    for f in dataclasses.fields(cls or Config):
+        key = prefix + f.name
+        if f.metadata.get("restart"):
+            found[key] = f.metadata["restart"]
+        elif f.metadata.get("section"):
+            found.update(restart_keys(f.metadata["section"], key + "."))
+    return found
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 # -- parsing
@@ -349,7 +402,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str], defaulted: set[str]
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in known:
-            problems.append(f"{prefix}{key}: unknown key")
+            problems.append(f"{prefix}{key}: unknown key{_did_you_mean(key, known, prefix)}")
     values = {}
     for name, f in known.items():
         key = f"{prefix}{name}"
@@ -377,7 +430,18 @@ def _build(cls, data: Any, prefix: str, problems: list[str], defaulted: set[str]
     return cls(**values)
 
 
-def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[str]) -> None:
+def _did_you_mean(key: Any, known, prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[str]) -> dict[str, str]:
+    """Merge the overrides into ``data``; return dotted key -> the variable that set it.
+
+    A section the file does not have, made for a variable, maps to that variable too, so
+    that a typo in a section name blames the variable and not the file.
+    """
+    origins: dict[str, str] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -388,7 +452,9 @@ def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[st
             problems.append(f"{name}: cannot parse {text!r}")
             continue
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
+            if part not in node:
+                origins.setdefault(".".join(path[:depth + 1]), name)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 problems.append(f"{name}: {'.'.join(path)} is not inside a section")
@@ -396,6 +462,16 @@ def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[st
             node = child
         else:
             node[path[-1]] = value
+            origins[".".join(path)] = name
+    return origins
+
+
+def _blame(problem: str, source: str, origins: dict[str, str]) -> str:
+    """Prefix a "key: what is wrong" line with where the key came from."""
+    key = problem.split(":", 1)[0]
+    if problem.startswith(ENV_PREFIX):
+        return problem
+    return f"{origins.get(key, source)}: {problem}"
 
 
 def _semantic_checks(config: Config, problems: list[str]) -> None:
@@ -463,13 +539,13 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the file must hold a mapping of keys, got {type(data).__name__}"])
     data = _deep_copy(data)
-    _apply_environment(data, environ if environ is not None else os.environ, problems)
+    origins = _apply_environment(data, environ if environ is not None else os.environ, problems)
     defaulted: set[str] = set()
     config = _build(Config, data, "", problems, defaulted)
     if config is not None and not problems:
         _semantic_checks(config, problems)
     if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
+        raise ConfigError([_blame(p, source, origins) for p in problems])
     return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
 
 

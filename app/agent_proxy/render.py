@@ -40,10 +40,53 @@ def template_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def environment(root: Path | None = None) -> jinja2.Environment:
+class MissingVariables(Exception):
+    """Variables a template needs and the caller did not pass; ``names`` in order of use."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        quoted = ", ".join(f"'{name}'" for name in names)
+        super().__init__(f"missing variable: {quoted} is undefined" if len(names) == 1
+                         else f"missing variables: {quoted} are undefined")
+
+
+def _recording_undefined(missing: list[str]) -> type[jinja2.Undefined]:
+    """An Undefined that notes each missing variable where it is used and lets the
+    rendering go on, so that one try names them all; ``default`` and ``is defined`` work
+    as ever. Anything it cannot stand in for (arithmetic, a call) still fails at once."""
+
+    class Recording(jinja2.StrictUndefined):
+        __slots__ = ()
+
+        def _note(self) -> None:
+            if self._undefined_obj is jinja2.utils.missing and self._undefined_name not in missing:
+                missing.append(self._undefined_name)
+            elif self._undefined_obj is not jinja2.utils.missing:
+                self._fail_with_undefined_error()
+
+        def __str__(self) -> str:
+            self._note()
+            return ""
+
+        def __iter__(self):
+            self._note()
+            return iter(())
+
+        def __bool__(self) -> bool:
+            self._note()
+            return False
+
+        def __len__(self) -> int:
+            self._note()
+            return 0
+
+    return Recording
+
+
+def environment(root: Path | None = None, undefined: type[jinja2.Undefined] = jinja2.StrictUndefined) -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root or template_root())),
-        undefined=jinja2.StrictUndefined,
+        undefined=undefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -57,4 +100,12 @@ def render(name: str, config: Config, variables: dict[str, Any] | None = None) -
         raise KeyError(f"unknown template {name!r}; one of: {', '.join(TEMPLATES)}")
     context = {"config": config, "worker_ports": config.worker_ports()}
     context.update(variables or {})
-    return environment().get_template(TEMPLATES[name]).render(context)
+    missing: list[str] = []
+    try:
+        text = environment(undefined=_recording_undefined(missing)).get_template(TEMPLATES[name]).render(context)
+    except jinja2.UndefinedError:
+        if not missing:
+            raise
+    if missing:
+        raise MissingVariables(missing)
+    return text

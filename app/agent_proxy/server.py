@@ -5,9 +5,10 @@
   then exits 0.
 * SIGHUP: the configuration is read again and validated; if it is good, a new app is
   swapped in atomically for new requests (in-flight requests finish with the old one);
-  if not, the worker keeps the old one and logs one line naming the key. The listen
-  addresses, thread count, CPU pinning, connection limit and idle timeout cannot change
-  without a restart (said in the log).
+  if not, the worker keeps the old one and logs one line naming the key. The log level
+  and format, ``limits.max_in_flight`` and ``limits.drain_seconds`` change too; the keys
+  ``config.restart_keys()`` names need a restart, and the reload's log line lists those
+  that differ from what the worker started with (``needs_restart``).
 * With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``), READY=1 is sent once listening.
 """
 
@@ -36,6 +37,8 @@ from .metrics import Metrics
 from .overload import BoundedDispatcher
 
 log = logging.getLogger("agent_proxy.server")
+IDENT = "agent-proxy"  # waitress's Server header on the answers the proxy makes itself
+_WAITRESS_VIA = f"\r\nVia: {IDENT}\r\n".encode()
 
 
 def sd_notify(message: str) -> None:
@@ -59,6 +62,12 @@ class OneWriteTask(WSGITask):
     can no longer resend. In one write, the front sees either nothing (and resends a GET
     to another worker) or the answer.
     """
+
+    def build_response_header(self):
+        # waitress adds "Via: <ident>" to an answer that carries its own Server header,
+        # without the protocol version RFC 9110 asks for; the app stamps every relayed
+        # answer with app.VIA, so waitress's line goes.
+        return super().build_response_header().replace(_WAITRESS_VIA, b"\r\n", 1)
 
     def write(self, data):
         if self.wrote_header or not data:
@@ -266,11 +275,9 @@ def pin_to_cpu(index: int) -> int | None:
 
 
 def _log_settings(config: configuration.Config, port: int) -> None:
-    for key, value, default in config.effective():
-        if isinstance(value, tuple):
-            value = [str(v) for v in value]
-        logs.event(log, "setting", key=key, value=value, default=default)
-    logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}", config=config.source)
+    # One line: every effective setting, and which of them are defaults.
+    logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}",
+               config=config.source, **config.effective())
     for warning in configuration.warnings(config):
         logs.event(log, warning, logging.WARNING)
 
@@ -330,7 +337,7 @@ def serve(config_path: str, port: int | None = None) -> int:
             # own buffer small so that it does not hold them whole.
             max_request_body_size=2 * limits.max_body_bytes + 1024 * 1024,
             outbuf_high_watermark=1024 * 1024,
-            ident="agent-proxy",
+            ident=IDENT,
             clear_untrusted_proxy_headers=False,
         )
     except OSError as exc:
@@ -347,7 +354,7 @@ def serve(config_path: str, port: int | None = None) -> int:
     stop = threading.Event()
 
     def drain_then_stop() -> None:
-        deadline = time.monotonic() + limits.drain_seconds
+        deadline = time.monotonic() + config.limits.drain_seconds
         while time.monotonic() < deadline:
             with state.lock:
                 if state.in_flight == 0:
@@ -365,6 +372,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         logs.event(log, "draining", in_flight=state.in_flight, signal=signal.Signals(signum).name)
         threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
 
+    started = config
+
     def on_hup(signum, frame):
         nonlocal config
         try:
@@ -373,12 +382,12 @@ def serve(config_path: str, port: int | None = None) -> int:
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
+        logs.setup(new.logging.level, new.logging.format)
+        dispatcher.max_held = new.limits.max_in_flight
         switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
-        fixed = [
-            k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu", "limits.connection_limit", "limits.idle_timeout")
-            if _get(new, k) != _get(config, k)
-        ]
         config = new
+        # Against what the worker started with: until a restart, every reload says it.
+        fixed = [key for key in configuration.restart_keys() if new.get(key) != started.get(key)]
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -401,10 +410,4 @@ def serve(config_path: str, port: int | None = None) -> int:
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-def _get(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -80,6 +81,16 @@ def test_northbound_stamps_identity_and_drops_forged_headers(worker, origin, htt
     signing.verify_signature_header(
         got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], "127.0.0.1",
     )
+
+
+def test_via_names_the_proxy_with_the_protocol_version_both_ways(worker):
+    head, _, body = curl("-i", "-H", "Via: 1.0 agent-side", worker["url"] + "/echo").stdout.partition(b"\r\n\r\n")
+    # The origin's answer carries its own Server header; one Via line, RFC 9110's form.
+    assert re.findall(rb"^Via: (.*)\r$", head + b"\r\n", re.MULTILINE) == [b"1.1 agent-proxy"]
+    assert b"\r\nServer: origin" in head
+    assert headers_of(json.loads(body))["via"] == ["1.0 agent-side", "1.1 agent-proxy"]
+    own = curl("-i", worker["url"] + "/_proxy/health").stdout.partition(b"\r\n\r\n")[0]
+    assert b"\r\nServer: agent-proxy" in own and b"Via:" not in own
 
 
 def test_answer_comes_back_as_the_origin_sent_it(worker):

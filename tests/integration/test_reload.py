@@ -8,19 +8,24 @@ a failure, and the goal is none.
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import urllib3
 import yaml
 
 from kit import (
-    Process, all_up, free_port, render, run_load, start_node, start_origin, start_worker, wait_for_port,
-    wait_until, write_config,
+    AGENT_PROXY, SECRET, Process, all_up, free_port, render, run_load, start_node, start_origin, start_worker,
+    wait_for_port, wait_until, write_config,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 TOTAL, THREADS, LIMIT = 1500, 16, 15
 NGINX = "/usr/sbin/nginx"
 
@@ -129,3 +134,60 @@ def test_nginx_front_reloads_under_load_without_a_failed_request(origin, tmp_pat
             proc.stop()
 
 
+
+
+def test_start_up_logs_one_line_of_settings_and_a_reload_names_what_needs_a_restart(origin, tmp_path):
+    config = write_config(tmp_path, origin)
+    proc = start_worker(config, tmp_path)
+    try:
+        settings_lines = [json.loads(line) for line in proc.output().splitlines() if '"settings"' in line]
+        assert len(settings_lines) == 1 and settings_lines[0]["message"] == "starting"
+        started = settings_lines[0]
+        assert started["settings"]["proxy_id"] == "site-a" and started["settings"]["networks.agents"] == ["127.0.0.0/8"]
+        assert "limits.threads" in started["defaults"] and "proxy_id" not in started["defaults"]
+        assert SECRET not in proc.output()
+
+        data = yaml.safe_load(config.read_text())
+        data["limits"] = {"threads": 4, "drain_seconds": 2}
+        data["logging"] = {"level": "info", "format": "text"}
+        config.write_text(yaml.safe_dump(data))
+        for reloads in (1, 2):
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda: proc.output().count("configuration reloaded") == reloads, 5, "the worker logs the reload")
+        reloaded = [line for line in proc.output().splitlines() if "configuration reloaded" in line]
+        # The log format changed with the reload (text from then on), and until a restart
+        # every reload says which of its changes wait for one.
+        assert all(not line.startswith("{") and "needs_restart=['limits.threads']" in line for line in reloaded), reloaded
+    finally:
+        proc.stop()
+
+
+def run_exec_reload(config: Path, main_pid: int) -> subprocess.CompletedProcess:
+    """The worker unit's ExecReload= lines, run as systemd runs them: in order, stopping at
+    the first that fails (its status is what `systemctl reload` reports)."""
+    unit = (ROOT / "appliance/systemd/agent-proxy@.service").read_text()
+    for line in re.findall(r"^ExecReload=(.+)$", unit, re.MULTILINE):
+        argv = [AGENT_PROXY if word == "/opt/agent-proxy/bin/agent-proxy"
+                else str(config) if word == "/etc/agent-proxy/agent-proxy.yaml"
+                else str(main_pid) if word == "$MAINPID" else word for word in line.split()]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            return done
+    return done
+
+
+def test_the_worker_units_reload_fails_on_a_broken_config_and_signals_nothing(origin, tmp_path):
+    config = write_config(tmp_path, origin)
+    proc = start_worker(config, tmp_path)
+    try:
+        good = config.read_text()
+        config.write_text(good + "limts: {}\n")
+        refused = run_exec_reload(config, proc.pid)
+        assert refused.returncode == 2 and "limts: unknown key (did you mean limits?)" in refused.stderr
+        time.sleep(0.5)
+        assert "reload" not in proc.output().replace(str(tmp_path), ""), "the worker was signalled despite the broken config"
+        config.write_text(good)
+        assert run_exec_reload(config, proc.pid).returncode == 0
+        wait_until(lambda: "configuration reloaded" in proc.output(), 5, "the worker logs the reload")
+    finally:
+        proc.stop()

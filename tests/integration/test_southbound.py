@@ -76,6 +76,8 @@ def test_signed_request_reaches_the_agent_with_authorization_consumed(site):
     names = {name.lower() for name, _ in seen["headers"]}
     assert "authorization" not in names and "x-request-id" in names
     assert "x-agent-proxy-error" not in headers
+    assert [value for name, value in seen["headers"] if name.lower() == "via"] == ["1.1 agent-proxy"]
+    assert headers["via"] == "1.1 agent-proxy"
 
 
 def test_agent_port_outside_agents_ports_is_refused(site):

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 
+import pytest
 import yaml
 
 from kit import AGENT_PROXY
@@ -14,9 +15,10 @@ def run(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_version():
-    result = run("version")
-    assert result.returncode == 0 and result.stdout.startswith("agent-proxy ")
+@pytest.mark.parametrize("argument", ["version", "--version"])
+def test_version(argument):
+    result = run(argument)
+    assert result.returncode == 0 and result.stdout.startswith("agent-proxy ") and result.stderr == ""
 
 
 def test_init_writes_config_certificate_key_and_secret(tmp_path):
@@ -33,6 +35,18 @@ def test_init_writes_config_certificate_key_and_secret(tmp_path):
     san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tmp_path / "tls" / "proxy.crt")],
                          capture_output=True, text=True, check=True).stdout
     assert "IP Address:10.1.2.3" in san and "DNS:proxy.lan" in san
+    check = run("check-config", "-c", str(tmp_path / "agent-proxy.yaml"))
+    assert check.returncode == 0, check.stderr
+
+
+def test_init_with_plain_http_upstream_writes_what_check_config_accepts(tmp_path):
+    result = run("init", "--config-dir", str(tmp_path), "--proxy-id", "site-a", "--upstream-url", "http://127.0.0.1:3302")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "agent-proxy: warning: --upstream-url is plain http; wrote upstream.allow_insecure: true "
+        "(agents' calls reach the upstream unencrypted)"
+    ]
+    assert yaml.safe_load((tmp_path / "agent-proxy.yaml").read_text())["upstream"]["allow_insecure"] is True
     check = run("check-config", "-c", str(tmp_path / "agent-proxy.yaml"))
     assert check.returncode == 0, check.stderr
 
@@ -71,6 +85,14 @@ def test_environment_override_reaches_check_config(tmp_path):
     path.write_text(yaml.safe_dump({"proxy_id": "a", "upstream": {"url": "https://x"}}))
     result = run("check-config", "-c", str(path), env={"AGENT_PROXY_UPSTREAM__URL": "not a url"})
     assert result.returncode == 2 and "upstream.url: must be an http:// or https:// URL" in result.stderr
+
+
+def test_environment_typo_names_the_variable_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"proxy_id": "a", "upstream": {"url": "https://x"}}))
+    result = run("check-config", "-c", str(path), env={"AGENT_PROXY_LIMTS__X": "1"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["agent-proxy: AGENT_PROXY_LIMTS__X: limts: unknown key (did you mean limits?)"]
 
 
 def test_unknown_command_is_a_usage_error():

@@ -1,6 +1,7 @@
 """The configuration file: defaults, every kind of mistake named by key, environment overrides."""
 
 import ipaddress
+import json
 
 import pytest
 import yaml
@@ -43,11 +44,12 @@ def test_required_keys_are_named():
     "data, expected",
     [
         ({**MINIMAL, "colour": "blue"}, "colour: unknown key"),
-        ({**MINIMAL, "limits": {"thread": 4}}, "limits.thread: unknown key"),
+        ({**MINIMAL, "limits": {"thread": 4}}, "limits.thread: unknown key (did you mean limits.threads?)"),
+        ({**MINIMAL, "loging": {}}, "loging: unknown key (did you mean logging?)"),
         ({**MINIMAL, "proxy_id": "site a!"}, "proxy_id: must match"),
         ({**MINIMAL, "upstream": {"url": "ftp://x"}}, "upstream.url: must be an http:// or https:// URL"),
         ({**MINIMAL, "upstream": {"url": "http://8.7.6.5:3302"}}, "upstream.url: plain http upstream needs upstream.allow_insecure: true"),
-        ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: '10.0.0.1/24'"),
+        ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: 10.0.0.1/24 has host bits set"),
         ({**MINIMAL, "networks": {"upstream": "8.7.6.5/32"}}, "networks.upstream: must be a list"),
         ({**MINIMAL, "limits": {"threads": "many"}}, "limits.threads: must be a whole number, got 'many'"),
         ({**MINIMAL, "limits": {"max_body_bytes": -1}}, "limits.max_body_bytes: must be >= 0, got -1"),
@@ -86,7 +88,16 @@ def test_environment_overrides_the_file():
 
 
 def test_unknown_environment_key_is_named():
-    assert problems(MINIMAL, {"AGENT_PROXY_LIMITS__THREADZ": "8"}) == ["agent-proxy.yaml: limits.threadz: unknown key"]
+    assert problems(MINIMAL, {"AGENT_PROXY_LIMITS__THREADZ": "8"}) == [
+        "AGENT_PROXY_LIMITS__THREADZ: limits.threadz: unknown key (did you mean limits.threads?)"
+    ]
+    assert problems({**MINIMAL, "limits": {"threads": 4}}, {"AGENT_PROXY_LIMITS__THREADS": "0"}) == [
+        "AGENT_PROXY_LIMITS__THREADS: limits.threads: must be between 1 and 1024, got 0"
+    ]
+    # The file's own mistakes still name the file.
+    assert problems({**MINIMAL, "limits": {"treads": 4}}, {"AGENT_PROXY_LIMITS__THREADS": "8"}) == [
+        "agent-proxy.yaml: limits.treads: unknown key (did you mean limits.threads?)"
+    ]
 
 
 def test_load_names_the_file_and_yaml_line(tmp_path):
@@ -118,10 +129,11 @@ def test_effective_settings_mark_defaults_and_never_hold_the_secret(tmp_path):
     secret = tmp_path / "psk"
     secret.write_text("s3cr3t-value-that-must-not-show\n")
     config = parse({**MINIMAL, "shared_secret_file": str(secret)})
-    effective = {key: (value, default) for key, value, default in config.effective()}
-    assert effective["proxy_id"] == ("site-a", False)
-    assert effective["listen.port"] == (8002, True)
-    assert "s3cr3t" not in yaml.safe_dump([str(v) for v in effective.values()])
+    effective = config.effective()
+    assert effective["settings"]["proxy_id"] == "site-a" and "proxy_id" not in effective["defaults"]
+    assert effective["settings"]["listen.port"] == 8002 and "listen.port" in effective["defaults"]
+    assert effective["settings"]["networks.agents"] == ["10.0.0.0/24"]
+    assert "s3cr3t" not in json.dumps(effective)
 
 
 def test_tls_files_must_load_not_just_be_readable(tmp_path):

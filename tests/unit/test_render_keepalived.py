@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
 from agent_proxy.cli import main
-from kit import netns, write_config
+from kit import AGENT_PROXY, netns, write_config
 
 KEEPALIVED = shutil.which("keepalived") or "/usr/sbin/keepalived"
 PAIR = ["--set", "interface=eth1", "--set", "virtual_address=10.1.2.3/24", "--set", "priority=150",
@@ -71,7 +72,13 @@ def test_the_check_and_its_timing_can_be_set(capsys, tmp_path):
     assert "interval 2" in out and "advert_int 2" in out and "virtual_router_id 7" in out
 
 
-def test_a_missing_variable_is_named(capsys, tmp_path):
-    code, out, err = render(capsys, tmp_path, "--set", "interface=eth1", "--set", "priority=150")
-    assert code == 2 and out == ""
-    assert err == "agent-proxy: render keepalived: missing variable: 'peers' is undefined (pass it with --set or --vars)\n"
+def test_every_missing_variable_is_named_at_once(tmp_path):
+    config = write_config(tmp_path, "https://8.7.6.5:3302")
+    done = subprocess.run([AGENT_PROXY, "render", "keepalived", "-c", str(config), "--set", "priority=150"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("agent-proxy: render keepalived: missing variables: 'interface', 'peers', 'virtual_address' "
+                           "are undefined (pass them with --set or --vars)\n")
+    done = subprocess.run([AGENT_PROXY, "render", "keepalived", "-c", str(config), *PAIR[:6]],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr == "agent-proxy: render keepalived: missing variable: 'peers' is undefined (pass it with --set or --vars)\n"
