@@ -9,8 +9,7 @@ import pytest
 import urllib3
 import yaml
 
-from tests.front import wait_until
-from tests.helpers import free_port, start_worker, write_config
+from kit import free_port, start_worker, wait_until, write_config
 from tests.origin import Origin
 
 

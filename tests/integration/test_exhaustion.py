@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from agent_proxy import config as configuration
-from tests.front import server_stats, start_node, start_origin
-from tests.helpers import AGENT_PROXY, Process, free_port, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, Process, free_port, server_stats, start_node, start_origin, start_worker, wait_for_port, write_config
 from tests.origin import Origin
 
 LIMIT = 2000  # limits.connection_limit's default: the flood is the 2,000 and then some

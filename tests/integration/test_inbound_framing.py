@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import start_worker, write_config
+from kit import start_worker, write_config
 
 
 class RecordingOrigin:

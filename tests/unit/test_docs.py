@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from agent_proxy import config as configuration
-from tests.helpers import AGENT_PROXY
+from kit import AGENT_PROXY
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = (ROOT / "docs" / "operator.md").read_text()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from agent_proxy.errors import CATALOGUE, ProxyError
-from tests.helpers import REPO
+from kit import REPO
 
 
 def readme_table(heading_marker: str) -> list[list[str]]:

@@ -13,7 +13,7 @@ import pytest
 
 from agent_proxy import config as configuration
 from agent_proxy.render import render
-from tests.helpers import REPO
+from kit import REPO
 
 
 def unit_nofile(unit: str) -> int:
