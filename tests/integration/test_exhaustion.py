@@ -19,7 +19,7 @@ import yaml
 
 from agent_proxy import config as configuration
 from agent_proxy.server import worker_descriptors
-from tests.front import server_stats, start_node, start_origin
+from tests.front import server_stats, start_node, start_origin, wait_until
 from tests.helpers import AGENT_PROXY, Process, free_port, start_worker, wait_for_port, write_config
 from tests.origin import Origin
 
@@ -57,14 +57,6 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 def test_health_answers_through_a_flood_of_idle_connections(origin, tmp_path):
