@@ -255,7 +255,6 @@ class RouteTable:
     """The routes, looked up the way Falcon routes them; under /_proxy/ only what is declared."""
 
     def __init__(self, routes: tuple[Route, ...]):
-        self.routes = routes
         self.exact = {r.path: r for r in routes if not r.prefix}
         self.prefixes = sorted((r for r in routes if r.prefix), key=lambda r: -len(r.path))
 

@@ -248,7 +248,7 @@ class Limits:
     pin_cpu: bool = _setting(True, _bool, restart="the core is chosen before the first thread starts")
     # Connections one worker holds open (waitress's connection_limit). Past it, the
     # longest-idle connection is closed to make room. At most 60,000, so that a worker's
-    # descriptors (Config.worker_descriptors) fit its unit's LimitNOFILE=65536.
+    # descriptors (server.worker_descriptors) fit its unit's LimitNOFILE=65536.
     connection_limit: int = _setting(2000, _int(16, 60000), restart="waitress's connection limit and the descriptor limit are set at start")
     # Seconds a worker keeps a connection that has no request in progress.
     idle_timeout: int = _setting(60, _int(1, 86400), restart="waitress's idle sweep is set up at start")
@@ -315,12 +315,6 @@ class Config:
 
     def worker_ports(self) -> list[int]:
         return [self.listen.port + i for i in range(self.worker_count)]
-
-    def worker_descriptors(self) -> int:
-        """Descriptors one worker may need: its client connections (one more while making
-        room), the kept upstream and agent connections, one relay per thread, and 64 for
-        listeners, the wake-up pipe, logs and the reject thread."""
-        return self.limits.connection_limit + 1 + self.upstream.pool_size + self.limits.threads + 64
 
     def read_secret(self) -> bytes:
         """The shared secret's bytes (the file's text, surrounding white space removed)."""

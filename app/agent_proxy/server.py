@@ -177,8 +177,9 @@ class Listener(TcpWSGIServer):
     and the front marked the node down. Here a connection past the limit closes the
     longest-idle one instead, as nginx reuses idle keep-alive connections; a client may
     always lose an idle connection (RFC 9112 9.3). Only when every connection is busy is
-    the newcomer closed at once. A worker thus never holds more than connection_limit + 1
-    client sockets, and health checks, which are never idle, get through a flood.
+    the newcomer closed at once. The main loop closes the chosen ones on its next pass, so
+    a worker holds at most connection_limit + ACCEPTS_PER_PASS client sockets, and health
+    checks, which are never idle, get through a flood.
     """
 
     def readable(self):
@@ -282,6 +283,14 @@ def _log_settings(config: configuration.Config, port: int) -> None:
         logs.event(log, warning, logging.WARNING)
 
 
+def worker_descriptors(config: configuration.Config) -> int:
+    """Descriptors one worker may need: its client connections (and one pass of accepts
+    while the idle ones it replaces close), the kept upstream and agent connections, one
+    relay connection per thread, and 64 for listeners, the wake-up pipe and logs."""
+    limits = config.limits
+    return limits.connection_limit + Listener.ACCEPTS_PER_PASS + config.upstream.pool_size + limits.threads + 64
+
+
 def ensure_descriptors(need: int, source: str) -> None:
     """Raise this process's open-file limit to ``need`` within its hard limit, or refuse to start."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -298,7 +307,7 @@ def ensure_descriptors(need: int, source: str) -> None:
 def serve(config_path: str, port: int | None = None) -> int:
     config = configuration.load(config_path)
     secret = config.read_secret()
-    ensure_descriptors(config.worker_descriptors(), config.source)
+    ensure_descriptors(worker_descriptors(config), config.source)
     logs.setup(config.logging.level, config.logging.format)
     port = port or config.listen.port
     _log_settings(config, port)

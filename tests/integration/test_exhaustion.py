@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from agent_proxy import config as configuration
-from kit import AGENT_PROXY, Process, free_port, server_stats, start_node, start_origin, start_worker, wait_for_port, write_config
+from agent_proxy.server import worker_descriptors
+from kit import AGENT_PROXY, Process, free_port, server_stats, start_node, start_origin, start_worker, wait_for_port, wait_until, write_config
 from tests.origin import Origin
 
 LIMIT = 2000  # limits.connection_limit's default: the flood is the 2,000 and then some
@@ -57,14 +58,6 @@ def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
-
-
 def test_health_answers_through_a_flood_of_idle_connections(origin, tmp_path):
     control_port = free_port()
     path = write_config(tmp_path, origin.url, listen_control={"host": "127.0.0.1", "port": control_port})
@@ -85,7 +78,7 @@ def test_health_answers_through_a_flood_of_idle_connections(origin, tmp_path):
         assert get(port, "/echo") == b"HTTP/1.1 200 OK"  # an agent's call gets through too
 
         # Room was made by closing the longest-idle connections, never by holding more.
-        assert open_descriptors(proc.pid) <= config.worker_descriptors()
+        assert open_descriptors(proc.pid) <= worker_descriptors(config)
         wait_until(lambda: sum(map(closed_by_peer, flood)) >= FLOOD - LIMIT, 20, "the oldest idle connections are closed")
         first, last = flood[: FLOOD - LIMIT], flood[-100:]
         assert all(closed_by_peer(s) for s in first), "room was made from other than the longest-idle"
@@ -120,7 +113,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(origin, tmp_path):
 
 def test_a_worker_refuses_to_start_without_the_descriptors_its_limit_needs(origin, tmp_path):
     path = write_config(tmp_path, origin.url)
-    need = configuration.load(path).worker_descriptors()
+    need = worker_descriptors(configuration.load(path))
     argv = [AGENT_PROXY, "serve", "-c", str(path)]
     started = subprocess.run(["prlimit", f"--nofile={need - 100}:{need - 100}", *argv], capture_output=True, text=True, timeout=30)
     assert started.returncode == 2, started.stdout + started.stderr

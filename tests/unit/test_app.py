@@ -167,8 +167,8 @@ def test_a_captured_signature_is_replayable_for_twice_the_skew(client):
     def answered(signed_at):
         return client.simulate_get(path, remote_addr=UPSTREAM, headers=signed("GET", path, ts=signed_at)).status_code
 
-    now = int(time.time())
-    assert answered(now + skew - 1) == 200  # signed ahead: replayable for 2 x skew from now
-    assert answered(now - skew + 1) == 200  # the same moment's capture, one skew later
-    assert answered(now - skew - 2) == 401
-    assert answered(now + skew + 2) == 401
+    now = int(time.time())  # 5 s margins: this test may be slow on a busy machine
+    assert answered(now + skew - 5) == 200  # signed ahead: replayable for 2 x skew from now
+    assert answered(now - skew + 5) == 200  # the same moment's capture, one skew later
+    assert answered(now - skew - 5) == 401
+    assert answered(now + skew + 5) == 401

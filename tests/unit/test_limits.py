@@ -12,6 +12,7 @@ import re
 import pytest
 
 from agent_proxy import config as configuration
+from agent_proxy.server import worker_descriptors
 from agent_proxy.render import render
 from kit import REPO
 
@@ -39,7 +40,7 @@ def test_the_largest_worker_fits_its_unit():
                 "threads": bound(configuration.Limits, "threads")},
         upstream={"url": "https://8.7.6.5:3302", "pool_size": bound(configuration.Upstream, "pool_size")},
     )
-    assert largest.worker_descriptors() <= unit_nofile("agent-proxy@.service")
+    assert worker_descriptors(largest) <= unit_nofile("agent-proxy@.service")
 
 
 def test_the_largest_front_fits_its_unit():
