@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 
 import falcon
 
-from . import __version__, relay, signing, targets
+from . import __version__, relay, signing, targets, tlsutil
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
 from .logs import AccessLog, LineWriter
-from .metrics import Metrics
+from .metrics import Metrics, scrape_node
 from .overload import rejecting
 
 log = logging.getLogger("agent_proxy")
@@ -294,10 +294,13 @@ class Northbound:
         ]
         length = _body_length(req, config)
         info["bytes_in"] = length
+        started = time.perf_counter()
         try:
             answer = relay.forward(proxy.cache, proxy.upstream, req.method, target, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
             raise proxy.origin_failure("northbound", "upstream", exc) from None
+        finally:
+            info["origin_seconds"] = time.perf_counter() - started
         proxy.state.heard_from_upstream()
         proxy.relay_answer(resp, answer)
 
@@ -324,10 +327,13 @@ class Southbound:
         headers += [("Host", origin.authority), ("X-Request-ID", request_id)]
         length = _body_length(req, proxy.config)
         info["bytes_in"] = length
+        started = time.perf_counter()
         try:
             answer = relay.forward(proxy.cache, origin, req.method, target.path_and_query, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
             raise proxy.origin_failure("southbound", "agent", exc) from None
+        finally:
+            info["origin_seconds"] = time.perf_counter() - started
         proxy.relay_answer(resp, answer)
 
 
@@ -393,16 +399,21 @@ class Ready:
         finally:
             state.probe_lock.release()
 
-    def on_get(self, req, resp):
+    def upstream_ready(self) -> bool:
+        """Was the upstream heard from within upstream.ready_window? Probes it if not."""
         state, window = self.proxy.state, self.proxy.config.upstream.ready_window
         if time.monotonic() - state.upstream_heard > window:
             self._probe()
-        if state.draining:
+        return time.monotonic() - state.upstream_heard <= window
+
+    def on_get(self, req, resp):
+        ready = self.upstream_ready()
+        if self.proxy.state.draining:
             _json(resp, {"status": "draining"}, 503)
-        elif time.monotonic() - state.upstream_heard <= window:
+        elif ready:
             _json(resp, {"status": "ready"})
         else:
-            _json(resp, {"status": "not ready", "description": state.last_probe_error}, 503)
+            _json(resp, {"status": "not ready", "description": self.proxy.state.last_probe_error}, 503)
 
 
 def feature_map(config: Config) -> dict:
@@ -476,12 +487,18 @@ class Handshake:
 
 
 class MetricsResource:
-    def __init__(self, metrics: Metrics):
+    """The node's metrics: this worker's merged with its siblings' (``?scope=worker``: this one only)."""
+
+    def __init__(self, metrics: Metrics, siblings: list[tuple[str, int]]):
         self.metrics = metrics
+        self.siblings = siblings
 
     def on_get(self, req, resp):
         resp.content_type = self.metrics.content_type
-        resp.data = self.metrics.render()
+        if req.get_param("scope") == "worker":
+            resp.data = self.metrics.render()
+        else:
+            resp.data = scrape_node(self.metrics, self.siblings)
 
 
 # -- the WSGI layer: access log, metrics, in-flight bound
@@ -531,7 +548,7 @@ class Worker:
         self._leave()
         duration = time.perf_counter() - started
         status = int(status_holder[0][:3]) if status_holder else 500
-        self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent)
+        self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent, info.get("origin_seconds"))
         access_log = self.proxy.access_log
         if access_log.enabled:
             access_log.write({
@@ -573,12 +590,14 @@ class _Counted:
 def create_app(
     config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None,
     control_port: int | None = None, access_lines: LineWriter | None = None,
+    siblings: list[tuple[str, int]] | None = None,
 ) -> Worker:
     """Build the worker's WSGI application for ``config``; nothing is shared between calls.
 
     ``control_port``: the port of the separate control listener (``listen_control``), if any.
     ``access_lines``: where access log lines go (a worker's ``LineBatch``, written by its
     main loop); without it, each line is written to stdout by the thread that served it.
+    ``siblings``: (host, port) of the node's other workers, whose metrics a scrape merges.
     """
     state = state or WorkerState()
     metrics = metrics or Metrics()
@@ -589,13 +608,28 @@ def create_app(
     app.set_error_serializer(serialize_falcon_error)
 
     features = Features(config)
+    ready = Ready(proxy)
+    _export_gauges(metrics, config, ready)
     app.add_route("/_proxy/health", Health(state))
-    app.add_route("/_proxy/ready", Ready(proxy))
+    app.add_route("/_proxy/ready", ready)
     app.add_route("/_proxy/features", features)
     app.add_route("/_proxy/v2/features", FeaturesV2(config))
     app.add_route("/_proxy/handshake", Handshake(proxy, features))
-    app.add_route("/_proxy/metrics", MetricsResource(metrics))
+    app.add_route("/_proxy/metrics", MetricsResource(metrics, siblings or []))
     # Routes take precedence over sinks; any other /_proxy/ path is a 404, never relayed.
     app.add_sink(Southbound(proxy), prefix=r"^/_proxy/agents/")
     app.add_sink(Northbound(proxy), prefix=r"^/(?!_proxy/)")
     return Worker(app, proxy)
+
+
+def _export_gauges(metrics: Metrics, config: Config, ready: Ready) -> None:
+    """Gauges that follow the configuration: set again by every app a reload builds."""
+    metrics.max_in_flight.set(config.limits.max_in_flight)
+    metrics.upstream_ready.set_function(lambda: float(ready.upstream_ready()))
+    for name, feature in feature_map(config).items():
+        metrics.feature_failed.labels(name).set(feature["state"] == "failed")
+    metrics.certificate_expiry.clear()
+    for name, path in (("front", config.tls.cert_file), ("upstream-client", config.upstream.client_cert)):
+        expires = tlsutil.not_after(path) if path else None
+        if expires is not None:
+            metrics.certificate_expiry.labels(name).set(expires)

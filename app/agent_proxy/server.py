@@ -177,8 +177,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         listen += f" {_hostport(control.host, control_port)}"
     # Before the first thread starts (waitress's, the reject thread): they inherit the core.
     cpu = pin_to_cpu(port - config.listen.port) if config.limits.pin_cpu else None
-    state, metrics, access_lines = WorkerState(), Metrics(), logs.LineBatch()
-    switch = Switch(create_app(config, secret, state, metrics, control_port, access_lines))
+    state, metrics, access_lines = WorkerState(), Metrics(worker=str(port)), logs.LineBatch()
+    switch = Switch(create_app(config, secret, state, metrics, control_port, access_lines, siblings(config, port)))
     limits = config.limits
     socket_map: dict = {}
     dispatcher = BoundedDispatcher(limits.max_in_flight)
@@ -241,7 +241,7 @@ def serve(config_path: str, port: int | None = None) -> int:
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
-        switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
+        switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines, siblings(new, port))
         fixed = [k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu") if _get(new, k) != _get(config, k)]
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
@@ -261,6 +261,14 @@ def serve(config_path: str, port: int | None = None) -> int:
         access_lines.flush()
     logs.event(log, "stopped")
     return 0
+
+
+def siblings(config: configuration.Config, port: int) -> list[tuple[str, int]]:
+    """Where the node's other workers serve /_proxy/metrics: their control listeners if any."""
+    listener = config.listen_control or config.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    index = port - config.listen.port
+    return [(host, listener.port + i) for i in range(config.worker_count) if i != index]
 
 
 def _hostport(host: str, port: int) -> str:
