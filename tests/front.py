@@ -128,17 +128,22 @@ class NodeFront:
             proc.stop()
 
 
-def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node") -> NodeFront:
-    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP."""
+def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node", **overrides) -> NodeFront:
+    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP.
+
+    ``overrides``: more top-level config keys (``front`` is merged into the node's own).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ports, front_port = free_ports(workers), free_port()
     stats_socket = str(directory / "haproxy.sock")
+    front = {"bind": "127.0.0.1", "port": front_port, "workers": workers, "balancers": balancers,
+             "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket, **overrides.pop("front", {})}
     config = write_config(
         directory, origin_url,
         listen={"host": "127.0.0.1", "port": ports[0]},
         upstream={"read_timeout": 10},
-        front={"bind": "127.0.0.1", "port": front_port, "workers": workers, "balancers": balancers,
-               "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket},
+        front=front,
+        **overrides,
     )
     node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None)
     try:

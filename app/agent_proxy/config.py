@@ -243,6 +243,9 @@ class Front:
     balancers: tuple[IPNetwork, ...] = _setting((), _list_of(_network))
     # Concurrent connections one source address may hold on :2002; 0 disables the limit.
     max_conn_per_source: int = _setting(200, _int(0, 1000000))
+    # With listen_control: the front's control-only port (networks.upstream and the
+    # balancers), passed to the workers' control listeners.
+    control_port: int = _setting(2004, _port)
     stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
 
 
@@ -394,6 +397,8 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
+    if control and config.front.control_port == config.front.port:
+        problems.append("front.control_port: must differ from front.port")
 
 
 def _check_tls_files(config: Config, problems: list[str]) -> None:

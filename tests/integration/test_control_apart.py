@@ -1,0 +1,75 @@
+"""Control traffic apart, end to end: with listen_control, the node front (real HAProxy,
+rendered from the template) carries the upstream's paths on front.control_port only.
+
+Loopback addresses play the parts: 127.0.0.3 an agent, 127.0.0.5 the upstream
+(networks.upstream), and 127.0.0.1 the front itself (trusted_proxies).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+
+import pytest
+
+from agent_proxy import signing
+from tests.front import AGENT, all_up, free_port, free_ports, start_node, start_origin, wait_until
+from tests.helpers import SECRET
+
+UPSTREAM = "127.0.0.5"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    origin, url = start_origin(tmp_path_factory.mktemp("origin"))
+    control_ports, control_port = free_ports(2), free_port()
+    node = start_node(
+        tmp_path_factory.mktemp("node"), url, workers=2, balancers=[],
+        listen_control={"host": "127.0.0.1", "port": control_ports[0]},
+        front={"control_port": control_port},
+        networks={"agents": ["127.0.0.0/8"], "upstream": [f"{UPSTREAM}/32"]},
+    )
+    wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
+    node.control_port = control_port
+    yield node
+    node.stop()
+    origin.stop()
+
+
+def call(port: int, source: str, method: str, path: str, signed: bool = False) -> tuple[int, str, bytes]:
+    """One request over TLS from ``source``; (status, X-Agent-Proxy-Error, body)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10, source_address=(source, 0))
+    headers = {"Authorization": signing.authorization(SECRET.encode(), "site-a", method, path)} if signed else {}
+    try:
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.headers.get("X-Agent-Proxy-Error", ""), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path", ["/_proxy/v2/features", "/_proxy/metrics", "/_proxy/agents/127.0.0.9/2003/x"])
+def test_agents_on_the_client_port_cannot_reach_control_paths_even_signed(node, path):
+    status, code, body = call(node.port, AGENT, "GET", path, signed=True)
+    assert (status, code) == (404, "not-found"), body
+
+
+def test_the_upstream_reaches_control_paths_on_the_control_port(node):
+    status, _, body = call(node.control_port, UPSTREAM, "GET", "/_proxy/v2/features", signed=True)
+    assert status == 200 and b'"northbound"' in body
+    status, _, body = call(node.control_port, UPSTREAM, "GET", "/_proxy/metrics")
+    assert status == 200 and b"agent_proxy_workers_scraped 2.0" in body
+
+
+def test_the_control_port_refuses_agent_traffic_and_other_sources(node):
+    status, code, _ = call(node.control_port, UPSTREAM, "GET", "/echo")
+    assert (status, code) == (404, "not-found")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+
+
+def test_agents_still_reach_the_upstream_on_the_client_port(node):
+    status, _, body = call(node.port, AGENT, "GET", "/echo")
+    assert status == 200 and b'"/echo"' in body
