@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import falcon
 
-from . import __version__, relay, signing, targets, tlsutil
+from . import __version__, features, relay, signing, targets, tlsutil
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
 from .logs import AccessLog, LineWriter
@@ -60,6 +61,8 @@ class WorkerState:
     probe_lock: threading.Lock = field(default_factory=threading.Lock)
     last_probe: float = -1e9
     last_probe_error: str = "the upstream has not been heard from yet"
+    # Features found failed while running (feature -> reason), e.g. by the readiness probe.
+    found_failures: dict = field(default_factory=dict)
 
     def heard_from_upstream(self) -> None:
         self.upstream_heard = time.monotonic()
@@ -146,6 +149,8 @@ class Proxy:
         self.state = state
         self.metrics = metrics
         self.trusted = frozenset(str(a) for a in config.trusted_proxies)
+        # A failed feature's TLS context is never built: its requests are refused instead.
+        self.static_failures = features.static_failures(config)
         up = urlsplit(config.upstream.url)
         self.upstream = relay.Origin(
             scheme=up.scheme,
@@ -155,15 +160,28 @@ class Proxy:
             read_timeout=config.upstream.read_timeout,
             ssl_context=relay.client_context(
                 config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
-            ) if up.scheme == "https" else None,
+            ) if up.scheme == "https" and "northbound" not in self.static_failures else None,
         )
         self.upstream_prefix = up.path.rstrip("/")
         self.agent_context = (
-            relay.client_context(config.agents.ca_file, config.agents.verify) if config.agents.tls else None
+            relay.client_context(config.agents.ca_file, config.agents.verify)
+            if config.agents.tls and "southbound" not in self.static_failures else None
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
         self.request_ids = RequestIds()
         self.access_log = AccessLog(config.logging.level, config.logging.format, access_lines)
+
+    def failures(self) -> dict[str, str]:
+        """Failed features (feature -> reason): at start or reload, and found since."""
+        return {**self.static_failures, **self.state.found_failures}
+
+    def features(self) -> dict:
+        return features.feature_map(self.config, self.failures())
+
+    def refuse_if_failed(self, feature: str) -> None:
+        reason = self.static_failures.get(feature)
+        if reason:
+            raise ProxyError(503, "feature-failed", "Feature failed", f"{feature} is failed: {reason}")
 
     def client_ip(self, env: dict) -> str:
         """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
@@ -275,6 +293,7 @@ class Northbound:
         target = proxy.upstream_prefix + raw_target(env)
         info["target"] = req.path
         config = proxy.config
+        proxy.refuse_if_failed("northbound")
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
         proto = proto if proto in ("http", "https") else env.get("wsgi.url_scheme", "http")
@@ -314,6 +333,7 @@ class Southbound:
     def __call__(self, req: falcon.Request, resp: falcon.Response, **kwargs) -> None:
         proxy, env = self.proxy, req.env
         info = env["agent_proxy.log"]
+        proxy.refuse_if_failed("southbound")
         target = targets.parse(raw_target(env), proxy.config)
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
@@ -394,72 +414,59 @@ class Ready:
                 )
             except relay.OriginError as exc:
                 state.last_probe_error = f"cannot reach the upstream {proxy.config.upstream.url}: {exc}"
+                untrusted = exc.__context__
+                if isinstance(untrusted, ssl.SSLCertVerificationError):
+                    state.found_failures["northbound"] = (
+                        f"the upstream's certificate is not trusted: {untrusted.verify_message or untrusted.reason} "
+                        f"(upstream.ca_file: {proxy.config.upstream.ca_file or 'system CAs'})"
+                    )
                 return
+            state.found_failures.pop("northbound", None)
             state.heard_from_upstream()
         finally:
             state.probe_lock.release()
 
     def upstream_ready(self) -> bool:
         """Was the upstream heard from within upstream.ready_window? Probes it if not."""
+        if "northbound" in self.proxy.static_failures:
+            return False
         state, window = self.proxy.state, self.proxy.config.upstream.ready_window
         if time.monotonic() - state.upstream_heard > window:
             self._probe()
         return time.monotonic() - state.upstream_heard <= window
 
     def on_get(self, req, resp):
+        """503 while draining or when agents cannot reach the upstream; names failed features either way."""
         ready = self.upstream_ready()
+        failed = {"failed": failures} if (failures := self.proxy.failures()) else {}
         if self.proxy.state.draining:
             _json(resp, {"status": "draining"}, 503)
         elif ready:
-            _json(resp, {"status": "ready"})
+            _json(resp, {"status": "ready", **failed})
         else:
-            _json(resp, {"status": "not ready", "description": self.proxy.state.last_probe_error}, 503)
-
-
-def feature_map(config: Config) -> dict:
-    """Foreman v2-style features: state, exposed settings and capabilities."""
-    return {
-        "northbound": {
-            "state": "running",
-            "settings": {"upstream_url": config.upstream.url, "proxy_id": config.proxy_id},
-            "capabilities": ["hmac-sha256", "streaming", "chunked-requests"],
-        },
-        "southbound": {
-            "state": "running",
-            "settings": {
-                "agent_networks": [str(n) for n in config.networks.agents],
-                "agent_ports": list(config.agents.ports),
-                "agent_tls": config.agents.tls,
-            },
-            "capabilities": ["hmac-sha256", "streaming"],
-        },
-        "registration": {
-            "state": "running" if config.public_url else "disabled",
-            "settings": {"public_url": config.public_url},
-            "capabilities": ["handshake-v1"],
-        },
-        "metrics": {
-            "state": "running",
-            "settings": {"path": "/_proxy/metrics"},
-            "capabilities": ["prometheus-text"],
-        },
-    }
+            reason = failures.get("northbound") or self.proxy.state.last_probe_error
+            _json(resp, {"status": "not ready", "description": reason, **failed}, 503)
 
 
 class Features:
-    def __init__(self, config: Config):
-        self.running = [name for name, f in feature_map(config).items() if f["state"] == "running"]
+    """``/_proxy/features``: the names of running features (Foreman's classic list)."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+
+    def running(self) -> list[str]:
+        return features.running(self.proxy.features())
 
     def on_get(self, req, resp):
-        _json(resp, self.running)
+        _json(resp, self.running())
 
 
 class FeaturesV2:
-    def __init__(self, config: Config):
-        self.features = feature_map(config)
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
 
     def on_get(self, req, resp):
-        _json(resp, self.features)
+        _json(resp, self.proxy.features())
 
 
 class Handshake:
@@ -483,7 +490,7 @@ class Handshake:
             "X-Agent-Proxy-Signature",
             signing.signature_header(self.proxy.secret, config.proxy_id, signing.HANDSHAKE_METHOD, nonce),
         )
-        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": self.features.running})
+        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": self.features.running()})
 
 
 class MetricsResource:
@@ -607,14 +614,14 @@ def create_app(
     app.add_error_handler(ProxyError, handle_proxy_error)
     app.set_error_serializer(serialize_falcon_error)
 
-    features = Features(config)
+    listing = Features(proxy)
     ready = Ready(proxy)
-    _export_gauges(metrics, config, ready)
+    _export_gauges(metrics, proxy, ready)
     app.add_route("/_proxy/health", Health(state))
     app.add_route("/_proxy/ready", ready)
-    app.add_route("/_proxy/features", features)
-    app.add_route("/_proxy/v2/features", FeaturesV2(config))
-    app.add_route("/_proxy/handshake", Handshake(proxy, features))
+    app.add_route("/_proxy/features", listing)
+    app.add_route("/_proxy/v2/features", FeaturesV2(proxy))
+    app.add_route("/_proxy/handshake", Handshake(proxy, listing))
     app.add_route("/_proxy/metrics", MetricsResource(metrics, siblings or []))
     # Routes take precedence over sinks; any other /_proxy/ path is a 404, never relayed.
     app.add_sink(Southbound(proxy), prefix=r"^/_proxy/agents/")
@@ -622,12 +629,13 @@ def create_app(
     return Worker(app, proxy)
 
 
-def _export_gauges(metrics: Metrics, config: Config, ready: Ready) -> None:
+def _export_gauges(metrics: Metrics, proxy: Proxy, ready: Ready) -> None:
     """Gauges that follow the configuration: set again by every app a reload builds."""
+    config = proxy.config
     metrics.max_in_flight.set(config.limits.max_in_flight)
     metrics.upstream_ready.set_function(lambda: float(ready.upstream_ready()))
-    for name, feature in feature_map(config).items():
-        metrics.feature_failed.labels(name).set(feature["state"] == "failed")
+    for name in features.NAMES:
+        metrics.feature_failed.labels(name).set_function(lambda name=name: float(name in proxy.failures()))
     metrics.certificate_expiry.clear()
     for name, path in (("front", config.tls.cert_file), ("upstream-client", config.upstream.client_cert)):
         expires = tlsutil.not_after(path) if path else None

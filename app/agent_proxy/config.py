@@ -180,7 +180,8 @@ def _section(cls) -> Any:
 class Upstream:
     url: str = _required(_url)
     allow_insecure: bool = _setting(False, _bool)
-    ca_file: str | None = _setting(None, _optional(_readable_file))
+    # CA files are prerequisites of a feature (see prerequisites()), checked after parsing.
+    ca_file: str | None = _setting(None, _optional(_path))
     client_cert: str | None = _setting(None, _optional(_readable_file))
     client_key: str | None = _setting(None, _optional(_readable_file))
     connect_timeout: float = _setting(5.0, _seconds)
@@ -215,7 +216,7 @@ class Agents:
     ports: tuple[int, ...] = _setting((2003,), _list_of(_port))
     tls: bool = _setting(True, _bool)
     verify: bool = _setting(False, _bool)
-    ca_file: str | None = _setting(None, _optional(_readable_file))
+    ca_file: str | None = _setting(None, _optional(_path))
 
 
 @dataclass(frozen=True)
@@ -391,9 +392,7 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
         problems.append("upstream.client_cert: client_cert and client_key go together")
     if not config.networks.agents:
         problems.append("networks.agents: at least one agent network is required")
-    if not config.agents.ports:
-        problems.append("agents.ports: at least one agent port is required")
-    _check_tls_files(config, problems)
+    _check_client_files(config, problems)
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
@@ -401,15 +400,33 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
         problems.append("front.control_port: must differ from front.port")
 
 
-def _check_tls_files(config: Config, problems: list[str]) -> None:
-    """Readable is not enough: the CA and client files must load as what they claim to be."""
+def prerequisites(config: Config) -> list[tuple[str, str]]:
+    """(feature, "key: problem") for each prerequisite of a feature that fails.
+
+    A command that needs the feature (check-config, register) reports these as errors; a
+    worker (``load(..., lenient=True)``) starts anyway and reports the feature as failed.
+    Readable is not enough: a CA file must load as CA certificates.
+    """
+    failed = []
+    for feature, key, cafile in (("northbound", "upstream.ca_file", config.upstream.ca_file),
+                                 ("southbound", "agents.ca_file", config.agents.ca_file)):
+        if not cafile:
+            continue
+        if not os.access(cafile, os.R_OK) or not os.path.isfile(cafile):
+            failed.append((feature, f"{key}: cannot read file {cafile}"))
+            continue
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            failed.append((feature, f"{key}: cannot load {cafile} as CA certificates: {getattr(exc, 'reason', None) or exc}"))
+    if not config.agents.ports:
+        failed.append(("southbound", "agents.ports: at least one agent port is required"))
+    return failed
+
+
+def _check_client_files(config: Config, problems: list[str]) -> None:
+    """Readable is not enough: the client certificate and key must load together."""
     up = config.upstream
-    for key, cafile in (("upstream.ca_file", up.ca_file), ("agents.ca_file", config.agents.ca_file)):
-        if cafile:
-            try:
-                ssl.create_default_context(cafile=cafile)
-            except (ssl.SSLError, ValueError) as exc:
-                problems.append(f"{key}: cannot load {cafile} as CA certificates: {getattr(exc, 'reason', None) or exc}")
     if up.client_cert and up.client_key:
         try:
             ssl.create_default_context().load_cert_chain(up.client_cert, up.client_key)
@@ -432,8 +449,12 @@ def warnings(config: Config) -> list[str]:
     return found
 
 
-def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    """Build a Config from already-loaded YAML data; raise ConfigError naming every problem."""
+def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:
+    """Build a Config from already-loaded YAML data; raise ConfigError naming every problem.
+
+    ``lenient``: a failing feature prerequisite (see prerequisites()) is not a problem; the
+    worker reports that feature as failed instead.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
@@ -445,12 +466,14 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
     config = _build(Config, data, "", problems, defaulted)
     if config is not None and not problems:
         _semantic_checks(config, problems)
+        if not lenient:
+            problems.extend(problem for _, problem in prerequisites(config))
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
 
 
-def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:
     """Read and parse a configuration file."""
     source = str(path)
     try:
@@ -463,7 +486,7 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError([f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse(data, source, environ)
+    return parse(data, source, environ, lenient)
 
 
 def _deep_copy(data: Any) -> Any:

@@ -24,7 +24,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
 
-from . import __version__, config as configuration, logs
+from . import __version__, config as configuration, features, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
 from .metrics import Metrics
@@ -159,10 +159,16 @@ def _log_settings(config: configuration.Config, port: int) -> None:
     logs.event(log, "starting", version=__version__, proxy_id=config.proxy_id, listen=f"{config.listen.host}:{port}", config=config.source)
     for warning in configuration.warnings(config):
         logs.event(log, warning, logging.WARNING)
+    _log_failed_features(config)
+
+
+def _log_failed_features(config: configuration.Config) -> None:
+    for feature, reason in features.static_failures(config).items():
+        logs.event(log, f"feature {feature} failed: {reason}", logging.ERROR, feature=feature)
 
 
 def serve(config_path: str, port: int | None = None) -> int:
-    config = configuration.load(config_path)
+    config = configuration.load(config_path, lenient=True)
     secret = config.read_secret()
     logs.setup(config.logging.level, config.logging.format)
     port = port or config.listen.port
@@ -236,7 +242,7 @@ def serve(config_path: str, port: int | None = None) -> int:
     def on_hup(signum, frame):
         nonlocal config
         try:
-            new = configuration.load(config_path)
+            new = configuration.load(config_path, lenient=True)
             new_secret = new.read_secret()
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
