@@ -249,8 +249,12 @@ def serve(config_path: str, port: int | None = None) -> int:
             return
         switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines, siblings(new, port))
         fixed = [k for k in ("listen", "listen_control", "limits.threads", "limits.pin_cpu") if _get(new, k) != _get(config, k)]
+        refresh = _upstream_view(new) != _upstream_view(config) and new.public_url and port == new.listen.port
         config = new
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
+        _log_failed_features(new)
+        if refresh:  # the first worker speaks for the node
+            threading.Thread(target=_refresh_registration, args=(new,), name="register", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -267,6 +271,24 @@ def serve(config_path: str, port: int | None = None) -> int:
         access_lines.flush()
     logs.event(log, "stopped")
     return 0
+
+
+def _upstream_view(config: configuration.Config) -> tuple:
+    """What the upstream stored at registration: the public URL and the features."""
+    return config.public_url, features.feature_map(config, features.static_failures(config))
+
+
+def _refresh_registration(config: configuration.Config) -> None:
+    """After a reload that changed what the upstream sees: register again, and log how it went."""
+    from . import registration
+    from .cli import CommandError
+
+    try:
+        outcome = registration.register(config, warn=lambda line: logs.event(log, line, logging.WARNING))
+    except (CommandError, ConfigError) as exc:
+        logs.event(log, f"registration refresh failed: {exc}", logging.ERROR)
+        return
+    logs.event(log, f"registration refreshed: {outcome}")
 
 
 def siblings(config: configuration.Config, port: int) -> list[tuple[str, int]]:
