@@ -7,6 +7,7 @@ so a client socket bound to one of them is seen from it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from http.client import HTTPSConnection
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import urllib3
 
@@ -156,6 +157,20 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
         node.stop()
         raise
     return node
+
+
+@contextlib.contextmanager
+def node_with_origin(tmp_path_factory, workers: int = 2, balancers: list[str] = (), **overrides) -> Iterator[NodeFront]:
+    """A test origin and a node (``start_node``) relaying to it; both stopped at the end."""
+    origin, url = start_origin(tmp_path_factory.mktemp("origin"))
+    try:
+        node = start_node(tmp_path_factory.mktemp("node"), url, workers=workers, balancers=list(balancers), **overrides)
+        try:
+            yield node
+        finally:
+            node.stop()
+    finally:
+        origin.stop()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import ssl
 import pytest
 
 from agent_proxy import signing
-from tests.front import AGENT, all_up, free_port, free_ports, start_node, start_origin, wait_until
+from tests.front import AGENT, all_up, free_port, free_ports, node_with_origin, wait_until
 from tests.helpers import SECRET
 
 UPSTREAM = "127.0.0.5"
@@ -21,19 +21,16 @@ UPSTREAM = "127.0.0.5"
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    origin, url = start_origin(tmp_path_factory.mktemp("origin"))
     control_ports, control_port = free_ports(2), free_port()
-    node = start_node(
-        tmp_path_factory.mktemp("node"), url, workers=2, balancers=[],
+    with node_with_origin(
+        tmp_path_factory,
         listen_control={"host": "127.0.0.1", "port": control_ports[0]},
         front={"control_port": control_port},
         networks={"agents": ["127.0.0.0/8"], "upstream": [f"{UPSTREAM}/32"]},
-    )
-    wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
-    node.control_port = control_port
-    yield node
-    node.stop()
-    origin.stop()
+    ) as node:
+        wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
+        node.control_port = control_port
+        yield node
 
 
 def call(port: int, source: str, method: str, path: str, signed: bool = False) -> tuple[int, str, bytes]:

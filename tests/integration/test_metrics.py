@@ -9,7 +9,7 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_proxy.metrics import FAMILIES, markdown_table
-from tests.front import start_node, start_origin
+from tests.front import node_with_origin
 from tests.helpers import REPO
 
 REQUESTS = 20
@@ -17,11 +17,8 @@ REQUESTS = 20
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    origin, url = start_origin(tmp_path_factory.mktemp("origin"))
-    node = start_node(tmp_path_factory.mktemp("node"), url, workers=2, balancers=[])
-    yield node
-    node.stop()
-    origin.stop()
+    with node_with_origin(tmp_path_factory) as node:
+        yield node
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import urllib3
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.front import AGENT, free_port, render, start_haproxy, start_node, start_origin, wait_until
+from tests.front import AGENT, free_port, node_with_origin, render, start_haproxy, wait_until
 from tests.helpers import REPO, wait_for_port, write_config
 
 MONITORING = REPO / "monitoring"
@@ -47,19 +47,22 @@ def rule_queries() -> list[str]:
     return [r["expr"] for group in rules["groups"] for r in group["rules"]]
 
 
-def exported_names(text: str) -> set[str]:
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+def exported_names(*texts: str) -> set[str]:
+    return {s.name for text in texts for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    origin, origin_url = start_origin(tmp_path_factory.mktemp("origin"))
-    node = start_node(tmp_path_factory.mktemp("node"), origin_url, workers=2, balancers=["127.0.0.1/32"])
+    with node_with_origin(tmp_path_factory, balancers=["127.0.0.1/32"]) as node:
+        yield exported_names(*scrape(node, tmp_path_factory.mktemp("balancer")))
+
+
+def scrape(node, directory) -> tuple[str, str]:
+    """The node's /_proxy/metrics, and that of a real balancer in front of it."""
     balancer = None
     try:
-        directory = tmp_path_factory.mktemp("balancer")
         port, monitor_port = free_port(), free_port()
-        config = write_config(directory, origin_url, front={"bind": "127.0.0.1", "port": port, "stats_socket": str(directory / "haproxy.sock")})
+        config = write_config(directory, "http://127.0.0.1:9", front={"bind": "127.0.0.1", "port": port, "stats_socket": str(directory / "haproxy.sock")})
         (directory / "nodes.yaml").write_text(yaml.safe_dump({"nodes": [{"name": "node1", "address": "127.0.0.1", "port": node.port}]}))
         balancer = start_haproxy(render("lb-haproxy", config, str(directory / "nodes.yaml"), f"monitor_port={monitor_port}", "log_format=raw"),
                                  directory, "balancer")
@@ -71,14 +74,10 @@ def exported(tmp_path_factory):
         lb_metrics = f"http://127.0.0.1:{monitor_port}/metrics"
         wait_until(lambda: 'haproxy_server_status{proxy="nodes",server="node1",state="UP"} 1' in http.request("GET", lb_metrics).data.decode(),
                    10, "node1 UP in the balancer's exporter")
-        node_text = http.request("GET", f"{node.url}/_proxy/metrics").data.decode()
-        lb_text = http.request("GET", lb_metrics).data.decode()
-        yield exported_names(node_text) | exported_names(lb_text)
+        return http.request("GET", f"{node.url}/_proxy/metrics").data.decode(), http.request("GET", lb_metrics).data.decode()
     finally:
         if balancer is not None:
             balancer.stop()
-        node.stop()
-        origin.stop()
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])
