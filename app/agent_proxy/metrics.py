@@ -16,15 +16,18 @@ bounded: direction is one of four words, code an HTTP status, kind and reason a 
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
@@ -91,6 +94,7 @@ FAMILIES = (
     Family("process_max_fds", "gauge", (WORKER_LABEL,), "per-worker", "the file descriptor limit of one worker"),
 )
 _MERGE = {f.name.removesuffix("_total"): f.merge for f in FAMILIES}
+_MEANING = {f.name: f.meaning for f in FAMILIES}
 
 
 class Metrics:
@@ -101,21 +105,17 @@ class Metrics:
     def __init__(self, worker: str = "0"):
         self.worker = worker
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+        kinds = {"counter": Counter, "gauge": Gauge}
         made = {}
         for family in FAMILIES:
-            if family.merge in ("per-worker", "node"):
+            if family.merge in ("per-worker", "node") or family.kind == "histogram":
                 continue
-            extra = {"buckets": LATENCY_BUCKETS} if family.kind == "histogram" else {}
-            made[family.name] = kinds[family.kind](
-                family.name, family.meaning, family.labels, registry=registry, **extra,
-            )
+            made[family.name] = kinds[family.kind](family.name, family.meaning, family.labels, registry=registry)
+        self.latency = Latency(LATENCY_BUCKETS)
+        registry.register(self.latency)
         ProcessCollector(registry=registry)
         made["agent_proxy_build_info"].labels(__version__, sys.version.split()[0]).set(1)
         self.requests = made["agent_proxy_requests_total"]
-        self.duration = made["agent_proxy_request_duration_seconds"]
-        self.origin_duration = made["agent_proxy_origin_duration_seconds"]
-        self.proxy_duration = made["agent_proxy_proxy_duration_seconds"]
         self.bytes_in = made["agent_proxy_request_bytes_total"]
         self.bytes_out = made["agent_proxy_response_bytes_total"]
         self.origin_errors = made["agent_proxy_origin_errors_total"]
@@ -132,7 +132,6 @@ class Metrics:
         for reason in ("source", "signature", "overload"):
             self.rejected.labels(reason)
         self._children: dict = {}
-        self._split: dict = {}
 
     def observe(self, direction: str, status: int, seconds: float, bytes_in: int, bytes_out: int,
                 origin_seconds: float | None = None) -> None:
@@ -141,29 +140,73 @@ class Metrics:
         if children is None:
             children = self._children[key] = (
                 self.requests.labels(direction, str(status)),
-                self.duration.labels(direction),
                 self.bytes_in.labels(direction),
                 self.bytes_out.labels(direction),
             )
-        requests, duration, received, sent = children
+        requests, received, sent = children
         requests.inc()
-        duration.observe(seconds)
+        self.latency.observe(direction, seconds, origin_seconds)
         if bytes_in:
             received.inc(bytes_in)
         if bytes_out:
             sent.inc(bytes_out)
-        if origin_seconds is not None:
-            split = self._split.get(direction)
-            if split is None:
-                split = self._split[direction] = (
-                    self.origin_duration.labels(direction), self.proxy_duration.labels(direction),
-                )
-            split[0].observe(origin_seconds)
-            split[1].observe(max(seconds - origin_seconds, 0.0))
 
     def render(self) -> bytes:
         """This worker alone (``?scope=worker``)."""
         return render_merged([(self.worker, list(self.registry.collect()))])
+
+
+class Latency:
+    """The three latency histograms (request, origin, proxy time) by direction, as a collector.
+
+    Plain bucket counts under one lock per request: prometheus_client's Histogram.observe
+    takes a lock per bucket update and sum, and three of them cost a relayed request
+    ~3 times what this does (measured side by side with timeit; see the README).
+    """
+
+    NAMES = ("agent_proxy_request_duration_seconds", "agent_proxy_origin_duration_seconds",
+             "agent_proxy_proxy_duration_seconds")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = tuple(sorted(bounds))
+        self.lock = threading.Lock()
+        # direction -> the three histograms' [count per bucket (the last one +Inf)..., sum]
+        self.series: dict[str, tuple[list, list, list]] = {}
+
+    def observe(self, direction: str, seconds: float, origin_seconds: float | None = None) -> None:
+        bucket = bisect.bisect_left
+        with self.lock:
+            series = self.series.get(direction)
+            if series is None:
+                series = self.series[direction] = tuple([0] * (len(self.bounds) + 1) + [0.0] for _ in self.NAMES)
+            total = series[0]
+            total[bucket(self.bounds, seconds)] += 1
+            total[-1] += seconds
+            if origin_seconds is not None:
+                proxy_seconds = max(seconds - origin_seconds, 0.0)
+                origin, proxy = series[1], series[2]
+                origin[bucket(self.bounds, origin_seconds)] += 1
+                origin[-1] += origin_seconds
+                proxy[bucket(self.bounds, proxy_seconds)] += 1
+                proxy[-1] += proxy_seconds
+
+    def describe(self):
+        return [HistogramMetricFamily(name, _MEANING[name], labels=["direction"]) for name in self.NAMES]
+
+    def collect(self):
+        families = self.describe()
+        with self.lock:
+            snapshot = {(index, direction): list(series[index])
+                        for direction, series in self.series.items() for index in range(len(self.NAMES))}
+        for (index, direction), series in sorted(snapshot.items()):
+            if not any(series[:-1]):
+                continue  # a direction that was never relayed has no origin or proxy time
+            cumulative, buckets = 0, []
+            for bound, count in zip(self.bounds + (float("inf"),), series[:-1]):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            families[index].add_metric([direction], buckets, series[-1])
+        return families
 
 
 # -- one scrape per node

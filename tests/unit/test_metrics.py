@@ -37,3 +37,24 @@ def test_gauges_merge_by_their_rule():
     assert found[("agent_proxy_certificate_expiry_timestamp_seconds", (("certificate", "front"),))] == 1000  # min
     assert found[("agent_proxy_upstream_ready", ())] == 1  # max
     assert found[("agent_proxy_max_in_flight", ())] == 128  # sum
+
+
+def test_latency_histograms_match_prometheus_clients_own():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from agent_proxy.metrics import LATENCY_BUCKETS
+
+    reference_registry = CollectorRegistry()
+    reference = Histogram("agent_proxy_request_duration_seconds", "x", ["direction"], registry=reference_registry, buckets=LATENCY_BUCKETS)
+    ours = Metrics("8002")
+    for seconds in (0.0005, 0.001, 0.0011, 0.01, 0.3, 1.0, 59.9, 61.0):  # on, between and past the bounds
+        reference.labels("northbound").observe(seconds)
+        ours.observe("northbound", 200, seconds, 0, 0, seconds / 4)
+
+    def buckets(text: bytes, name: str) -> dict:
+        return {k: v for k, v in parsed(text).items() if k[0].startswith(name) and not k[0].endswith("_created")}
+
+    expected = buckets(generate_latest(reference_registry), "agent_proxy_request_duration_seconds")
+    assert buckets(ours.render(), "agent_proxy_request_duration_seconds") == expected
+    origin = buckets(ours.render(), "agent_proxy_origin_duration_seconds")
+    assert origin[("agent_proxy_origin_duration_seconds_count", (("direction", "northbound"),))] == 8
