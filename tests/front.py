@@ -27,6 +27,7 @@ import urllib3
 from tests.helpers import AGENT_PROXY, Process, free_port, start_worker, wait_for_port, write_config
 
 HAPROXY = "/usr/sbin/haproxy"
+NGINX = "/usr/sbin/nginx"
 BALANCER, AGENT, LIMITED_AGENT = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 MAX_CONN_PER_SOURCE = 40
 

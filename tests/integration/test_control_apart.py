@@ -1,5 +1,5 @@
-"""Control traffic apart, end to end: with listen_control, the node front (real HAProxy,
-rendered from the template) carries the upstream's paths on front.control_port only.
+"""Control traffic apart, end to end: with listen_control, the node front (real HAProxy or
+nginx, rendered from the templates) carries the upstream's paths on front.control_port only.
 
 Loopback addresses play the parts: 127.0.0.3 an agent, 127.0.0.5 the upstream
 (networks.upstream), and 127.0.0.1 the front itself (trusted_proxies).
@@ -9,28 +9,51 @@ from __future__ import annotations
 
 import http.client
 import ssl
+from dataclasses import dataclass
 
 import pytest
 
 from agent_proxy import signing
-from tests.front import AGENT, all_up, free_port, free_ports, node_with_origin, wait_until
-from tests.helpers import SECRET
+from tests.front import AGENT, NGINX, all_up, free_port, free_ports, node_with_origin, render, start_origin, wait_until
+from tests.helpers import SECRET, Process, start_worker, wait_for_port, write_config
 
 UPSTREAM = "127.0.0.5"
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
+CONTROL = {"networks": {"agents": ["127.0.0.0/8"], "upstream": [f"{UPSTREAM}/32"]}}
+
+
+@dataclass
+class Front:
+    port: int
+    control_port: int
+    kind: str
+
+
+@pytest.fixture(scope="module", params=["haproxy", "nginx"])
+def node(request, tmp_path_factory):
     control_ports, control_port = free_ports(2), free_port()
-    with node_with_origin(
-        tmp_path_factory,
-        listen_control={"host": "127.0.0.1", "port": control_ports[0]},
-        front={"control_port": control_port},
-        networks={"agents": ["127.0.0.0/8"], "upstream": [f"{UPSTREAM}/32"]},
-    ) as node:
-        wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
-        node.control_port = control_port
-        yield node
+    control = {**CONTROL, "listen_control": {"host": "127.0.0.1", "port": control_ports[0]}}
+    if request.param == "haproxy":
+        with node_with_origin(tmp_path_factory, front={"control_port": control_port}, **control) as node:
+            wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
+            yield Front(node.port, control_port, "haproxy")
+        return
+    directory = tmp_path_factory.mktemp("nginx")
+    origin, origin_url = start_origin(directory)
+    ports, port = free_ports(2), free_port()
+    config = write_config(directory, origin_url, listen={"host": "127.0.0.1", "port": ports[0]},
+                          front={"bind": "127.0.0.1", "port": port, "workers": 2, "control_port": control_port}, **control)
+    started = [origin] + [start_worker(config, directory, p) for p in ports]
+    try:
+        conf = directory / "nginx.conf"
+        conf.write_text(render("node-nginx", config, f"nginx_pid={directory / 'nginx.pid'}"))
+        started.append(Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], directory / "nginx.log").start())
+        wait_for_port("127.0.0.1", control_port, proc=started[-1])
+        yield Front(port, control_port, "nginx")
+    finally:
+        for proc in reversed(started):
+            proc.stop()
 
 
 def call(port: int, source: str, method: str, path: str, signed: bool = False) -> tuple[int, str, bytes]:
@@ -63,8 +86,12 @@ def test_the_upstream_reaches_control_paths_on_the_control_port(node):
 def test_the_control_port_refuses_agent_traffic_and_other_sources(node):
     status, code, _ = call(node.control_port, UPSTREAM, "GET", "/echo")
     assert (status, code) == (404, "not-found")
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+    if node.kind == "haproxy":  # HAProxy drops the connection before TLS
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+    else:  # nginx decides per request: its own 403, without asking a worker
+        status, code, _ = call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+        assert (status, code) == (403, "")
 
 
 def test_agents_still_reach_the_upstream_on_the_client_port(node):

@@ -16,10 +16,8 @@ import pytest
 
 from tests.helpers import Process, free_port, start_worker, wait_for_port, write_config
 from tests.front import (
-    AGENT, BALANCER, echo_via, free_ports, headers_of, proxy_v2_header, render, start_origin,
+    AGENT, BALANCER, NGINX, echo_via, free_ports, headers_of, proxy_v2_header, render, start_origin,
 )
-
-NGINX = "/usr/sbin/nginx"
 
 
 @pytest.fixture(scope="module")
