@@ -320,7 +320,10 @@ class Northbound:
             raise proxy.origin_failure("northbound", "upstream", exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
-        proxy.state.heard_from_upstream()
+        state = proxy.state
+        state.heard_from_upstream()
+        if state.found_failures:  # the way to the upstream works (again)
+            state.found_failures.pop("northbound", None)
         proxy.relay_answer(resp, answer)
 
 
@@ -607,6 +610,7 @@ def create_app(
     ``siblings``: (host, port) of the node's other workers, whose metrics a scrape merges.
     """
     state = state or WorkerState()
+    state.found_failures.clear()  # a new configuration is judged afresh
     metrics = metrics or Metrics()
     proxy = Proxy(config, secret, state, metrics, access_lines)
     app = falcon.App(middleware=[Guard(proxy, control_port)], media_type=None)

@@ -73,6 +73,19 @@ def test_an_untrusted_upstream_certificate_fails_northbound_and_ready_says_why(p
         v2 = json.loads(urllib3.request("GET", url + "/_proxy/v2/features", headers={"Authorization": auth}, retries=False, timeout=10).data)
         assert v2["northbound"]["state"] == "failed" and v2["northbound"]["reason"] == reason
         assert v2["southbound"]["state"] == "running"
+        # Trusting the origin's certificate and reloading makes northbound run again.
+        import signal
+        import time
+
+        write_config(tmp_path, origin.url, upstream={"ca_file": str(pki / "origin.crt")},
+                     listen=yaml.safe_load(config.read_text())["listen"])
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while urllib3.request("GET", url + "/_proxy/ready", retries=False, timeout=10).status != 200:
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.1)
+        v2 = json.loads(urllib3.request("GET", url + "/_proxy/v2/features", headers={"Authorization": auth}, retries=False, timeout=10).data)
+        assert v2["northbound"]["state"] == "running"
     finally:
         proc.stop()
         origin.stop()
