@@ -274,8 +274,8 @@ def render_merged(parts: list[tuple[str, Iterable[Metric]]], extra: list[Metric]
                 if sample.name.endswith("_created"):
                     continue
                 labels = dict(sample.labels)
-                if rule == "per-worker":
-                    labels[WORKER_LABEL] = worker
+                if rule == "per-worker":  # a sibling's own answer names itself already
+                    labels.setdefault(WORKER_LABEL, worker)
                 key = (sample.name, tuple(sorted(labels.items())))
                 if key not in samples:
                     samples[key] = [sample.name, labels, sample.value]

@@ -8,6 +8,7 @@ Loopback addresses play the parts: 127.0.0.3 an agent, 127.0.0.5 the upstream
 from __future__ import annotations
 
 import http.client
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class Front:
     port: int
     control_port: int
     kind: str
+    worker_ports: list[int]
 
 
 @pytest.fixture(scope="module", params=["haproxy", "nginx"])
@@ -37,7 +39,7 @@ def node(request, tmp_path_factory):
     if request.param == "haproxy":
         with node_with_origin(tmp_path_factory, front={"control_port": control_port}, **control) as node:
             wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
-            yield Front(node.port, control_port, "haproxy")
+            yield Front(node.port, control_port, "haproxy", list(node.workers))
         return
     directory = tmp_path_factory.mktemp("nginx")
     origin, origin_url = start_origin(directory)
@@ -50,7 +52,7 @@ def node(request, tmp_path_factory):
         conf.write_text(render("node-nginx", config, f"nginx_pid={directory / 'nginx.pid'}"))
         started.append(Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], directory / "nginx.log").start())
         wait_for_port("127.0.0.1", control_port, proc=started[-1])
-        yield Front(port, control_port, "nginx")
+        yield Front(port, control_port, "nginx", ports)
     finally:
         for proc in reversed(started):
             proc.stop()
@@ -81,6 +83,9 @@ def test_the_upstream_reaches_control_paths_on_the_control_port(node):
     assert status == 200 and b'"northbound"' in body
     status, _, body = call(node.control_port, UPSTREAM, "GET", "/_proxy/metrics")
     assert status == 200 and b"agent_proxy_workers_scraped 2.0" in body
+    # Each worker is named by its port on listen.port (not the control port it was asked on).
+    workers = set(re.findall(rb'process_open_fds\{worker="(\d+)"\}', body))
+    assert workers == {str(p).encode() for p in node.worker_ports}
 
 
 def test_the_control_port_refuses_agent_traffic_and_other_sources(node):
