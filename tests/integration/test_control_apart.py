@@ -13,9 +13,10 @@ import ssl
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from agent_proxy import signing
-from tests.front import AGENT, NGINX, all_up, free_port, free_ports, node_with_origin, render, start_origin, wait_until
+from tests.front import AGENT, NGINX, all_up, free_port, free_ports, node_with_origin, render, start_haproxy, start_origin, wait_until
 from tests.helpers import SECRET, Process, start_worker, wait_for_port, write_config
 
 UPSTREAM = "127.0.0.5"
@@ -102,3 +103,36 @@ def test_the_control_port_refuses_agent_traffic_and_other_sources(node):
 def test_agents_still_reach_the_upstream_on_the_client_port(node):
     status, _, body = call(node.port, AGENT, "GET", "/echo")
     assert status == 200 and b'"/echo"' in body
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory):
+    """A node behind a real balancer (haproxy/lb-haproxy.cfg.j2), both with listen_control."""
+    control_ports, control_port = free_ports(2), free_port()
+    with node_with_origin(tmp_path_factory, balancers=["127.0.0.1/32"], front={"control_port": control_port},
+                          listen_control={"host": "127.0.0.1", "port": control_ports[0]}, **CONTROL) as node:
+        directory = tmp_path_factory.mktemp("balancer")
+        port, lb_control_port = free_port(), free_port()
+        config = write_config(directory, "http://127.0.0.1:9", listen_control={"host": "127.0.0.1", "port": free_port()},
+                              front={"bind": "127.0.0.1", "port": port, "control_port": lb_control_port,
+                                     "stats_socket": str(directory / "haproxy.sock")}, **CONTROL)
+        (directory / "nodes.yaml").write_text(yaml.safe_dump({"nodes": [
+            {"name": "node1", "address": "127.0.0.1", "port": node.port, "control_port": control_port}]}))
+        balancer = start_haproxy(render("lb-haproxy", config, str(directory / "nodes.yaml"), f"monitor_port={free_port()}", "log_format=raw"),
+                                 directory, "balancer")
+        try:
+            wait_until(lambda: all_up(str(directory / "haproxy.sock"), "control_nodes"), 10, "node1 UP in control_nodes")
+            yield Front(port, lb_control_port, "balancer", list(node.workers))
+        finally:
+            balancer.stop()
+
+
+def test_through_a_balancer_the_upstream_reaches_control_paths_and_agents_do_not(balanced):
+    status, _, body = call(balanced.control_port, UPSTREAM, "GET", "/_proxy/v2/features", signed=True)
+    assert status == 200 and b'"control-listener"' in body
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        call(balanced.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+    status, code, _ = call(balanced.port, AGENT, "GET", "/_proxy/v2/features", signed=True)
+    assert (status, code) == (404, "not-found")
+    status, _, _ = call(balanced.port, AGENT, "GET", "/echo")
+    assert status == 200
