@@ -12,17 +12,17 @@ from . import netns
 from .clients import LoadResult, echo_via, headers_of, proxy_v2_header, run_load
 from .config import AGENT_PROXY, PYTHON, REPO, SECRET, VENV_BIN, merged, write_config
 from .node import (
-    AGENT, BALANCER, HAPROXY, LIMITED_AGENT, MAX_CONN_PER_SOURCE, NodeFront, all_up, render, server_stats,
-    start_haproxy, start_node, start_origin, start_worker, stats_command,
+    AGENT, BALANCER, HAPROXY, LIMITED_AGENT, MAX_CONN_PER_SOURCE, NGINX, NodeFront, all_up, node_with_origin, render,
+    server_stats, start_haproxy, start_node, start_origin, start_worker, stats_command,
 )
 from .ports import free_port, free_ports
 from .process import Process, ProcessError
 from .wait import connects, wait_for_port, wait_until
 
 __all__ = [
-    "AGENT", "AGENT_PROXY", "BALANCER", "HAPROXY", "LIMITED_AGENT", "MAX_CONN_PER_SOURCE", "PYTHON", "REPO",
+    "AGENT", "AGENT_PROXY", "BALANCER", "HAPROXY", "LIMITED_AGENT", "MAX_CONN_PER_SOURCE", "NGINX", "PYTHON", "REPO",
     "SECRET", "VENV_BIN", "LoadResult", "NodeFront", "Process", "ProcessError", "all_up", "connects",
-    "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "proxy_v2_header", "render",
+    "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "node_with_origin", "proxy_v2_header", "render",
     "run_load", "server_stats", "start_haproxy", "start_node", "start_origin", "start_worker",
     "stats_command", "wait_for_port", "wait_until", "write_config",
 ]

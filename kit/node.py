@@ -8,13 +8,14 @@ to one of them is seen from it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -24,6 +25,7 @@ from .process import Process, ProcessError
 from .wait import wait_for_port, wait_until
 
 HAPROXY = "/usr/sbin/haproxy"
+NGINX = "/usr/sbin/nginx"
 BALANCER, AGENT, LIMITED_AGENT = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 MAX_CONN_PER_SOURCE = 40   # start_node's front.max_conn_per_source: small enough for a test to reach
 
@@ -159,3 +161,17 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
         node.stop()
         raise
     return node
+
+
+@contextlib.contextmanager
+def node_with_origin(tmp_path_factory, workers: int = 2, balancers: list[str] = (), **overrides) -> Iterator[NodeFront]:
+    """A test origin and a node (``start_node``) relaying to it; both stopped at the end."""
+    origin, url = start_origin(tmp_path_factory.mktemp("origin"))
+    try:
+        node = start_node(tmp_path_factory.mktemp("node"), url, workers=workers, balancers=list(balancers), **overrides)
+        try:
+            yield node
+        finally:
+            node.stop()
+    finally:
+        origin.stop()

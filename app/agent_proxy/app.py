@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +34,11 @@ from urllib.parse import urlsplit
 
 import falcon
 
-from . import __version__, relay, signing, targets
+from . import __version__, features, relay, signing, targets, tlsutil
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, body as error_body, handle_proxy_error, serialize_falcon_error
 from .logs import AccessLog, LineWriter
-from .metrics import Metrics
+from .metrics import Metrics, scrape_node
 from .overload import rejecting
 
 log = logging.getLogger("agent_proxy")
@@ -66,6 +67,8 @@ class WorkerState:
     probe_lock: threading.Lock = field(default_factory=threading.Lock)
     last_probe: float = -1e9
     last_probe_error: str = "the upstream has not been heard from yet"
+    # Features found failed while running (feature -> reason), e.g. by the readiness probe.
+    found_failures: dict = field(default_factory=dict)
 
     def heard_from_upstream(self) -> None:
         self.upstream_heard = time.monotonic()
@@ -146,12 +149,19 @@ def _in_networks(ip: str, networks: tuple) -> bool:
 class Proxy:
     """Everything one configuration needs at request time, built once."""
 
-    def __init__(self, config: Config, secret: bytes, state: WorkerState, metrics: Metrics, access_lines: LineWriter | None = None):
+    def __init__(
+        self, config: Config, secret: bytes, state: WorkerState, metrics: Metrics,
+        access_lines: LineWriter | None = None, siblings: list[tuple[str, int]] | None = None,
+    ):
         self.config = config
+        # (host, port) of the node's other workers, whose metrics a scrape merges.
+        self.siblings = siblings or []
         self.secret = secret
         self.state = state
         self.metrics = metrics
         self.trusted = frozenset(str(a) for a in config.trusted_proxies)
+        # A failed feature's TLS context is never built: its requests are refused instead.
+        self.static_failures = features.static_failures(config)
         up = urlsplit(config.upstream.url)
         self.upstream = relay.Origin(
             scheme=up.scheme,
@@ -161,15 +171,28 @@ class Proxy:
             read_timeout=config.upstream.read_timeout,
             ssl_context=relay.client_context(
                 config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
-            ) if up.scheme == "https" else None,
+            ) if up.scheme == "https" and "northbound" not in self.static_failures else None,
         )
         self.upstream_prefix = up.path.rstrip("/")
         self.agent_context = (
-            relay.client_context(config.agents.ca_file, config.agents.verify) if config.agents.tls else None
+            relay.client_context(config.agents.ca_file, config.agents.verify)
+            if config.agents.tls and "southbound" not in self.static_failures else None
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
         self.request_ids = RequestIds()
         self.access_log = AccessLog(config.logging.level, config.logging.format, access_lines, config.logging.access_health)
+
+    def failures(self) -> dict[str, str]:
+        """Failed features (feature -> reason): at start or reload, and found since."""
+        return {**self.static_failures, **self.state.found_failures}
+
+    def features(self) -> dict:
+        return features.feature_map(self.config, self.failures())
+
+    def refuse_if_failed(self, feature: str) -> None:
+        reason = self.static_failures.get(feature)
+        if reason:
+            raise ProxyError("feature-failed", f"{feature} is failed: {reason}")
 
     def client_ip(self, env: dict) -> str:
         """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
@@ -338,6 +361,7 @@ class Northbound:
         target = proxy.upstream_prefix + raw_target(env)
         info["target"] = req.path
         config = proxy.config
+        proxy.refuse_if_failed("northbound")
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
         proto = proto if proto in ("http", "https") else env.get("wsgi.url_scheme", "http")
@@ -364,8 +388,11 @@ class Northbound:
         except relay.OriginError as exc:
             raise proxy.origin_failure("northbound", "upstream", exc) from None
         finally:
-            info["origin_ms"] = _ms_since(started)
-        proxy.state.heard_from_upstream()
+            info["origin_seconds"] = time.perf_counter() - started
+        state = proxy.state
+        state.heard_from_upstream()
+        if state.found_failures:  # the way to the upstream works (again)
+            state.found_failures.pop("northbound", None)
         proxy.relay_answer(resp, answer)
 
 
@@ -378,6 +405,7 @@ class Southbound:
     def __call__(self, req: falcon.Request, resp: falcon.Response, **kwargs) -> None:
         proxy, env = self.proxy, req.env
         info = env["agent_proxy.log"]
+        proxy.refuse_if_failed("southbound")
         target = targets.parse(raw_target(env), proxy.config)
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
@@ -397,13 +425,8 @@ class Southbound:
         except relay.OriginError as exc:
             raise proxy.origin_failure("southbound", "agent", exc) from None
         finally:
-            info["origin_ms"] = _ms_since(started)
+            info["origin_seconds"] = time.perf_counter() - started
         proxy.relay_answer(resp, answer)
-
-
-def _ms_since(started: float) -> float:
-    """Milliseconds since ``started`` (perf_counter), as the access log writes them."""
-    return round((time.perf_counter() - started) * 1000, 3)
 
 
 def _body_length(req: falcon.Request, config: Config) -> int:
@@ -460,67 +483,59 @@ class Ready:
                 )
             except relay.OriginError as exc:
                 state.last_probe_error = f"cannot reach the upstream {proxy.config.upstream.url}: {exc}"
+                untrusted = exc.__context__
+                if isinstance(untrusted, ssl.SSLCertVerificationError):
+                    state.found_failures["northbound"] = (
+                        f"the upstream's certificate is not trusted: {untrusted.verify_message or untrusted.reason} "
+                        f"(upstream.ca_file: {proxy.config.upstream.ca_file or 'system CAs'})"
+                    )
                 return
+            state.found_failures.pop("northbound", None)
             state.heard_from_upstream()
         finally:
             state.probe_lock.release()
 
-    def on_get(self, req, resp):
+    def upstream_ready(self) -> bool:
+        """Was the upstream heard from within upstream.ready_window? Probes it if not."""
+        if "northbound" in self.proxy.static_failures:
+            return False
         state, window = self.proxy.state, self.proxy.config.upstream.ready_window
         if time.monotonic() - state.upstream_heard > window:
             self._probe()
-        if state.draining:
+        return time.monotonic() - state.upstream_heard <= window
+
+    def on_get(self, req, resp):
+        """503 while draining or when agents cannot reach the upstream; names failed features either way."""
+        ready = self.upstream_ready()
+        failed = {"failed": failures} if (failures := self.proxy.failures()) else {}
+        if self.proxy.state.draining:
             _json(resp, {"status": "draining"}, 503)
-        elif time.monotonic() - state.upstream_heard <= window:
-            _json(resp, {"status": "ready"})
+        elif ready:
+            _json(resp, {"status": "ready", **failed})
         else:
-            _json(resp, {"status": "not ready", "description": state.last_probe_error}, 503)
-
-
-def feature_map(config: Config) -> dict:
-    """Foreman v2-style features: state, exposed settings and capabilities."""
-    return {
-        "northbound": {
-            "state": "running",
-            "settings": {"upstream_url": config.upstream.url, "proxy_id": config.proxy_id},
-            "capabilities": ["hmac-sha256", "streaming", "chunked-requests"],
-        },
-        "southbound": {
-            "state": "running",
-            "settings": {
-                "agent_networks": [str(n) for n in config.networks.agents],
-                "agent_ports": list(config.agents.ports),
-                "agent_tls": config.agents.tls,
-            },
-            "capabilities": ["hmac-sha256", "streaming"],
-        },
-        "registration": {
-            "state": "running" if config.public_url else "disabled",
-            "settings": {"public_url": config.public_url},
-            "capabilities": ["handshake-v1"],
-        },
-        "metrics": {
-            "state": "running",
-            "settings": {"path": "/_proxy/metrics"},
-            "capabilities": ["prometheus-text"],
-        },
-    }
+            reason = failures.get("northbound") or self.proxy.state.last_probe_error
+            _json(resp, {"status": "not ready", "description": reason, **failed}, 503)
 
 
 class Features:
-    def __init__(self, config: Config):
-        self.running = [name for name, f in feature_map(config).items() if f["state"] == "running"]
+    """``/_proxy/features``: the names of running features (Foreman's classic list)."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+
+    def running(self) -> list[str]:
+        return features.running(self.proxy.features())
 
     def on_get(self, req, resp):
-        _json(resp, self.running)
+        _json(resp, self.running())
 
 
 class FeaturesV2:
-    def __init__(self, config: Config):
-        self.features = feature_map(config)
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
 
     def on_get(self, req, resp):
-        _json(resp, self.features)
+        _json(resp, self.proxy.features())
 
 
 class Handshake:
@@ -528,7 +543,7 @@ class Handshake:
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
-        self.features = Features(proxy.config)
+        self.features = Features(proxy)
 
     def on_post(self, req, resp):
         length = req.content_length or 0
@@ -544,16 +559,22 @@ class Handshake:
             "X-Agent-Proxy-Signature",
             signing.signature_header(self.proxy.secret, config.proxy_id, signing.HANDSHAKE_METHOD, nonce),
         )
-        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": self.features.running})
+        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": self.features.running()})
 
 
 class MetricsResource:
-    def __init__(self, metrics: Metrics):
+    """The node's metrics: this worker's merged with its siblings' (``?scope=worker``: this one only)."""
+
+    def __init__(self, metrics: Metrics, siblings: list[tuple[str, int]]):
         self.metrics = metrics
+        self.siblings = siblings
 
     def on_get(self, req, resp):
         resp.content_type = self.metrics.content_type
-        resp.data = self.metrics.render()
+        if req.get_param("scope") == "worker":
+            resp.data = self.metrics.render()
+        else:
+            resp.data = scrape_node(self.metrics, self.siblings)
 
 
 # -- the WSGI layer: access log, metrics, in-flight bound
@@ -613,7 +634,7 @@ class Worker:
         self._leave()
         duration = time.perf_counter() - started
         status = int(status_holder[0][:3]) if status_holder else 500
-        self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent)
+        self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent, info.get("origin_seconds"))
         access_log = self.proxy.access_log
         if access_log.enabled and (access_log.health or env.get("PATH_INFO") not in _HEALTH_PATHS):
             fields = {
@@ -629,9 +650,10 @@ class Worker:
             }
             # Only where they apply: the proxy's own error code, the time the origin took
             # to be connected to and to answer (first byte).
-            for key in ("error", "origin_ms"):
-                if key in info:
-                    fields[key] = info[key]
+            if "error" in info:
+                fields["error"] = info["error"]
+            if "origin_seconds" in info:
+                fields["origin_ms"] = round(info["origin_seconds"] * 1000, 3)
             access_log.write(fields)
 
 
@@ -663,10 +685,10 @@ class _Counted:
 ROUTES = (
     Route("GET", "/_proxy/health", Policy.OPEN, "local", lambda proxy: Health(proxy.state)),
     Route("GET", "/_proxy/ready", Policy.OPEN, "local", Ready),
-    Route("GET", "/_proxy/features", Policy.OPEN, "local", lambda proxy: Features(proxy.config)),
-    Route("GET", "/_proxy/v2/features", Policy.UPSTREAM, "control", lambda proxy: FeaturesV2(proxy.config)),
+    Route("GET", "/_proxy/features", Policy.OPEN, "local", Features),
+    Route("GET", "/_proxy/v2/features", Policy.UPSTREAM, "control", FeaturesV2),
     Route("POST", "/_proxy/handshake", Policy.UPSTREAM, "control", Handshake),
-    Route("GET", "/_proxy/metrics", Policy.METRICS, "control", lambda proxy: MetricsResource(proxy.metrics)),
+    Route("GET", "/_proxy/metrics", Policy.METRICS, "control", lambda proxy: MetricsResource(proxy.metrics, proxy.siblings)),
     Route("ANY", targets.PREFIX, Policy.UPSTREAM, "southbound", Southbound, prefix=True),
     # Everything outside /_proxy/ (the lookup never gives a /_proxy/ path to this one).
     Route("ANY", "/", Policy.AGENTS, "northbound", Northbound, prefix=True),
@@ -693,23 +715,27 @@ class _SealedApp(falcon.App):
 
 def create_app(
     config: Config, secret: bytes, state: WorkerState | None = None, metrics: Metrics | None = None,
-    control_port: int | None = None, access_lines: LineWriter | None = None, routes: tuple[Route, ...] = ROUTES,
+    control_port: int | None = None, access_lines: LineWriter | None = None,
+    siblings: list[tuple[str, int]] | None = None, routes: tuple[Route, ...] = ROUTES,
 ) -> Worker:
     """Build the worker's WSGI application for ``config``; nothing is shared between calls.
 
     ``control_port``: the port of the separate control listener (``listen_control``), if any.
     ``access_lines``: where access log lines go (a worker's ``LineBatch``, written by its
     main loop); without it, each line is written to stdout by the thread that served it.
+    ``siblings``: (host, port) of the node's other workers, whose metrics a scrape merges.
     ``routes``: the route table (tests pass their own to check the guard).
     """
     state = state or WorkerState()
+    state.found_failures.clear()  # a new configuration is judged afresh
     metrics = metrics or Metrics()
-    proxy = Proxy(config, secret, state, metrics, access_lines)
+    proxy = Proxy(config, secret, state, metrics, access_lines, siblings)
     table = RouteTable(routes)
     app = _SealedApp(middleware=[Guard(proxy, table, control_port)], media_type=None)
     app.req_options.strip_url_path_trailing_slash = False
     app.add_error_handler(ProxyError, handle_proxy_error)
     app.set_error_serializer(serialize_falcon_error)
+    _export_gauges(metrics, proxy, Ready(proxy))
     for route in routes:
         handler = route.build(proxy)
         if not route.prefix:
@@ -720,3 +746,17 @@ def create_app(
             app.add_sink(handler, prefix="^" + re.escape(route.path) + "(?!" + re.escape(PROXY_PREFIX[1:]) + ")")
     app.sealed = True
     return Worker(app, proxy, table)
+
+
+def _export_gauges(metrics: Metrics, proxy: Proxy, ready: Ready) -> None:
+    """Gauges that follow the configuration: set again by every app a reload builds."""
+    config = proxy.config
+    metrics.max_in_flight.set(config.limits.max_in_flight)
+    metrics.upstream_ready.set_function(lambda: float(ready.upstream_ready()))
+    for name in features.NAMES:
+        metrics.feature_failed.labels(name).set_function(lambda name=name: float(name in proxy.failures()))
+    metrics.certificate_expiry.clear()
+    for name, path in (("front", config.tls.cert_file), ("upstream-client", config.upstream.client_cert)):
+        expires = tlsutil.not_after(path) if path else None
+        if expires is not None:
+            metrics.certificate_expiry.labels(name).set(expires)

@@ -173,7 +173,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from . import registration
 
-    config = _load(args.config)
+    # A failed feature does not stop registration (the upstream hears about it), unless
+    # it is the way to the upstream itself.
+    config = configuration.load(args.config, lenient=True)
+    unusable = [f"{config.source}: {problem}" for feature, problem in configuration.prerequisites(config) if feature == "northbound"]
+    if unusable:
+        raise ConfigError(unusable)
     action = registration.register if args.command == "register" else registration.deregister
     print(action(config))
     return EXIT_OK

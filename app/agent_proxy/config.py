@@ -193,7 +193,8 @@ _LISTENERS = "waitress opens its listeners at start"
 class Upstream:
     url: str = _required(_url)
     allow_insecure: bool = _setting(False, _bool)
-    ca_file: str | None = _setting(None, _optional(_readable_file))
+    # CA files are prerequisites of a feature (see prerequisites()), checked after parsing.
+    ca_file: str | None = _setting(None, _optional(_path))
     client_cert: str | None = _setting(None, _optional(_readable_file))
     client_key: str | None = _setting(None, _optional(_readable_file))
     connect_timeout: float = _setting(5.0, _seconds)
@@ -228,7 +229,7 @@ class Agents:
     ports: tuple[int, ...] = _setting((2003,), _list_of(_port))
     tls: bool = _setting(True, _bool)
     verify: bool = _setting(False, _bool)
-    ca_file: str | None = _setting(None, _optional(_readable_file))
+    ca_file: str | None = _setting(None, _optional(_path))
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,9 @@ class Front:
     # ~30 KiB of HAProxy memory per TLS connection about 270 MiB, also starts where the
     # hard open-file limit is 20,000 (labs, test machines).
     max_connections: int = _setting(9000, _int(1, 90000))
+    # With listen_control: the front's control-only port (networks.upstream and the
+    # balancers), passed to the workers' control listeners.
+    control_port: int = _setting(2004, _port)
     stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
 
 
@@ -478,9 +482,7 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
         problems.append("upstream.client_cert: client_cert and client_key go together")
     if not config.networks.agents:
         problems.append("networks.agents: at least one agent network is required")
-    if not config.agents.ports:
-        problems.append("agents.ports: at least one agent port is required")
-    _check_tls_files(config, problems)
+    _check_client_files(config, problems)
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
@@ -492,17 +494,37 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
             f"limits.connection_limit: must be at least 4 x limits.max_in_flight + 16 ({front_share}), "
             "the connections the node front may hold to one worker"
         )
+    if control and config.front.control_port == config.front.port:
+        problems.append("front.control_port: must differ from front.port")
 
 
-def _check_tls_files(config: Config, problems: list[str]) -> None:
-    """Readable is not enough: the CA and client files must load as what they claim to be."""
+def prerequisites(config: Config) -> list[tuple[str, str]]:
+    """(feature, "key: problem") for each prerequisite of a feature that fails.
+
+    A command that needs the feature (check-config, register) reports these as errors; a
+    worker (``load(..., lenient=True)``) starts anyway and reports the feature as failed.
+    Readable is not enough: a CA file must load as CA certificates.
+    """
+    failed = []
+    for feature, key, cafile in (("northbound", "upstream.ca_file", config.upstream.ca_file),
+                                 ("southbound", "agents.ca_file", config.agents.ca_file)):
+        if not cafile:
+            continue
+        if not os.access(cafile, os.R_OK) or not os.path.isfile(cafile):
+            failed.append((feature, f"{key}: cannot read file {cafile}"))
+            continue
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            failed.append((feature, f"{key}: cannot load {cafile} as CA certificates: {getattr(exc, 'reason', None) or exc}"))
+    if not config.agents.ports:
+        failed.append(("southbound", "agents.ports: at least one agent port is required"))
+    return failed
+
+
+def _check_client_files(config: Config, problems: list[str]) -> None:
+    """Readable is not enough: the client certificate and key must load together."""
     up = config.upstream
-    for key, cafile in (("upstream.ca_file", up.ca_file), ("agents.ca_file", config.agents.ca_file)):
-        if cafile:
-            try:
-                ssl.create_default_context(cafile=cafile)
-            except (ssl.SSLError, ValueError) as exc:
-                problems.append(f"{key}: cannot load {cafile} as CA certificates: {getattr(exc, 'reason', None) or exc}")
     if up.client_cert and up.client_key:
         try:
             ssl.create_default_context().load_cert_chain(up.client_cert, up.client_key)
@@ -525,8 +547,12 @@ def warnings(config: Config) -> list[str]:
     return found
 
 
-def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    """Build a Config from already-loaded YAML data; raise ConfigError naming every problem."""
+def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:
+    """Build a Config from already-loaded YAML data; raise ConfigError naming every problem.
+
+    ``lenient``: a failing feature prerequisite (see prerequisites()) is not a problem; the
+    worker reports that feature as failed instead.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
@@ -538,12 +564,14 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
     config = _build(Config, data, "", problems, defaulted)
     if config is not None and not problems:
         _semantic_checks(config, problems)
+        if not lenient:
+            problems.extend(problem for _, problem in prerequisites(config))
     if problems:
         raise ConfigError([_blame(p, source, origins) for p in problems])
     return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
 
 
-def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:
     """Read and parse a configuration file."""
     source = str(path)
     try:
@@ -556,7 +584,7 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError([f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse(data, source, environ)
+    return parse(data, source, environ, lenient)
 
 
 def _deep_copy(data: Any) -> Any:

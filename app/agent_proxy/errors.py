@@ -44,6 +44,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("agent-unreachable", 502, "Bad gateway", "no connection to the agent"),
     Error("upstream-closed", 502, "Bad gateway", "the upstream closed the connection before answering"),
     Error("agent-closed", 502, "Bad gateway", "the agent closed the connection before answering"),
+    Error("feature-failed", 503, "Feature failed", "the feature this request needs failed at start or reload (an unreadable CA file, no agent port, ...); `/_proxy/ready` says why"),
     Error("overloaded", 503, "Overloaded", "`limits.max_in_flight` requests are being served or queued (with `Retry-After: 1`)"),
     Error("upstream-timeout", 504, "Gateway timeout", "the upstream did not connect or answer in time"),
     Error("agent-timeout", 504, "Gateway timeout", "the agent did not connect or answer in time"),

@@ -15,9 +15,11 @@ import http.client
 import json
 import socket
 import ssl
+import sys
+from typing import Callable
 from urllib.parse import quote, urlsplit
 
-from . import __version__, relay, signing
+from . import __version__, features, relay, signing
 from .config import Config
 from .errors import CommandError
 
@@ -99,7 +101,36 @@ class _Upstream:
         return CommandError(f"the upstream {self.url} answered {status}{': ' + reason if reason else ''}")
 
 
-def register(config: Config) -> str:
+def compare_features(config: Config, answer: dict) -> list[str]:
+    """Warnings: a feature the upstream expects (if it says) that this proxy lacks or has
+    failed, and any failed feature. Judged on the states the upstream read from this proxy
+    (``feature_states``), else on this config's own."""
+    states = answer.get("feature_states")
+    if not isinstance(states, dict):
+        states = features.feature_map(config, features.static_failures(config))
+    expected = answer.get("expected_features")
+    expected = [str(name) for name in expected] if isinstance(expected, list) else []
+    found = []
+    for name in expected:
+        if name not in states:
+            found.append(f"the upstream expects feature {name}, which this proxy does not offer")
+    for name, feature in states.items():
+        if not isinstance(feature, dict) or feature.get("state") not in ("failed", "disabled"):
+            continue
+        said = f"the upstream expects feature {name}, which is" if name in expected else f"feature {name} is"
+        if feature["state"] == "failed":
+            found.append(f"{said} failed here: {feature.get('reason') or 'no reason given'}")
+        elif name in expected:
+            found.append(f"{said} disabled here")
+    return found
+
+
+def _warn(line: str) -> None:
+    print(f"agent-proxy: warning: {line}", file=sys.stderr)
+
+
+def register(config: Config, warn: Callable[[str], None] = _warn) -> str:
+    """Register (or refresh); ``warn`` hears each line of compare_features()."""
     if not config.public_url:
         raise CommandError(f"{config.source}: public_url is not set; the upstream needs it to reach this proxy")
     upstream = _Upstream(config)
@@ -107,11 +138,13 @@ def register(config: Config) -> str:
         "POST", API, {"proxy_id": config.proxy_id, "url": config.public_url, "version": __version__}
     )
     if status in (200, 201):
-        features = ", ".join(answer.get("features") or []) or "none"
+        for line in compare_features(config, answer):
+            warn(line)
+        names = ", ".join(answer.get("features") or []) or "none"
         how = "registered with" if status == 201 else "was already registered (refreshed) with"
         return (
             f"{config.proxy_id} {how} {upstream.url}; "
-            f"the upstream reached this proxy at {config.public_url} (features: {features})"
+            f"the upstream reached this proxy at {config.public_url} (features: {names})"
         )
     if status == 502:
         reason = answer.get("description") or answer.get("title") or "no reason given"

@@ -30,7 +30,7 @@ from waitress.rfc7230 import HEADER_FIELD_RE
 from waitress.server import BaseWSGIServer, TcpWSGIServer, create_server
 from waitress.task import ErrorTask, WSGITask
 
-from . import __version__, config as configuration, errors, logs
+from . import __version__, config as configuration, errors, features, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
 from .metrics import Metrics
@@ -281,6 +281,12 @@ def _log_settings(config: configuration.Config, port: int) -> None:
                config=config.source, **config.effective())
     for warning in configuration.warnings(config):
         logs.event(log, warning, logging.WARNING)
+    _log_failed_features(config)
+
+
+def _log_failed_features(config: configuration.Config) -> None:
+    for feature, reason in features.static_failures(config).items():
+        logs.event(log, f"feature {feature} failed: {reason}", logging.ERROR, feature=feature)
 
 
 def worker_descriptors(config: configuration.Config) -> int:
@@ -305,7 +311,7 @@ def ensure_descriptors(need: int, source: str) -> None:
 
 
 def serve(config_path: str, port: int | None = None) -> int:
-    config = configuration.load(config_path)
+    config = configuration.load(config_path, lenient=True)
     secret = config.read_secret()
     ensure_descriptors(worker_descriptors(config), config.source)
     logs.setup(config.logging.level, config.logging.format)
@@ -321,8 +327,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         listen += f" {_hostport(control.host, control_port)}"
     # Before the first thread starts (waitress's, the reject thread): they inherit the core.
     cpu = pin_to_cpu(port - config.listen.port) if config.limits.pin_cpu else None
-    state, metrics, access_lines = WorkerState(), Metrics(), logs.LineBatch()
-    switch = Switch(create_app(config, secret, state, metrics, control_port, access_lines))
+    state, metrics, access_lines = WorkerState(), Metrics(worker=str(port)), logs.LineBatch()
+    switch = Switch(create_app(config, secret, state, metrics, control_port, access_lines, siblings(config, port)))
     limits = config.limits
     socket_map: dict = {}
     dispatcher = BoundedDispatcher(limits.max_in_flight)
@@ -386,18 +392,22 @@ def serve(config_path: str, port: int | None = None) -> int:
     def on_hup(signum, frame):
         nonlocal config
         try:
-            new = configuration.load(config_path)
+            new = configuration.load(config_path, lenient=True)
             new_secret = new.read_secret()
         except ConfigError as exc:
             logs.event(log, "reload refused, keeping the running configuration: " + "; ".join(exc.problems), logging.ERROR)
             return
         logs.setup(new.logging.level, new.logging.format)
         dispatcher.max_held = new.limits.max_in_flight
-        switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines)
+        switch.current = create_app(new, new_secret, state, metrics, control_port, access_lines, siblings(new, port))
+        refresh = _upstream_view(new) != _upstream_view(config) and new.public_url and port == new.listen.port
         config = new
         # Against what the worker started with: until a restart, every reload says it.
         fixed = [key for key in configuration.restart_keys() if new.get(key) != started.get(key)]
         logs.event(log, "configuration reloaded", config=new.source, needs_restart=fixed)
+        _log_failed_features(new)
+        if refresh:  # the first worker speaks for the node
+            threading.Thread(target=_refresh_registration, args=(new,), name="register", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -414,6 +424,32 @@ def serve(config_path: str, port: int | None = None) -> int:
         access_lines.flush()
     logs.event(log, "stopped")
     return 0
+
+
+def _upstream_view(config: configuration.Config) -> tuple:
+    """What the upstream stored at registration: the public URL and the features."""
+    return config.public_url, features.feature_map(config, features.static_failures(config))
+
+
+def _refresh_registration(config: configuration.Config) -> None:
+    """After a reload that changed what the upstream sees: register again, and log how it went."""
+    from . import registration
+    from .cli import CommandError
+
+    try:
+        outcome = registration.register(config, warn=lambda line: logs.event(log, line, logging.WARNING))
+    except (CommandError, ConfigError) as exc:
+        logs.event(log, f"registration refresh failed: {exc}", logging.ERROR)
+        return
+    logs.event(log, f"registration refreshed: {outcome}")
+
+
+def siblings(config: configuration.Config, port: int) -> list[tuple[str, int]]:
+    """Where the node's other workers serve /_proxy/metrics: their control listeners if any."""
+    listener = config.listen_control or config.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    index = port - config.listen.port
+    return [(host, listener.port + i) for i in range(config.worker_count) if i != index]
 
 
 def _hostport(host: str, port: int) -> str:

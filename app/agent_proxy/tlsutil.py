@@ -58,3 +58,13 @@ def fingerprint(cert_pem: bytes) -> str:
     """SHA-256 fingerprint, colon-separated hex, as `openssl x509 -fingerprint -sha256` prints it."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def not_after(path: str) -> float | None:
+    """When the first certificate in the PEM file ``path`` expires (Unix time); None if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            cert = x509.load_pem_x509_certificate(handle.read())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.timestamp()

@@ -219,9 +219,19 @@ class Node:
 
     @functools.cached_property
     def front_sources(self) -> set[ipaddress.IPv4Network]:
-        """IPv4 sources the config allows on the front port (agents, balancers, upstream)."""
-        networks = self.config.networks.agents + self.config.front.balancers + self.config.networks.upstream
+        """IPv4 sources the config allows on the front port (agents, balancers, and the
+        upstream unless listen_control gives it a port of its own)."""
+        networks = self.config.networks.agents + self.config.front.balancers
+        if self.config.listen_control is None:
+            networks += self.config.networks.upstream
         return {n for n in networks if n.version == 4}
+
+    @functools.cached_property
+    def control_sources(self) -> set[ipaddress.IPv4Network]:
+        """IPv4 sources the config allows on front.control_port: none without listen_control."""
+        if self.config.listen_control is None:
+            return set()
+        return {n for n in self.config.networks.upstream + self.config.front.balancers if n.version == 4}
 
 
 @dataclass

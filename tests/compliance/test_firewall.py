@@ -1,6 +1,7 @@
 """Firewall: INPUT drops by default (IPv4 and IPv6); the front port is open only to the
-configured sources (networks.agents, front.balancers, networks.upstream); the rules come
-back after a reboot."""
+configured sources (networks.agents, front.balancers, networks.upstream; with
+listen_control the upstream on front.control_port only); the rules come back after a
+reboot."""
 
 from __future__ import annotations
 
@@ -17,16 +18,23 @@ def test_AP_FW_01_input_policy_drop(node, control):
     control.note("INPUT policy DROP")
 
 
-def test_AP_FW_02_front_port_only_from_configured_sources(node, control):
-    port = node.config.front.port
+def _admits_exactly(node, control, port: int, expected: set) -> None:
     admitted = node.filter_table(4).sources_admitted(port)
     assert "anywhere" not in admitted, f"iptables admits new connections to {port} from anywhere"
     found = {ipaddress.ip_network(s, strict=False) for s in admitted}
-    expected = node.front_sources
     extra, missing = found - expected, expected - found
     assert not extra, f"{port} is open to sources not in the config: {', '.join(map(str, sorted(extra)))}"
     assert not missing, f"{port} is closed to configured sources: {', '.join(map(str, sorted(missing)))}"
-    control.note(f"{port} from {', '.join(map(str, sorted(found)))}")
+    control.note(f"{port} from {', '.join(map(str, sorted(found))) or 'nowhere'}")
+
+
+def test_AP_FW_02_front_port_only_from_configured_sources(node, control):
+    _admits_exactly(node, control, node.config.front.port, node.front_sources)
+
+
+def test_AP_FW_05_control_port_only_from_the_upstream_and_balancers(node, control):
+    """With listen_control, the upstream's own port; without it, that port admits nobody."""
+    _admits_exactly(node, control, node.config.front.control_port, node.control_sources)
 
 
 def test_AP_FW_03_input_policy_drop_ipv6(node, control):

@@ -70,6 +70,7 @@ def test_a_broken_node_fails_exactly_the_matching_controls(lab_node):
         ("AP-FILE-01", "key"),   # key 0644
         ("AP-FW-01", "-"),       # INPUT policy ACCEPT
         ("AP-FW-02", "-"),       # :2002 open to anyone
+        ("AP-FW-05", "-"),       # front.control_port open to anyone
         ("AP-TLS-01", "-"),      # TLS 1.0 served
         ("AP-TLS-02", "-"),      # ssl-min-ver TLSv1.0 serves 1.1 as well
     }, run.stdout[-4000:]

@@ -15,11 +15,9 @@ import subprocess
 import pytest
 
 from kit import (
-    AGENT, BALANCER, Process, echo_via, free_port, free_ports, headers_of, proxy_v2_header, render,
+    AGENT, BALANCER, NGINX, Process, echo_via, free_port, free_ports, headers_of, proxy_v2_header, render,
     start_origin, start_worker, wait_for_port, write_config,
 )
-
-NGINX = "/usr/sbin/nginx"
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,63 @@ def test_ca_file_without_a_certificate(upstream, worker, tmp_path):
     assert (result.returncode, result.stderr.strip()) == (
         2, f"agent-proxy: {config}: upstream.ca_file: cannot load {empty} as CA certificates: NO_CERTIFICATE_OR_CRL_FOUND",
     )
+
+
+def test_register_warns_about_features_the_upstream_expects_and_the_proxy_lacks(tmp_path):
+    (tmp_path / "site-a.psk").write_text(SECRET + "\n")
+    port = free_port()
+    peer = Process("expecting-upstream", [
+        sys.executable, "-m", "agent_proxy.reference.upstream", "--listen", f"127.0.0.1:{port}",
+        "--self-signed", "127.0.0.1", "--write-cert", str(tmp_path / "upstream.crt"),
+        "--proxy", f"site-a={tmp_path / 'site-a.psk'}", "--expect-feature", "southbound", "--expect-feature", "dhcp",
+    ], tmp_path / "upstream.log", env={"PYTHONPATH": str(REPO / "app")}).start()
+    try:
+        wait_for_port("127.0.0.1", port, proc=peer)
+        up = {"url": f"https://127.0.0.1:{port}", "ca": str(tmp_path / "upstream.crt")}
+        node = tmp_path / "node"
+        listen = free_port()
+        config = write_config(node, up["url"], upstream={"ca_file": up["ca"]}, agents={"ports": []},
+                              listen={"host": "127.0.0.1", "port": listen}, public_url=f"http://127.0.0.1:{listen}")
+        proc = start_worker(config, node)  # starts, with southbound failed
+        try:
+            done = cli("register", "-c", str(config))
+        finally:
+            proc.stop()
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines() == [
+            "agent-proxy: warning: the upstream expects feature dhcp, which this proxy does not offer",
+            "agent-proxy: warning: the upstream expects feature southbound, which is failed here: "
+            "agents.ports: at least one agent port is required",
+        ]
+        [record] = registered(up)
+        assert record["feature_states"]["southbound"]["state"] == "failed"
+        assert record["expected_features"] == ["southbound", "dhcp"]
+    finally:
+        peer.stop()
+
+
+def test_a_reload_that_changes_the_features_refreshes_the_registration(upstream, tmp_path):
+    import signal
+    import time
+
+    listen = free_port()
+    public = {"host": "127.0.0.1", "port": listen}
+    config = write_config(tmp_path, upstream["url"], upstream={"ca_file": upstream["ca"]}, listen=public,
+                          public_url=f"http://127.0.0.1:{listen}")
+    proc = start_worker(config, tmp_path)
+    try:
+        assert cli("register", "-c", str(config)).returncode == 0
+        write_config(tmp_path, upstream["url"], upstream={"ca_file": upstream["ca"]}, listen=public,
+                     public_url=f"http://127.0.0.1:{listen}", agents={"ports": [2003, 2005]})
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while True:
+            [record] = [r for r in registered(upstream) if r["proxy_id"] == "site-a"]
+            if "agent-port-2005" in record["feature_states"]["southbound"]["capabilities"]:
+                break
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.2)
+        assert "registration refreshed: site-a was already registered (refreshed)" in proc.output()
+    finally:
+        proc.stop()
+        cli("deregister", "-c", str(config))

@@ -54,3 +54,67 @@ def test_unverifiable_upstream_is_a_502_naming_tls(pki, tmp_path):
         assert origin.received == []
     finally:
         origin.stop()
+
+
+def test_an_untrusted_upstream_certificate_fails_northbound_and_ready_says_why(pki, tmp_path):
+    from agent_proxy import signing
+    from kit import SECRET
+
+    origin = Origin(tls=(str(pki / "origin.crt"), str(pki / "origin.key"))).start()
+    config = write_config(tmp_path, origin.url)  # system CAs do not know the origin
+    proc = start_worker(config, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+        ready = urllib3.request("GET", url + "/_proxy/ready", retries=False, timeout=10)
+        reason = json.loads(ready.data)["failed"]["northbound"]
+        assert ready.status == 503 and reason.startswith("the upstream's certificate is not trusted: ")
+        assert "(upstream.ca_file: system CAs)" in reason
+        auth = signing.authorization(SECRET.encode(), "site-a", "GET", "/_proxy/v2/features")
+        v2 = json.loads(urllib3.request("GET", url + "/_proxy/v2/features", headers={"Authorization": auth}, retries=False, timeout=10).data)
+        assert v2["northbound"]["state"] == "failed" and v2["northbound"]["reason"] == reason
+        assert v2["southbound"]["state"] == "running"
+        # Trusting the origin's certificate and reloading makes northbound run again.
+        import signal
+        import time
+
+        write_config(tmp_path, origin.url, upstream={"ca_file": str(pki / "origin.crt")},
+                     listen=yaml.safe_load(config.read_text())["listen"])
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while urllib3.request("GET", url + "/_proxy/ready", retries=False, timeout=10).status != 200:
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.1)
+        v2 = json.loads(urllib3.request("GET", url + "/_proxy/v2/features", headers={"Authorization": auth}, retries=False, timeout=10).data)
+        assert v2["northbound"]["state"] == "running"
+    finally:
+        proc.stop()
+        origin.stop()
+
+
+def test_a_worker_starts_with_an_unreadable_ca_file_and_a_reload_repairs_it(pki, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    origin = Origin(tls=(str(pki / "origin.crt"), str(pki / "origin.key"))).start()
+    ca_file = tmp_path / "upstream-ca.pem"  # not there yet
+    config = write_config(tmp_path, origin.url, upstream={"ca_file": str(ca_file)})
+    proc = start_worker(config, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
+        ready = urllib3.request("GET", url + "/_proxy/ready", retries=False, timeout=10)
+        assert ready.status == 503
+        assert json.loads(ready.data)["failed"] == {"northbound": f"upstream.ca_file: cannot read file {ca_file}"}
+        relayed = urllib3.request("GET", url + "/echo", retries=False, timeout=10)
+        assert relayed.status == 503 and relayed.headers["X-Agent-Proxy-Error"] == "feature-failed"
+        assert f"feature northbound failed: upstream.ca_file: cannot read file {ca_file}" in proc.output()
+        shutil.copy(pki / "origin.crt", ca_file)
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while urllib3.request("GET", url + "/_proxy/ready", retries=False, timeout=10).status != 200:
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.1)
+        assert urllib3.request("GET", url + "/echo", retries=False, timeout=10).status == 200
+    finally:
+        proc.stop()
+        origin.stop()

@@ -51,9 +51,11 @@ def test_v2_features_is_signed_and_shaped_like_foreman(client):
     assert set(result.json) == {"northbound", "southbound", "registration", "metrics"}
     for feature in result.json.values():
         assert feature["state"] in ("uninitialized", "loaded", "starting", "running", "disabled", "failed")
-        assert set(feature) == {"state", "settings", "capabilities"}
+        assert set(feature) == {"state", "http_enabled", "https_enabled", "settings", "capabilities"}
+        assert (feature["http_enabled"], feature["https_enabled"]) == (False, True)
     assert result.json["northbound"]["settings"]["upstream_url"] == "https://127.0.0.1:9"
     assert "hmac-sha256" in result.json["northbound"]["capabilities"]
+    assert {"agent-tls", "agent-port-2003"} <= set(result.json["southbound"]["capabilities"])
 
 
 def test_handshake_signs_the_nonce_back(client):

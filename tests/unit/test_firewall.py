@@ -144,3 +144,27 @@ def test_gateway_render_without_public_address_is_a_one_line_error(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "public_address" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def control_config():
+    return configuration.parse(
+        {**CONFIG, "listen_control": {"host": "127.0.0.1", "port": 9002},
+         "networks": {"agents": ["10.0.0.0/24", "fd00:a::/64"], "upstream": ["8.7.6.5/32", "2001:db8:5::/48"]}},
+        "test", environ={},
+    )
+
+
+def test_with_listen_control_the_upstream_is_admitted_on_the_control_port_only(control_config):
+    for name, expected in (("firewall-node", {2002: ["10.0.0.0/24", "10.1.2.3/32"], 2004: ["10.1.2.3/32", "8.7.6.5/32"]}),
+                           ("firewall-node6", {2002: ["fd00:a::/64"], 2004: ["2001:db8:5::/48"]})):
+        appended = [line for line in rule_lines(render(name, control_config, {})) if line.startswith("-A INPUT -s")]
+        by_port = {port: sorted(line.split()[3] for line in appended if f"--dport {port} " in line) for port in (2002, 2004)}
+        assert by_port == expected, name
+
+
+def test_with_listen_control_the_gateway_forwards_to_the_control_port(scratch_ns, control_config):
+    rules = render("firewall-gateway", control_config, GATEWAY)
+    assert restore_test(scratch_ns, rules).returncode == 0
+    dnat = [line for line in rule_lines(rules) if "-j DNAT" in line]
+    assert dnat == ["-A PREROUTING -s 8.7.6.5/32 -d 4.3.2.1/32 -p tcp -m tcp --dport 2002 -j DNAT --to-destination 10.1.2.3:2004"]

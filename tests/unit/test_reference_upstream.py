@@ -252,3 +252,30 @@ def test_root_answers_the_readiness_probe():
     client, _ = make_upstream(call)
     assert client.simulate_head("/").status_code == 200
     assert json.loads(client.simulate_get("/").text) == {"service": "agent-proxy reference upstream"}
+
+
+def test_registration_stores_the_v2_answer_and_the_listing_shows_it():
+    client, _ = make_upstream(caller_into(worker_app("site-a", SECRET_A)))
+    assert register(client).status_code == 201
+    [listed] = client.simulate_get("/operator/v1/proxies").json
+    states = listed["feature_states"]
+    assert states["northbound"]["state"] == "running"
+    assert "agent-port-2003" in states["southbound"]["capabilities"]
+    assert states["registration"]["settings"] == {"public_url": PROXY_URL}
+
+
+def test_registration_falls_back_to_the_classic_feature_list():
+    real = caller_into(worker_app("site-a", SECRET_A))
+
+    def older_proxy(url, method, path, body=b"", headers=None, context=None, timeout=10):
+        if path.endswith("/_proxy/v2/features"):  # a proxy from before v2
+            return Answer(404, {}, b'{"title": "Not Found"}')
+        return real(url, method, path, body, headers, context, timeout)
+
+    client, _ = make_upstream(older_proxy)
+    assert register(client).status_code == 201
+    [listed] = client.simulate_get("/operator/v1/proxies").json
+    assert listed["feature_states"] == {
+        name: {"state": "running", "settings": {}, "capabilities": []}
+        for name in ("northbound", "southbound", "registration", "metrics")
+    }

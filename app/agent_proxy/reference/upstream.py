@@ -47,6 +47,8 @@ class Settings:
     proxy_context: ssl.SSLContext | None = None  # how proxies' TLS is verified; None: system CAs
     allow_token_override: bool = False
     operator_networks: tuple = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    # Features every proxy should run; sent back on registration so the proxy can warn.
+    expected_features: tuple = ()
 
 
 @dataclass
@@ -137,9 +139,11 @@ class AgentProxies:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise falcon.HTTPBadRequest(title="Bad request", description=f"url must be http(s)://host[:port], got {url!r}")
         features = self._handshake(proxy_id, url)
+        states = self._feature_states(proxy_id, url)
         record = {
             "proxy_id": proxy_id, "url": url, "version": data.get("version"),
-            "features": features, "registered_at": time.time(),
+            "features": features, "feature_states": states,
+            "expected_features": list(self.settings.expected_features), "registered_at": time.time(),
         }
         with self.registry.lock:
             known = proxy_id in self.registry.proxies
@@ -179,6 +183,32 @@ class AgentProxies:
             raise failed(f"the answer of the proxy at {url} does not carry our nonce and its proxy_id")
         features = body.get("features")
         return features if isinstance(features, list) else []
+
+    def _feature_states(self, proxy_id: str, url: str) -> dict | None:
+        """The proxy's v2 answer (state, settings, capabilities per feature), as Foreman keeps it.
+
+        A proxy without /_proxy/v2/features (404) is asked for the classic /_proxy/features
+        list instead: every listed feature counts as running, with no settings. None when
+        neither answers.
+        """
+        secret = self.settings.secrets[proxy_id]
+        for path, signed in (("/_proxy/v2/features", True), ("/_proxy/features", False)):
+            target = url_path(url) + path
+            headers = {"Authorization": signing.authorization(secret, proxy_id, "GET", target)} if signed else {}
+            try:
+                answer = self.call(url, "GET", target, b"", headers, context=self.settings.proxy_context, timeout=10)
+            except CallError as exc:
+                _log("features-unavailable", proxy_id=proxy_id, url=url, reason=str(exc))
+                return None
+            body = answer.json() if answer.status == 200 else None
+            if isinstance(body, dict):
+                return body
+            if isinstance(body, list):
+                return {str(name): {"state": "running", "settings": {}, "capabilities": []} for name in body}
+            if answer.status != 404:
+                _log("features-unavailable", proxy_id=proxy_id, url=url, reason=f"{path} answered {answer.status}")
+                return None
+        return None
 
 
 class AgentProxy:
@@ -396,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skew", type=int, default=300, help="accepted clock skew, seconds (default %(default)s)")
     parser.add_argument("--operator-network", action="append", metavar="CIDR", help="sources allowed on /operator/v1/*")
     parser.add_argument("--allow-token-override", action="store_true", help="test/demo aid: commands may carry token_override")
+    parser.add_argument("--expect-feature", action="append", default=[], metavar="NAME",
+                        help="a feature every proxy should run (repeatable); registration answers say so")
     args = parser.parse_args(argv)
 
     try:
@@ -434,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy_context=client_context(args.proxy_ca, verify=not args.insecure_proxy_tls),
             allow_token_override=args.allow_token_override,
             operator_networks=networks,
+            expected_features=tuple(args.expect_feature),
         )
         try:
             server = make_server(create_app(settings), host, port, context)
