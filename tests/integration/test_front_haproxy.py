@@ -153,7 +153,8 @@ def test_a_draining_worker_finishes_its_request_while_others_take_new_ones(node,
     name = busy_worker()
     port = int(name.removeprefix("worker"))
     node.workers[port].signal(signal.SIGTERM)
-    wait_until(lambda: server_stats(node.stats_socket, "workers")[name]["status"] != "UP", 5, "the draining worker is taken out")
+    # "UP 1/2" is a worker going down that still takes requests: wait until it is out.
+    wait_until(lambda: server_stats(node.stats_socket, "workers")[name]["status"] == "DOWN", 5, "the draining worker is taken out")
     before = {n: int(row["stot"]) for n, row in server_stats(node.stats_socket, "workers").items()}
     for _ in range(20):
         assert http.request("GET", node.url + "/echo").status == 200
