@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import falcon
+from waitress.channel import ClientDisconnected
 
-from . import __version__, relay, signing, targets
+from . import __version__, logs, relay, signing, targets
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
 from .logs import AccessLog, LineWriter
@@ -147,12 +148,14 @@ class Proxy:
         self.metrics = metrics
         self.trusted = frozenset(str(a) for a in config.trusted_proxies)
         up = urlsplit(config.upstream.url)
+        self.timeouts = connect_timeout, head_timeout, idle_timeout = config.upstream.timeouts()
         self.upstream = relay.Origin(
             scheme=up.scheme,
             host=up.hostname,
             port=up.port or (443 if up.scheme == "https" else 80),
-            connect_timeout=config.upstream.connect_timeout,
-            read_timeout=config.upstream.read_timeout,
+            connect_timeout=connect_timeout,
+            head_timeout=head_timeout,
+            idle_timeout=idle_timeout,
             ssl_context=relay.client_context(
                 config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
             ) if up.scheme == "https" else None,
@@ -205,12 +208,16 @@ class Proxy:
         else:
             resp.stream = answer.body
 
-    def origin_failure(self, direction: str, peer: str, exc: relay.OriginError) -> ProxyError:
-        kind = "timeout" if exc.timeout else "unreachable"
-        self.metrics.origin_errors.labels(direction, kind).inc()
-        if exc.timeout:
+    def origin_failure(self, info: dict, peer: str, exc: relay.OriginError) -> ProxyError:
+        """The answer for an origin that failed before its head was relayed."""
+        self.metrics.origin_errors.labels(info["direction"], exc.kind).inc()
+        if exc.kind == "timeout":
             return ProxyError(504, f"{peer}-timeout", "Gateway timeout", str(exc))
-        return ProxyError(502, f"{peer}-unreachable", "Bad gateway", str(exc))
+        if exc.kind == "bad-answer":
+            info["outcome"] = "refused"
+            logs.event(log, f"refused an answer: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
+            return ProxyError(502, "bad-answer", "Bad gateway", str(exc))
+        return ProxyError(502, f"{peer}-{exc.kind}", "Bad gateway", str(exc))
 
 
 class Guard:
@@ -297,7 +304,7 @@ class Northbound:
         try:
             answer = relay.forward(proxy.cache, proxy.upstream, req.method, target, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure("northbound", "upstream", exc) from None
+            raise proxy.origin_failure(info, "upstream", exc) from None
         proxy.state.heard_from_upstream()
         proxy.relay_answer(resp, answer)
 
@@ -315,11 +322,7 @@ class Southbound:
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         scheme = "https" if proxy.config.agents.tls else "http"
-        origin = relay.Origin(
-            scheme, target.ip, target.port,
-            proxy.config.upstream.connect_timeout, proxy.config.upstream.read_timeout,
-            proxy.agent_context,
-        )
+        origin = relay.Origin(scheme, target.ip, target.port, *proxy.timeouts, proxy.agent_context)
         headers = incoming_headers(env, frozenset({"authorization", "x-request-id"}))
         headers += [("Host", origin.authority), ("X-Request-ID", request_id)]
         length = _body_length(req, proxy.config)
@@ -327,7 +330,7 @@ class Southbound:
         try:
             answer = relay.forward(proxy.cache, origin, req.method, target.path_and_query, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure("southbound", "agent", exc) from None
+            raise proxy.origin_failure(info, "agent", exc) from None
         proxy.relay_answer(resp, answer)
 
 
@@ -379,7 +382,7 @@ class Ready:
             state.last_probe = time.monotonic()
             origin = relay.Origin(
                 proxy.upstream.scheme, proxy.upstream.host, proxy.upstream.port,
-                min(proxy.upstream.connect_timeout, 2.0), 2.0, proxy.upstream.ssl_context,
+                min(proxy.upstream.connect_timeout, 2.0), 2.0, 2.0, proxy.upstream.ssl_context,
             )
             try:  # any answer means: reachable; the connection is not kept (a cache of none)
                 relay.forward(
@@ -544,7 +547,17 @@ class Worker:
                 "bytes_in": info["bytes_in"],
                 "bytes_out": sent,
                 "duration_ms": round(duration * 1000, 3),
+                "outcome": info.get("outcome", "complete"),
             })
+
+
+class AbortAnswer(ClientDisconnected):
+    """Raised from a streamed answer to cut the client's connection mid-answer.
+
+    waitress treats it as a client gone: it closes the connection once what was written
+    is sent, without the last chunk of a chunked answer (or short of its Content-Length),
+    and logs it at info only. Any other exception does the same but with a traceback.
+    """
 
 
 class _Counted:
@@ -557,9 +570,16 @@ class _Counted:
         self._sent = 0
 
     def __iter__(self):
-        for chunk in self._body:
-            self._sent += len(chunk)
-            yield chunk
+        try:
+            for chunk in self._body:
+                self._sent += len(chunk)
+                yield chunk
+        except relay.BrokenBody as exc:
+            info = self._args[1]
+            info["outcome"] = "truncated"
+            self._worker.proxy.metrics.truncated.labels(info["direction"]).inc()
+            logs.event(log, f"cut the client's connection: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
+            raise AbortAnswer(str(exc)) from None
 
     def close(self):
         try:

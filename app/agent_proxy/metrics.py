@@ -36,6 +36,10 @@ class Metrics:
             "agent_proxy_origin_errors", "Upstream or agent failures (connect, timeout)",
             ["direction", "kind"], registry=self.registry,
         )
+        self.truncated = Counter(
+            "agent_proxy_truncated_answers", "Answers cut off after their head was relayed (the origin's body broke)",
+            ["direction"], registry=self.registry,
+        )
         self.rejected = Counter(
             "agent_proxy_rejected", "Requests refused before relaying, by reason",
             ["reason"], registry=self.registry,
