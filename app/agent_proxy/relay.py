@@ -307,6 +307,8 @@ class Connection:
                 if buffer:
                     raise ProtocolError("the origin closed the connection mid-head")
                 raise ClosedEarly()
+        if end > MAX_HEAD:
+            raise ProtocolError("an answer head over 64 KiB")
         head = bytes(buffer[:end])
         del buffer[:end + 4]
         return head
@@ -574,7 +576,7 @@ def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | Non
         remaining -= len(chunk)
 
 
-def _answer_head(conn: Connection) -> Head:
+def answer_head(conn: Connection) -> Head:
     """The final answer's head; interim 1xx answers (100 Continue, 103 Early Hints) are skipped."""
     for interim in range(MAX_INTERIM + 1):
         try:
@@ -629,7 +631,7 @@ def forward(
         try:
             conn.deadline = deadline
             _send(conn, request, body, length, payload)
-            head = _answer_head(conn)
+            head = answer_head(conn)
             conn.deadline = None
         except BaseException as exc:
             cache.discard(conn)

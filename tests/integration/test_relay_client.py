@@ -28,6 +28,14 @@ class Closing(bytes):
     """In a script: send these bytes, then close the connection."""
 
 
+class Drip(list):
+    """In a script: send these pieces ``interval`` seconds apart (until the client hangs up)."""
+
+    def __init__(self, pieces, interval: float):
+        super().__init__(pieces)
+        self.interval = interval
+
+
 class ScriptedOrigin:
     """Answers the n-th request (over all connections) with ``script[n]``; connections stay open."""
 
@@ -71,6 +79,12 @@ class ScriptedOrigin:
             data = data[length:]
             answer = self.script.pop(0)
             if answer is CLOSE:
+                return
+            if isinstance(answer, Drip):
+                with contextlib.suppress(OSError):
+                    for piece in answer:
+                        conn.sendall(piece)
+                        time.sleep(answer.interval)
                 return
             conn.sendall(answer)
             if isinstance(answer, Closing):
@@ -354,3 +368,44 @@ def test_an_origin_that_accepts_and_never_answers_times_out(tmp_path, scheme):
     for conn in held:
         conn.close()
     listener.close()
+
+
+@pytest.mark.parametrize("script, kind, says", [
+    # a head dripped a byte every 0.1 s: each receive is quick, the head never done
+    (Drip([bytes([b]) for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 100], 0.1), "timeout", "did not answer within 1 s"),
+    # 102 Processing every 0.3 s: under the interim bound when the deadline passes
+    (Drip([b"HTTP/1.1 102 Processing\r\n\r\n"] * 30, 0.3), "timeout", "did not answer within 1 s"),
+    # 103 every 0.05 s: more interim answers than are ever skipped
+    (Drip([b"HTTP/1.1 103 Early Hints\r\n\r\n"] * 100, 0.05), "bad-answer", "more than 8 interim"),
+])
+def test_the_head_has_one_deadline_however_the_origin_drips_it(script, kind, says):
+    server = ScriptedOrigin([script])
+    try:
+        origin = relay.Origin("http", "127.0.0.1", server.port, 5, 1, 5)
+        started = time.monotonic()
+        with pytest.raises(relay.OriginError, match=says) as failed:
+            get(relay.ConnectionCache(limit=1), origin)
+        assert failed.value.kind == kind
+        assert time.monotonic() - started < 3  # the drip would last 3 s or more
+    finally:
+        server.close()
+
+
+def test_a_body_may_take_longer_than_the_head_deadline_while_it_keeps_coming():
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"] + [b"1\r\nx\r\n"] * 8 + [b"0\r\n\r\n"]
+    server = ScriptedOrigin([Drip(pieces, 0.2)])
+    try:
+        origin = relay.Origin("http", "127.0.0.1", server.port, 5, 1, 1)
+        assert body_of(get(relay.ConnectionCache(limit=1), origin)) == b"x" * 8
+    finally:
+        server.close()
+
+
+def test_content_length_beside_chunked_is_dropped_and_the_body_framed_by_the_chunks(scripted):
+    _, origin, cache = scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"b\r\nhello world\r\n0\r\n\r\n"
+    )
+    answer = get(cache, origin)
+    assert answer.headers == []
+    assert body_of(answer) == b"hello world"
