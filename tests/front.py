@@ -128,8 +128,11 @@ class NodeFront:
             proc.stop()
 
 
-def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node") -> NodeFront:
-    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP."""
+def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node", **overrides) -> NodeFront:
+    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP.
+
+    ``overrides``: further top-level config keys (as for ``write_config``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ports, front_port = free_ports(workers), free_port()
     stats_socket = str(directory / "haproxy.sock")
@@ -139,6 +142,7 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
         upstream={"read_timeout": 10},
         front={"bind": "127.0.0.1", "port": front_port, "workers": workers, "balancers": balancers,
                "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket},
+        **overrides,
     )
     node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None)
     try:

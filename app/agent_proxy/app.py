@@ -17,6 +17,7 @@ around Falcon, because only there is the last byte of a streamed answer seen.
 from __future__ import annotations
 
 import functools
+import http
 import io
 import ipaddress
 import itertools
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from waitress.channel import ClientDisconnected
 
 from . import __version__, logs, relay, signing, targets
 from .config import Config
-from .errors import ERROR_HEADER, ProxyError, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
+from .errors import ERROR_HEADER, ProxyError, body as error_body, bad_target, forbidden, handle_proxy_error, serialize_falcon_error, unauthorized
 from .logs import AccessLog, LineWriter
 from .metrics import Metrics
 from .overload import rejecting
@@ -524,7 +526,7 @@ class Worker:
         if isinstance(body, list):
             self._finish(env, info, status_holder, started, sum(map(len, body)))
             return body
-        return _Counted(body, self, env, info, status_holder, started)
+        return _Counted(body, self, env, info, status_holder, started, recording_start_response)
 
     def _leave(self) -> None:
         with self.proxy.state.lock:
@@ -533,7 +535,7 @@ class Worker:
     def _finish(self, env, info, status_holder, started, sent: int) -> None:
         self._leave()
         duration = time.perf_counter() - started
-        status = int(status_holder[0][:3]) if status_holder else 500
+        status = int(status_holder[-1][:3]) if status_holder else 500
         self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent)
         access_log = self.proxy.access_log
         if access_log.enabled:
@@ -563,10 +565,11 @@ class AbortAnswer(ClientDisconnected):
 class _Counted:
     """A streamed answer: counts bytes and logs when waitress closes it."""
 
-    def __init__(self, body, worker: Worker, env, info, status_holder, started):
+    def __init__(self, body, worker: Worker, env, info, status_holder, started, start_response):
         self._body = body
         self._args = (env, info, status_holder, started)
         self._worker = worker
+        self._start_response = start_response
         self._sent = 0
 
     def __iter__(self):
@@ -575,9 +578,20 @@ class _Counted:
                 self._sent += len(chunk)
                 yield chunk
         except relay.BrokenBody as exc:
-            info = self._args[1]
+            info, proxy = self._args[1], self._worker.proxy
+            if not self._sent:
+                # waitress sends the head with the first piece: none went out, so the
+                # answer can still be the error it is (502 bad-answer, 504).
+                error = proxy.origin_failure(info, "agent" if info["direction"] == "southbound" else "upstream", exc)
+                data = error_body(error.title, error.description)
+                self._start_response(f"{error.status} {http.HTTPStatus(error.status).phrase}", [
+                    ("Content-Type", "application/json"), (ERROR_HEADER, error.code), ("Content-Length", str(len(data))),
+                ], sys.exc_info())
+                self._sent = len(data)
+                yield data
+                return
             info["outcome"] = "truncated"
-            self._worker.proxy.metrics.truncated.labels(info["direction"]).inc()
+            proxy.metrics.truncated.labels(info["direction"]).inc()
             logs.event(log, f"cut the client's connection: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
             raise AbortAnswer(str(exc)) from None
 

@@ -113,8 +113,8 @@ class ClosedEarly(Exception):
     """The origin closed the connection before sending a byte of its answer."""
 
 
-class BrokenBody(Exception):
-    """The answer broke off after its head was relayed: bad framing, a stall, an early close."""
+class BrokenBody(OriginError):
+    """The answer's body broke off (bad framing, a stall, an early close) after its head was read."""
 
 
 @dataclass(frozen=True)
@@ -489,8 +489,9 @@ class StreamedBody:
     """Yields the origin's body in chunks; gives the connection back if it was read to the end.
 
     If the body breaks off (bad framing, no byte within the idle timeout, the origin
-    closing early), iterating raises ``BrokenBody``: the head is gone to the client by
-    then, and only cutting its connection tells it that the answer is not whole.
+    closing early), iterating raises ``BrokenBody``. Before the first piece the caller
+    can still answer with an error of its own; after it, the head is gone to the client,
+    and only cutting its connection tells it that the answer is not whole.
     """
 
     def __init__(self, conn: Connection, head: Head, framing: str, origin: Origin, cache: ConnectionCache):
@@ -512,9 +513,9 @@ class StreamedBody:
         try:
             yield from self._pieces
         except TIMED_OUT:
-            raise BrokenBody(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s") from None
+            raise BrokenBody(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout") from None
         except (OSError, ProtocolError) as exc:
-            raise BrokenBody(f"the body from {origin.authority} broke off: {exc}") from None
+            raise BrokenBody(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
         self._complete = True
 
     def close(self) -> None:
