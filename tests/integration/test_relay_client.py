@@ -10,7 +10,6 @@ tests/unit/test_protocol.py; here are the ones that need a connection and a cloc
 
 from __future__ import annotations
 
-import contextlib
 import io
 import socket
 import ssl
