@@ -192,6 +192,8 @@ def test_a_get_on_a_reused_connection_the_origin_closed_is_sent_again_once(scrip
     (Drip([bytes([b]) for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 50], 0.1), "upstream-timeout"),
     (Drip([b"HTTP/1.1 102 Processing\r\n\r\n"] * 20, 0.3), "upstream-timeout"),
     (Drip([b"HTTP/1.1 103 Early Hints\r\n\r\n"] * 100, 0.05), "bad-answer"),
+    # the head in time, then no first byte of the body within the idle timeout
+    (Drip([CHUNKED, b"5\r\nhello\r\n0\r\n\r\n"], 5), "upstream-timeout"),
 ])
 def test_an_origin_dripping_its_head_is_cut_at_the_head_deadline(scripted_worker, drip, code):
     _, worker = scripted_worker(drip)
