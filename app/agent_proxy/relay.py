@@ -209,7 +209,9 @@ class Connection:
     def fill(self) -> int:
         """Receive what the origin has sent (at least a byte); 0 when it has closed."""
         if self.deadline is not None:
-            self.wait_at_most(self.deadline - time.monotonic())
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0 or abs(remaining - self.timeout) > TIMEOUT_SLACK:
+                self.wait_at_most(remaining)
         elif self.timeout != self.idle:
             self.wait_at_most(self.idle, exactly=True)
         data = self.sock.recv(RECEIVE)
@@ -290,13 +292,13 @@ class Connection:
         """The status line and headers of the next answer, without the blank line."""
         buffer = self.buffer
         while (end := buffer.find(b"\r\n\r\n")) < 0:
-            # What is buffered is all head: refuse at once what can never become one.
-            if buffer[:5] != b"HTTP/"[:len(buffer)]:
-                raise ProtocolError(f"not an HTTP/1.x answer (HTTP/0.9 or garbage): {bytes(buffer[:40])!r}")
-            if buffer.count(b"\n") != buffer.count(b"\r\n"):
-                raise ProtocolError("a line of the head ended by a bare LF")
-            if len(buffer) > MAX_HEAD:
-                raise ProtocolError("an answer head over 64 KiB")
+            if buffer:  # all head so far: refuse at once what can never become one
+                if buffer[:5] != b"HTTP/"[:len(buffer)]:
+                    raise ProtocolError(f"not an HTTP/1.x answer (HTTP/0.9 or garbage): {bytes(buffer[:40])!r}")
+                if buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    raise ProtocolError("a line of the head ended by a bare LF")
+                if len(buffer) > MAX_HEAD:
+                    raise ProtocolError("an answer head over 64 KiB")
             try:
                 received = self.fill()
             except ConnectionResetError:
