@@ -245,7 +245,8 @@ def test_an_origin_that_closes_without_answering_is_an_error_on_a_fresh_connecti
     (Closing(b"HTTP/1.1 200 OK\r\n\r\nuntil close is complete"), None),
 ])
 def test_a_stream_that_breaks_raises_and_drops_the_connection(scripted, answer, says):
-    _, origin, cache = scripted(answer)
+    _, origin, cache = scripted(OK_A, answer)
+    assert body_of(get(cache, origin)) == b"a" and cache.kept == 1  # the stream comes on a kept connection
     answer = get(cache, origin)
     pieces = []
     if says is None:
