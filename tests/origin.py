@@ -1,4 +1,7 @@
-"""A small real HTTP origin for tests: records what it receives and answers on cue.
+"""Small real HTTP origins for tests: records what they receive and answer on cue.
+
+``ScriptedOrigin`` answers exactly the bytes a test scripts (hostile answers, closes,
+drips), on raw sockets. ``Origin`` is a well-behaved one:
 
 Run in-process (``Origin().start()``) or as a program (``python -m tests.origin PORT
 [--tls CERT KEY]``, e.g. as an agent inside a namespace). Paths:
@@ -16,9 +19,11 @@ A leading /base is ignored, so that an upstream URL with a path prefix can be te
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import socket
 import ssl
 import sys
 import threading
@@ -125,6 +130,98 @@ class Origin:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+CLOSE = object()  # in a script: close the connection instead of answering
+
+
+class Closing(bytes):
+    """In a script: send these bytes, then close the connection."""
+
+
+class Drip(list):
+    """In a script: send these pieces ``interval`` seconds apart, then close (or when the client hangs up)."""
+
+    def __init__(self, pieces, interval: float):
+        super().__init__(pieces)
+        self.interval = interval
+
+
+class ScriptedOrigin:
+    """Answers the n-th request (over all connections) with ``script[n]``, byte for byte.
+
+    A script item is bytes (sent; the connection stays open), ``Closing`` (sent, then the
+    connection closed), ``CLOSE`` (closed without an answer) or a ``Drip``. Requests past
+    the end of the script are recorded and never answered.
+    """
+
+    def __init__(self, script: list, host: str = "127.0.0.1"):
+        self.script = list(script)
+        self.requests: list[bytes] = []   # each request as received: head and body
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._accepting = threading.Thread(target=self._serve, daemon=True)
+        self._accepting.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._open.append(conn)
+            thread = threading.Thread(target=self._answer_all, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _answer_all(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(30)
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, _, data = data.partition(b"\r\n\r\n")
+                fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+                length = next((int(v) for n, v in fields if n.lower() == b"content-length"), 0)
+                while len(data) < length:
+                    data += conn.recv(65536)
+                with self._lock:
+                    self.requests.append(head + b"\r\n\r\n" + data[:length])
+                    answer = self.script.pop(0) if self.script else None
+                data = data[length:]
+                if answer is None:
+                    continue  # the script is done: hold the connection until the client closes it
+                if answer is CLOSE:
+                    return
+                if isinstance(answer, Drip):
+                    for piece in answer:
+                        conn.sendall(piece)
+                        time.sleep(answer.interval)
+                    return
+                conn.sendall(answer)
+                if isinstance(answer, Closing):
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            sockets = [self._listener, *self._open]
+        for sock in sockets:  # wakes the threads from accept() and recv()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for thread in [self._accepting, *self._threads]:
+            thread.join(10)
 
 
 if __name__ == "__main__":

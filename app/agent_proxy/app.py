@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import http
 import io
 import ipaddress
 import itertools
@@ -26,6 +27,7 @@ import logging
 import os
 import re
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,8 +35,9 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import falcon
+from waitress.channel import ClientDisconnected
 
-from . import __version__, features, relay, signing, targets, tlsutil
+from . import __version__, features, logs, relay, signing, targets, tlsutil
 from .config import Config
 from .errors import ERROR_HEADER, ProxyError, body as error_body, handle_proxy_error, serialize_falcon_error
 from .logs import AccessLog, LineWriter
@@ -163,12 +166,14 @@ class Proxy:
         # A failed feature's TLS context is never built: its requests are refused instead.
         self.static_failures = features.static_failures(config)
         up = urlsplit(config.upstream.url)
+        self.timeouts = connect_timeout, head_timeout, idle_timeout = config.upstream.timeouts()
         self.upstream = relay.Origin(
             scheme=up.scheme,
             host=up.hostname,
             port=up.port or (443 if up.scheme == "https" else 80),
-            connect_timeout=config.upstream.connect_timeout,
-            read_timeout=config.upstream.read_timeout,
+            connect_timeout=connect_timeout,
+            head_timeout=head_timeout,
+            idle_timeout=idle_timeout,
             ssl_context=relay.client_context(
                 config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
             ) if up.scheme == "https" and "northbound" not in self.static_failures else None,
@@ -235,10 +240,14 @@ class Proxy:
         else:
             resp.stream = answer.body
 
-    def origin_failure(self, direction: str, peer: str, exc: relay.OriginError) -> ProxyError:
-        kind = "timeout" if exc.timeout else "unreachable"
-        self.metrics.origin_errors.labels(direction, kind).inc()
-        return ProxyError(f"{peer}-{kind}", str(exc))
+    def origin_failure(self, info: dict, peer: str, exc: relay.OriginError) -> ProxyError:
+        """The answer for an origin that failed before its head was relayed."""
+        self.metrics.origin_errors.labels(info["direction"], exc.kind).inc()
+        if exc.kind == "bad-answer":
+            info["outcome"] = "refused"
+            logs.event(log, f"refused an answer: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
+            return ProxyError("bad-answer", str(exc))
+        return ProxyError(f"{peer}-{exc.kind}", str(exc))
 
 
 class Policy(enum.Enum):
@@ -386,7 +395,7 @@ class Northbound:
         try:
             answer = relay.forward(proxy.cache, proxy.upstream, req.method, target, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure("northbound", "upstream", exc) from None
+            raise proxy.origin_failure(info, "upstream", exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
         state = proxy.state
@@ -410,11 +419,7 @@ class Southbound:
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
         scheme = "https" if proxy.config.agents.tls else "http"
-        origin = relay.Origin(
-            scheme, target.ip, target.port,
-            proxy.config.upstream.connect_timeout, proxy.config.upstream.read_timeout,
-            proxy.agent_context,
-        )
+        origin = relay.Origin(scheme, target.ip, target.port, *proxy.timeouts, proxy.agent_context)
         headers = incoming_headers(env, frozenset({"authorization", "x-request-id"}))
         headers += [("Host", origin.authority), ("X-Request-ID", request_id), ("Via", VIA)]
         length = _body_length(req, proxy.config)
@@ -423,7 +428,7 @@ class Southbound:
         try:
             answer = relay.forward(proxy.cache, origin, req.method, target.path_and_query, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure("southbound", "agent", exc) from None
+            raise proxy.origin_failure(info, "agent", exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
         proxy.relay_answer(resp, answer)
@@ -474,7 +479,7 @@ class Ready:
             state.last_probe = time.monotonic()
             origin = relay.Origin(
                 proxy.upstream.scheme, proxy.upstream.host, proxy.upstream.port,
-                min(proxy.upstream.connect_timeout, 2.0), 2.0, proxy.upstream.ssl_context,
+                min(proxy.upstream.connect_timeout, 2.0), 2.0, 2.0, proxy.upstream.ssl_context,
             )
             try:  # any answer means: reachable; the connection is not kept (a cache of none)
                 relay.forward(
@@ -624,7 +629,7 @@ class Worker:
         if isinstance(body, list):
             self._finish(env, info, status_holder, started, sum(map(len, body)))
             return body
-        return _Counted(body, self, env, info, status_holder, started)
+        return _Counted(body, self, env, info, status_holder, started, recording_start_response)
 
     def _leave(self) -> None:
         with self.proxy.state.lock:
@@ -633,7 +638,7 @@ class Worker:
     def _finish(self, env, info, status_holder, started, sent: int) -> None:
         self._leave()
         duration = time.perf_counter() - started
-        status = int(status_holder[0][:3]) if status_holder else 500
+        status = int(status_holder[-1][:3]) if status_holder else 500
         self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent, info.get("origin_seconds"))
         access_log = self.proxy.access_log
         if access_log.enabled and (access_log.health or env.get("PATH_INFO") not in _HEALTH_PATHS):
@@ -647,6 +652,7 @@ class Worker:
                 "bytes_in": info["bytes_in"],
                 "bytes_out": sent,
                 "duration_ms": round(duration * 1000, 3),
+                "outcome": info.get("outcome", "complete"),
             }
             # Only where they apply: the proxy's own error code, the time the origin took
             # to be connected to and to answer (first byte).
@@ -657,19 +663,47 @@ class Worker:
             access_log.write(fields)
 
 
+class AbortAnswer(ClientDisconnected):
+    """Raised from a streamed answer to cut the client's connection mid-answer.
+
+    waitress treats it as a client gone: it closes the connection once what was written
+    is sent, without the last chunk of a chunked answer (or short of its Content-Length),
+    and logs it at info only. Any other exception does the same but with a traceback.
+    """
+
+
 class _Counted:
     """A streamed answer: counts bytes and logs when waitress closes it."""
 
-    def __init__(self, body, worker: Worker, env, info, status_holder, started):
+    def __init__(self, body, worker: Worker, env, info, status_holder, started, start_response):
         self._body = body
         self._args = (env, info, status_holder, started)
         self._worker = worker
+        self._start_response = start_response
         self._sent = 0
 
     def __iter__(self):
-        for chunk in self._body:
-            self._sent += len(chunk)
-            yield chunk
+        try:
+            for chunk in self._body:
+                self._sent += len(chunk)
+                yield chunk
+        except relay.BrokenBody as exc:
+            info, proxy = self._args[1], self._worker.proxy
+            if not self._sent:
+                # waitress sends the head with the first piece: none went out, so the
+                # answer can still be the error it is (502 bad-answer, 504).
+                error = proxy.origin_failure(info, "agent" if info["direction"] == "southbound" else "upstream", exc)
+                data = error_body(error.title, error.description)
+                self._start_response(f"{error.status} {http.HTTPStatus(error.status).phrase}", [
+                    ("Content-Type", "application/json"), (ERROR_HEADER, error.code), ("Content-Length", str(len(data))),
+                ], sys.exc_info())
+                self._sent = len(data)
+                yield data
+                return
+            info["outcome"] = "truncated"
+            proxy.metrics.truncated.labels(info["direction"]).inc()
+            logs.event(log, f"cut the client's connection: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
+            raise AbortAnswer(str(exc)) from None
 
     def close(self):
         try:

@@ -199,9 +199,18 @@ class Upstream:
     client_key: str | None = _setting(None, _optional(_readable_file))
     connect_timeout: float = _setting(5.0, _seconds)
     read_timeout: float = _setting(60.0, _seconds)
+    # Connect, send and an answer's head, in total (interim 1xx answers included); null:
+    # read_timeout. Bounds what an origin dripping its head holds a worker thread.
+    head_timeout: float | None = _setting(None, _optional(_seconds))
+    # The longest pause between two reads of an answer's body; null: read_timeout.
+    idle_timeout: float | None = _setting(None, _optional(_seconds))
     pool_size: int = _setting(32, _int(1, 4096))
     # /_proxy/ready answers 200 while the upstream was heard from within this window.
     ready_window: float = _setting(120.0, _seconds)
+
+    def timeouts(self) -> tuple[float, float, float]:
+        """Connect, head and idle timeout in seconds, for relay.Origin (nulls resolved)."""
+        return self.connect_timeout, self.head_timeout or self.read_timeout, self.idle_timeout or self.read_timeout
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,11 @@ FAMILIES = (
     Family("agent_proxy_request_bytes_total", "counter", ("direction",), "sum", "body bytes received from clients"),
     Family("agent_proxy_response_bytes_total", "counter", ("direction",), "sum", "body bytes sent back to clients"),
     Family("agent_proxy_origin_errors_total", "counter", ("direction", "kind"), "sum",
-           "upstream (northbound) or agent (southbound) failures: kind unreachable or timeout"),
+           "upstream (northbound) or agent (southbound) failures before an answer's head was relayed: "
+           "kind unreachable, timeout, closed (before answering) or bad-answer (broke HTTP/1.1)"),
+    Family("agent_proxy_truncated_answers_total", "counter", ("direction",), "sum",
+           "answers cut off after their head was relayed (the origin's body broke or stalled): "
+           "the client's connection was closed short"),
     Family("agent_proxy_rejected_total", "counter", ("reason",), "sum",
            "requests refused before relaying: reason source, signature or overload"),
     Family("agent_proxy_held_requests", "gauge", (), "sum",
@@ -119,6 +123,7 @@ class Metrics:
         self.bytes_in = made["agent_proxy_request_bytes_total"]
         self.bytes_out = made["agent_proxy_response_bytes_total"]
         self.origin_errors = made["agent_proxy_origin_errors_total"]
+        self.truncated = made["agent_proxy_truncated_answers_total"]
         self.rejected = made["agent_proxy_rejected_total"]
         self.held = made["agent_proxy_held_requests"]
         self.max_in_flight = made["agent_proxy_max_in_flight"]
@@ -127,8 +132,9 @@ class Metrics:
         self.certificate_expiry = made["agent_proxy_certificate_expiry_timestamp_seconds"]
         # Every series an alert may ask for exists from the start, at 0 (a rate needs two points).
         for direction in ("northbound", "southbound"):
-            for kind in ("unreachable", "timeout"):
+            for kind in ("unreachable", "timeout", "closed", "bad-answer"):
                 self.origin_errors.labels(direction, kind)
+            self.truncated.labels(direction)
         for reason in ("source", "signature", "overload"):
             self.rejected.labels(reason)
         self._children: dict = {}

@@ -12,10 +12,19 @@ body for HEAD, 1xx, 204 and 304; chunked; Content-Length; otherwise until the or
 closes). Bodies pass through as bytes: small answers are read whole (cheaper than
 streaming them), large ones stream in 256 KiB reads. Nothing is decoded, nothing is
 decompressed, redirects are relayed as they are.
+
+The answer is read by one grammar, RFC 9112's, and strictly: origins and agents may be
+hostile. Anything outside it (a bad status line, a header name that is not a token, a
+control character in a value, an obsolete line folding, a bare LF, Content-Length
+values that are not ASCII digits or disagree, a chunk size that is not ASCII hex,
+oversized chunk extensions or trailers, HTTP/0.9, 101) raises ``ProtocolError``: before
+the head is relayed the caller answers 502, after it ``StreamedBody`` raises
+``BrokenBody`` so that the client's connection is cut, never ended as if complete.
 """
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import ssl
@@ -29,12 +38,21 @@ CHUNK = 256 * 1024
 # One receive while reading a head or a small body. Larger receives cost more than they
 # save: a 256 KiB buffer is an mmap and a munmap per receive (measured: ~30 us a request).
 RECEIVE = 64 * 1024
-MAX_HEAD = 64 * 1024  # status line and headers of one answer
-MAX_HEADERS = 100
+MAX_HEAD = 64 * 1024  # status line and headers of one answer; also the trailers of one
+MAX_HEADERS = 100     # header lines of one answer; also trailer lines
+MAX_INTERIM = 8       # 1xx answers skipped before the final one
+MAX_CHUNK_LINE = 4096  # a chunk size with its extensions
 # Idle connections older than this are checked for a close by the origin before reuse.
 IDLE_CHECK_AFTER = 1.0
 # Answers up to this size are read whole; larger ones are streamed.
 BUFFER_LIMIT = 256 * 1024
+# A receive timeout is set again only when it would change by more than this: the head
+# deadline of a request on a warm connection then costs no system call (it may be
+# overrun by this much).
+TIMEOUT_SLACK = 0.05
+
+# RFC 9110 9.2.2: only these may be sent again after a connection failed under them.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones that describe this hop's framing.
 HOP_BY_HOP = frozenset(
@@ -51,32 +69,68 @@ TIMED_OUT = (socket.timeout, BlockingIOError)
 # How an answer's body is delimited.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = "none", "length", "chunked", "close"
 
+# -- the grammar (RFC 9112 sections 4, 5 and 7; RFC 9110 5.5 and 5.6)
+# Byte classes are spelt out: str.isdigit() and int() accept far more than ASCII digits.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"  # HTAB, SP, VCHAR, obs-text: no CR, LF, NUL or other controls
+_STATUS_LINE = rb"HTTP/1\.[01] [1-5][0-9][0-9](?: " + _FIELD_VALUE + rb")?"
+_FIELD_LINE = _TCHAR + rb"+:" + _FIELD_VALUE
+# The whole head in one match: the common case costs one regex pass in C.
+_HEAD = re.compile(_STATUS_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
+_STATUS = re.compile(_STATUS_LINE)
+_FIELD = re.compile(_FIELD_LINE)
+_NAME = re.compile(_TCHAR + rb"+")
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TCHAR + rb"+(?:[ \t]*=[ \t]*(?:" + _TCHAR + rb"+|" + _QUOTED + rb"))?)*"
+)
+_DIGITS = "0123456789"
+_MAX_LENGTH_DIGITS = 18  # 10**18 bytes; longer is nonsense (and int() of 4,300 digits raises)
+
 
 class OriginError(Exception):
-    """The origin could not be reached or did not answer in time (``timeout``)."""
+    """The origin failed us before its answer's head was relayed.
 
-    def __init__(self, message: str, timeout: bool = False):
+    ``kind``: ``unreachable`` (no connection), ``timeout`` (no connection or no head in
+    time), ``closed`` (closed without a byte of an answer), ``bad-answer`` (an answer
+    that breaks the protocol, see ProtocolError).
+    """
+
+    def __init__(self, message: str, kind: str = "unreachable"):
         super().__init__(message)
-        self.timeout = timeout
+        self.kind = kind
+
+    @property
+    def timeout(self) -> bool:
+        return self.kind == "timeout"
 
 
 class ProtocolError(Exception):
-    """The origin's answer is not HTTP/1.x that can be relayed; the message says why."""
+    """The origin's answer is not HTTP/1.x that can be relayed; the message says why, in one line."""
 
 
 class ClosedEarly(Exception):
     """The origin closed the connection before sending a byte of its answer."""
 
 
+class BrokenBody(OriginError):
+    """The answer's body broke off (bad framing, a stall, an early close) after its head was read."""
+
+
 @dataclass(frozen=True)
 class Origin:
-    """Where requests go: scheme, host, port, TLS and timeouts."""
+    """Where requests go: scheme, host, port, TLS and timeouts.
+
+    ``head_timeout``: connect, send and the answer's head, in total; ``idle_timeout``:
+    the longest wait for the next bytes of a body (and for each send).
+    """
 
     scheme: str
     host: str
     port: int
     connect_timeout: float
-    read_timeout: float
+    head_timeout: float
+    idle_timeout: float
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
     @property
@@ -85,28 +139,34 @@ class Origin:
         default = 443 if self.scheme == "https" else 80
         return host if self.port == default else f"{host}:{self.port}"
 
-    def connect(self) -> Connection:
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+    def connect(self, deadline: float) -> Connection:
+        wait = min(self.connect_timeout, deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout()
+        sock = socket.create_connection((self.host, self.port), timeout=wait)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-                sock.settimeout(self.read_timeout)
             else:
-                # The kernel keeps the read timeout (SO_RCVTIMEO, SO_SNDTIMEO) of a blocking
+                # The kernel keeps the timeouts (SO_RCVTIMEO, SO_SNDTIMEO) of a blocking
                 # socket: a Python socket timeout polls before every send and receive, two
                 # more system calls and GIL round trips per request. A call that runs out of
                 # time fails with EAGAIN. (Not under TLS: the ssl module retries EAGAIN on a
                 # blocking socket for ever.)
                 sock.settimeout(None)
-                seconds = int(self.read_timeout)
-                timeval = struct.pack("ll", seconds, int((self.read_timeout - seconds) * 1e6))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.idle_timeout))
+            conn = Connection(sock, self.idle_timeout)
+            conn.wait_at_most(self.idle_timeout, exactly=True)
         except BaseException:
             sock.close()
             raise
-        return Connection(sock)
+        return conn
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def client_context(ca_file: str | None, verify: bool = True, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
@@ -123,16 +183,37 @@ def client_context(ca_file: str | None, verify: bool = True, cert: str | None = 
 class Connection:
     """One connection to an origin and the bytes received on it but not yet consumed."""
 
-    __slots__ = ("sock", "buffer", "used", "counted")
+    __slots__ = ("sock", "buffer", "used", "counted", "idle", "timeout", "deadline")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, idle: float):
         self.sock = sock
+        self.idle = idle      # the receive timeout outside a head: the longest pause in a body
         self.buffer = bytearray()
         self.used = 0.0       # monotonic time it was last given back to the cache
         self.counted = False  # counted against the cache's limit
+        self.timeout = 0.0    # the receive timeout set on the socket
+        self.deadline = None  # while a head is read: when it must have arrived (monotonic)
+
+    def wait_at_most(self, seconds: float, exactly: bool = False) -> None:
+        """Let each receive wait at most ``seconds`` (changed only if off by TIMEOUT_SLACK)."""
+        if seconds <= 0:
+            raise socket.timeout("the deadline has passed")
+        if not exactly and abs(seconds - self.timeout) <= TIMEOUT_SLACK:
+            return
+        self.timeout = seconds
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)
+        else:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
 
     def fill(self) -> int:
         """Receive what the origin has sent (at least a byte); 0 when it has closed."""
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0 or abs(remaining - self.timeout) > TIMEOUT_SLACK:
+                self.wait_at_most(remaining)
+        elif self.timeout != self.idle:
+            self.wait_at_most(self.idle, exactly=True)
         data = self.sock.recv(RECEIVE)
         self.buffer += data
         return len(data)
@@ -144,6 +225,8 @@ class Connection:
             data = bytes(buffer[:size])
             del buffer[:size]
             return data
+        if self.timeout != self.idle:
+            self.wait_at_most(self.idle, exactly=True)
         return self.sock.recv(size)
 
     def stream(self, size: int) -> Iterator[bytes]:
@@ -151,25 +234,35 @@ class Connection:
         while size:
             data = self.take(min(CHUNK, size))
             if not data:
-                raise ProtocolError("the origin closed the connection mid-body")
+                raise ProtocolError(f"the origin closed the connection {size} bytes short of the body")
             size -= len(data)
             yield data
 
     def unchunk(self) -> Iterator[bytes]:
-        """A chunked body's data, up to and including its last chunk and trailers (not relayed)."""
+        """A chunked body's data, up to and including its last chunk and trailers (dropped)."""
         while True:
-            size_field = self.read_line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_field, 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size {size_field[:20]!r}") from None
+            line = self.read_line(MAX_CHUNK_LINE, "a chunk size line")
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise ProtocolError(f"bad chunk size line {line[:40]!r}")
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.read_line():
-                    pass
+                self.skip_trailers()
                 return
             yield from self.stream(size)
-            if self.read_line():
-                raise ProtocolError("a chunk longer than its size")
+            if self.read_exactly(2) != b"\r\n":
+                raise ProtocolError("a chunk longer than its size (no CRLF after its data)")
+
+    def skip_trailers(self) -> None:
+        """Read the trailer section (RFC 9112 7.1.2) and drop it: trailers are not relayed."""
+        lines, size = 0, 0
+        while line := self.read_line(MAX_HEAD, "a trailer line"):
+            lines += 1
+            size += len(line)
+            if lines > MAX_HEADERS or size > MAX_HEAD:
+                raise ProtocolError(f"trailers over {MAX_HEADERS} lines or 64 KiB")
+            if _FIELD.fullmatch(line) is None:
+                raise ProtocolError(f"a malformed trailer line {line[:40]!r}")
 
     def until_close(self) -> Iterator[bytes]:
         while data := self.take(CHUNK):
@@ -178,38 +271,48 @@ class Connection:
     def read_exactly(self, size: int) -> bytes:
         while len(self.buffer) < size:
             if not self.fill():
-                raise ProtocolError("the origin closed the connection mid-body")
+                raise ProtocolError(f"the origin closed the connection {size - len(self.buffer)} bytes short of the body")
         return self.take(size)
 
-    def read_line(self) -> bytes:
-        """One line (without its end), for chunk sizes and trailers."""
-        while (end := self.buffer.find(b"\n")) < 0:
-            if len(self.buffer) > MAX_HEAD:
-                raise ProtocolError("a chunk-size line over 64 KiB")
+    def read_line(self, limit: int, what: str) -> bytes:
+        """One line ended by CRLF (without it), at most ``limit`` bytes; a bare LF is an error."""
+        buffer = self.buffer
+        while (end := buffer.find(b"\n", 0, limit + 2)) < 0:
+            if len(buffer) > limit + 1:
+                raise ProtocolError(f"{what} over {limit} bytes")
             if not self.fill():
-                raise ProtocolError("the origin closed the connection mid-body")
-        line = bytes(self.buffer[:end]).rstrip(b"\r")
-        del self.buffer[:end + 1]
+                raise ProtocolError(f"the origin closed the connection in {what}")
+        if end == 0 or buffer[end - 1] != 13:
+            raise ProtocolError(f"{what} ended by a bare LF")
+        line = bytes(buffer[:end - 1])
+        del buffer[:end + 1]
         return line
 
     def read_head(self) -> bytes:
         """The status line and headers of the next answer, without the blank line."""
         buffer = self.buffer
-        while True:
-            end, size = buffer.find(b"\r\n\r\n"), 4
-            bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))  # lines ended by LF alone
-            if bare >= 0:
-                end, size = bare, 2
-            if end >= 0:
-                break
-            if len(buffer) > MAX_HEAD:
-                raise ProtocolError("an answer head over 64 KiB")
-            if not self.fill():
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if buffer:  # all head so far: refuse at once what can never become one
+                if buffer[:5] != b"HTTP/"[:len(buffer)]:
+                    raise ProtocolError(f"not an HTTP/1.x answer (HTTP/0.9 or garbage): {bytes(buffer[:40])!r}")
+                if buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    raise ProtocolError("a line of the head ended by a bare LF")
+                if len(buffer) > MAX_HEAD:
+                    raise ProtocolError("an answer head over 64 KiB")
+            try:
+                received = self.fill()
+            except ConnectionResetError:
+                if buffer:
+                    raise ProtocolError("the origin reset the connection mid-head") from None
+                raise
+            if not received:
                 if buffer:
                     raise ProtocolError("the origin closed the connection mid-head")
                 raise ClosedEarly()
+        if end > MAX_HEAD:
+            raise ProtocolError("an answer head over 64 KiB")
         head = bytes(buffer[:end])
-        del buffer[:end + size]
+        del buffer[:end + 4]
         return head
 
     def close(self) -> None:
@@ -225,8 +328,8 @@ class Head:
     reason: str
     headers: list[tuple[str, str]]     # as sent: order and repeats kept
     connection: frozenset[str]         # tokens of the Connection header, lowercase
-    length: int | None                 # Content-Length, if given
-    transfer_encoding: str | None      # lowercase
+    length: int | None                 # Content-Length, if given (and agreed)
+    chunked: bool                      # Transfer-Encoding: chunked
 
     @property
     def keep_alive(self) -> bool:
@@ -237,49 +340,77 @@ class Head:
     def framing(self, method: str) -> str:
         if method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200:
             return NO_BODY
-        if self.transfer_encoding is not None:
-            # chunked must be the last coding; any other transfer coding ends at close
-            return CHUNKED if self.transfer_encoding.rsplit(",", 1)[-1].strip() == "chunked" else UNTIL_CLOSE
+        if self.chunked:  # RFC 9112 6.3: chunked wins over any Content-Length
+            return CHUNKED
         return LENGTH if self.length is not None else UNTIL_CLOSE
 
 
 def parse_head(head: bytes) -> Head:
     """Parse a status line and headers; raise ProtocolError for what cannot be relayed."""
-    lines = head.decode("latin-1").split("\n")
-    version, _, rest = lines[0].rstrip("\r").partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise ProtocolError(f"more than {MAX_HEADERS} headers")
+    if head.count(b"\r\n") > MAX_HEADERS:
+        raise ProtocolError(f"more than {MAX_HEADERS} header lines")
+    if _HEAD.fullmatch(head) is None:
+        raise ProtocolError(_what_is_wrong(head))
+    lines = head.decode("latin-1").split("\r\n")
+    status_line = lines[0]
     headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        line = line.rstrip("\r")
-        if line[:1] in (" ", "\t") and headers:  # obsolete line folding
-            name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip()}")
-            continue
-        name, sep, value = line.partition(":")
-        if sep:
-            headers.append((name.strip(), value.strip()))
     connection: set[str] = set()
-    lengths: set[str] = set()
+    length = None
     transfer_encoding = None
-    for name, value in headers:
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        headers.append((name, value))
         lower = name.lower()
         if lower == "connection":
-            connection.update(t.strip().lower() for t in value.split(","))
+            connection.update(t.strip(" \t").lower() for t in value.split(","))
         elif lower == "content-length":
-            lengths.update(v.strip() for v in value.split(","))
+            length = _content_length(value, length)
         elif lower == "transfer-encoding":
-            transfer_encoding = value.lower() if transfer_encoding is None else f"{transfer_encoding}, {value.lower()}"
-    length = None
-    if lengths and transfer_encoding is None:
-        if len(lengths) > 1 or not next(iter(lengths)).isdigit():
-            raise ProtocolError(f"bad Content-Length: {', '.join(sorted(lengths))}")
-        length = int(lengths.pop())
-    status = int(code)
-    return Head(version, status, reason.strip(), headers, frozenset(connection), length, transfer_encoding)
+            transfer_encoding = value if transfer_encoding is None else f"{transfer_encoding}, {value}"
+    version = status_line[:8]
+    if transfer_encoding is not None:
+        # Only chunked is relayed: another coding would reach the client undeclared once
+        # this hop's framing headers are dropped. (An HTTP/1.0 answer may not use any.)
+        if transfer_encoding.lower() != "chunked" or version != "HTTP/1.1":
+            raise ProtocolError(f"Transfer-Encoding other than chunked (on HTTP/1.1): {transfer_encoding[:40]!r}")
+    return Head(version, int(status_line[9:12]), status_line[13:], headers, frozenset(connection), length, transfer_encoding is not None)
+
+
+def _content_length(value: str, before: int | None) -> int:
+    """One Content-Length field (maybe a list, "5, 5"); every value must agree with ``before``."""
+    length = before
+    for item in value.split(",") if "," in value else (value,):
+        item = item.strip(" \t")
+        if not item or len(item) > _MAX_LENGTH_DIGITS or item.strip(_DIGITS):
+            raise ProtocolError(f"bad Content-Length {value[:40]!r}")
+        number = int(item)
+        if length is not None and number != length:
+            raise ProtocolError(f"Content-Length values disagree: {length} and {number}")
+        length = number
+    return length
+
+
+def _what_is_wrong(head: bytes) -> str:
+    """Why ``head`` fails the grammar, in one line (only called when it does)."""
+    lines = head.split(b"\r\n")
+    for number, line in enumerate(lines):
+        if b"\n" in line or b"\r" in line:
+            return "a line of the head ended by a bare LF or CR"
+        if number == 0:
+            if _STATUS.fullmatch(line) is None:
+                return f"not an HTTP/1.x status line: {line[:80]!r}"
+            continue
+        if line[:1] in (b" ", b"\t"):
+            return f"an obsolete line folding (obs-fold): {line[:40]!r}"
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return f"a header line without a colon: {line[:40]!r}"
+        if _NAME.fullmatch(name) is None:
+            return f"a header name that is not a token: {name[:40]!r}"
+        if _FIELD.fullmatch(line) is None:
+            return f"a control character in the value of {name[:40].decode('latin-1')}"
+    return f"a malformed head: {head[:80]!r}"  # not reached: some line fails above
 
 
 class ConnectionCache:
@@ -291,6 +422,11 @@ class ConnectionCache:
         self._limit = limit
         self._kept = 0
         self._per_thread = per_thread
+
+    @property
+    def kept(self) -> int:
+        """Connections counted against the limit: idle ones, and ones in use after being idle."""
+        return self._kept
 
     def _idle(self) -> dict:
         idle = getattr(self._local, "idle", None)
@@ -305,9 +441,8 @@ class ConnectionCache:
             return None
         # A readable idle socket means the origin closed it (or sent garbage): drop it.
         # Origins keep idle connections for seconds, so a recently used one is not checked.
-        if conn.buffer or (
-            time.monotonic() - conn.used > IDLE_CHECK_AFTER and select.select([conn.sock], [], [], 0)[0]
-        ):
+        # poll, not select: select() cannot watch a descriptor past 1,023.
+        if conn.buffer or (time.monotonic() - conn.used > IDLE_CHECK_AFTER and _readable(conn.sock)):
             self.discard(conn)
             return None
         return conn
@@ -335,6 +470,12 @@ class ConnectionCache:
         conn.close()
 
 
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 @dataclass
 class Answer:
     """The origin's answer: status line, headers (repeats kept, hop-by-hop removed), body."""
@@ -347,7 +488,13 @@ class Answer:
 
 
 class StreamedBody:
-    """Yields the origin's body in chunks; gives the connection back if it was read to the end."""
+    """Yields the origin's body in chunks; gives the connection back if it was read to the end.
+
+    If the body breaks off (bad framing, no byte within the idle timeout, the origin
+    closing early), iterating raises ``BrokenBody``. Before the first piece the caller
+    can still answer with an error of its own; after it, the head is gone to the client,
+    and only cutting its connection tells it that the answer is not whole.
+    """
 
     def __init__(self, conn: Connection, head: Head, framing: str, origin: Origin, cache: ConnectionCache):
         self._conn = conn
@@ -364,11 +511,13 @@ class StreamedBody:
         self._complete = False
 
     def __iter__(self) -> Iterator[bytes]:
+        origin = self._origin
         try:
             yield from self._pieces
-        except (OSError, ProtocolError):
-            # The origin broke off mid-body; the client sees a truncated answer, as it would directly.
-            return
+        except TIMED_OUT:
+            raise BrokenBody(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout") from None
+        except (OSError, ProtocolError) as exc:
+            raise BrokenBody(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
         self._complete = True
 
     def close(self) -> None:
@@ -381,10 +530,25 @@ class StreamedBody:
             self._cache.discard(conn)
 
 
-def end_to_end(head: Head) -> list[tuple[str, str]]:
-    """The answer's headers without hop-by-hop ones and any its Connection header names."""
+def end_to_end(head: Head, framing: str) -> list[tuple[str, str]]:
+    """The answer's headers without hop-by-hop ones and any its Connection header names.
+
+    Content-Length is relayed once, as the number parsed (duplicates agreed), and not at
+    all for a chunked answer (RFC 9112 6.3: the chunked framing wins).
+    """
     named = head.connection
-    return [(n, v) for n, v in head.headers if (lower := n.lower()) not in HOP_BY_HOP and lower not in named]
+    out = []
+    length_sent = framing == CHUNKED
+    for name, value in head.headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        if lower == "content-length":
+            if length_sent:
+                continue
+            length_sent, value = True, str(head.length)
+        out.append((name, value))
+    return out
 
 
 def request_head(method: str, target: str, headers: list[tuple[str, str]], length: int) -> bytes:
@@ -415,14 +579,20 @@ def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | Non
         remaining -= len(chunk)
 
 
-def _answer_head(conn: Connection) -> Head:
+def answer_head(conn: Connection) -> Head:
     """The final answer's head; interim 1xx answers (100 Continue, 103 Early Hints) are skipped."""
-    while True:
-        head = parse_head(conn.read_head())
+    for interim in range(MAX_INTERIM + 1):
+        try:
+            head = parse_head(conn.read_head())
+        except (ClosedEarly, ConnectionResetError):
+            if interim:  # bytes of an answer arrived: not a connection to try again
+                raise ProtocolError("the origin closed the connection after an interim answer") from None
+            raise
         if head.status == 101:
-            raise ProtocolError("the origin switched protocols; upgrades are not relayed")
-        if not 100 <= head.status < 200:
+            raise ProtocolError("the origin switched protocols (101); upgrades are not relayed")
+        if head.status >= 200:
             return head
+    raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
 
 
 def forward(
@@ -436,54 +606,67 @@ def forward(
 ) -> Answer:
     """Send one request and return the answer; raise OriginError if the origin fails us.
 
-    ``body`` is a file-like object with ``length`` bytes (0: none). Small bodies are read
-    first so that a request on a keep-alive connection the origin has just closed can be
-    sent again on a fresh one; large bodies stream straight through.
+    ``body`` is a file-like object with ``length`` bytes (0: none). Connect, send and
+    the answer's head share one deadline, ``origin.head_timeout``.
+
+    A request is sent a second time, on a fresh connection, only if it is safe and
+    certain to be the same request (RFC 9110 9.2.2): an idempotent method, a first try on
+    a reused keep-alive connection (which the origin may have closed as it was sent),
+    not a byte of an answer received, and a body that was read whole (small bodies are
+    read first; large ones stream straight through and cannot be sent again).
     """
+    deadline = time.monotonic() + origin.head_timeout
     payload = body.read(length) if 0 < length <= BUFFER_LIMIT else None
     request = request_head(method, target, headers, length)
-    for attempt in (1, 2):
-        conn = cache.take(origin)
+    may_resend = method in IDEMPOTENT and (payload is not None or not length)
+    conn = cache.take(origin)
+    while True:
         reused = conn is not None
         try:
             if conn is None:
-                conn = origin.connect()
-        except socket.timeout:
-            raise OriginError(f"connecting to {origin.authority} timed out after {origin.connect_timeout:g} s", timeout=True) from None
+                conn = origin.connect(deadline)
+        except TIMED_OUT:
+            raise OriginError(f"connecting to {origin.authority} timed out after {origin.connect_timeout:g} s", "timeout") from None
         except ssl.SSLError as exc:
             raise OriginError(f"TLS with {origin.authority} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise OriginError(f"cannot connect to {origin.authority}: {exc.strerror or exc}") from None
         try:
+            conn.deadline = deadline
             _send(conn, request, body, length, payload)
-            head = _answer_head(conn)
-        except TIMED_OUT:
+            head = answer_head(conn)
+            conn.deadline = None
+        except BaseException as exc:
             cache.discard(conn)
-            raise OriginError(f"{origin.authority} did not answer within {origin.read_timeout:g} s", timeout=True) from None
-        except (ClosedEarly, ConnectionResetError, BrokenPipeError) as exc:
-            cache.discard(conn)
-            if reused and attempt == 1 and (payload is not None or not length):
-                continue  # the origin closed an idle keep-alive connection: try a fresh one
-            raise OriginError(f"{origin.authority} closed the connection: {str(exc) or 'before answering'}") from None
-        except (OSError, ProtocolError) as exc:
-            cache.discard(conn)
-            raise OriginError(f"talking to {origin.authority} failed: {exc}") from None
-        except OriginError:
-            cache.discard(conn)
+            if isinstance(exc, TIMED_OUT):
+                raise OriginError(f"{origin.authority} did not answer within {origin.head_timeout:g} s", "timeout") from None
+            if isinstance(exc, (ClosedEarly, ConnectionResetError, BrokenPipeError)):
+                if reused and may_resend:
+                    conn = None
+                    reused = may_resend = False
+                    continue  # the origin closed an idle keep-alive connection: once on a fresh one
+                raise OriginError(f"{origin.authority} closed the connection before answering", "closed") from None
+            if isinstance(exc, ProtocolError):
+                raise OriginError(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
+            if isinstance(exc, OSError):
+                raise OriginError(f"talking to {origin.authority} failed: {exc.strerror or exc}") from None
             raise
         break
 
-    answer_headers = end_to_end(head)
     framing = head.framing(method)
+    answer_headers = end_to_end(head, framing)
     if framing == NO_BODY or framing == LENGTH and head.length <= BUFFER_LIMIT:
         try:
             data = conn.read_exactly(head.length) if framing == LENGTH else b""
-        except TIMED_OUT:
+        except BaseException as exc:
             cache.discard(conn)
-            raise OriginError(f"{origin.authority} stopped sending within {origin.read_timeout:g} s", timeout=True) from None
-        except (OSError, ProtocolError) as exc:
-            cache.discard(conn)
-            raise OriginError(f"reading from {origin.authority} failed: {exc}") from None
+            if isinstance(exc, TIMED_OUT):
+                raise OriginError(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout") from None
+            if isinstance(exc, ProtocolError):
+                raise OriginError(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
+            if isinstance(exc, OSError):
+                raise OriginError(f"reading from {origin.authority} failed: {exc.strerror or exc}", "bad-answer") from None
+            raise
         if head.keep_alive:
             cache.give_back(origin, conn)
         else:

@@ -30,6 +30,21 @@ def test_minimal_config_takes_every_default():
     assert "listen.port" in config.defaulted and "proxy_id" not in config.defaulted
 
 
+@pytest.mark.parametrize("upstream, timeouts", [
+    ({}, (5.0, 60.0, 60.0)),
+    ({"read_timeout": 20}, (5.0, 20.0, 20.0)),
+    ({"read_timeout": 20, "head_timeout": 3, "idle_timeout": 7.5}, (5.0, 3.0, 7.5)),
+])
+def test_the_head_and_idle_timeouts_default_to_the_read_timeout(upstream, timeouts):
+    assert parse({**MINIMAL, "upstream": {**MINIMAL["upstream"], **upstream}}).upstream.timeouts() == timeouts
+
+
+def test_a_head_timeout_must_be_positive_seconds():
+    assert problems({**MINIMAL, "upstream": {**MINIMAL["upstream"], "head_timeout": 0}}) == [
+        "agent-proxy.yaml: upstream.head_timeout: must be a positive number of seconds, got 0"
+    ]
+
+
 def test_config_is_immutable():
     config = parse(MINIMAL)
     with pytest.raises(Exception):
