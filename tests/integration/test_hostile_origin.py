@@ -20,8 +20,7 @@ import time
 import pytest
 import yaml
 
-from tests.front import start_node, wait_until
-from tests.helpers import start_worker, write_config
+from kit import start_node, start_worker, wait_until, write_config
 from tests.origin import CLOSE, Closing, Drip, ScriptedOrigin
 
 TIMEOUTS = {"head_timeout": 1, "idle_timeout": 1, "read_timeout": 5}
