@@ -128,23 +128,36 @@ class NodeFront:
             proc.stop()
 
 
-def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node") -> NodeFront:
-    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP."""
+def start_node(
+    directory: Path, origin_url: str, workers: int, balancers: list[str], name: str = "node",
+    mode: str = "worker", **overrides,
+) -> NodeFront:
+    """Workers and their HAProxy front from one config, as on an appliance; returns once all workers are UP.
+
+    ``mode`` is front.mode; ``overrides`` are further top-level config keys (as write_config).
+    In native mode the front's signing key map is written beside the secret, as the role does.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ports, front_port = free_ports(workers), free_port()
     stats_socket = str(directory / "haproxy.sock")
     config = write_config(
         directory, origin_url,
         listen={"host": "127.0.0.1", "port": ports[0]},
-        upstream={"read_timeout": 10},
+        upstream={"read_timeout": 10, **overrides.pop("upstream", {})},
         front={"bind": "127.0.0.1", "port": front_port, "workers": workers, "balancers": balancers,
-               "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket},
+               "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket, "mode": mode},
+        **overrides,
     )
     node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None)
     try:
         for port in ports:
             node.start_worker(port)
-        node.haproxy = start_haproxy(render("node-haproxy", config, "log_format=raw"), directory, f"{name}-haproxy")
+        if mode == "native":
+            key_map = directory / "psk.haproxy-map"
+            key_map.write_text(render("node-haproxy-key", config))
+            key_map.chmod(0o600)
+        variables = ["log_format=raw", f"metrics_bind=127.0.0.1:{free_port()}"]
+        node.haproxy = start_haproxy(render("node-haproxy", config, *variables), directory, f"{name}-haproxy")
         wait_for_port("127.0.0.1", front_port, proc=node.haproxy)
         wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")
     except BaseException:

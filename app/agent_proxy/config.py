@@ -244,6 +244,9 @@ class Front:
     # Concurrent connections one source address may hold on :2002; 0 disables the limit.
     max_conn_per_source: int = _setting(200, _int(0, 1000000))
     stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
+    # worker: every request goes to the workers; native: the front relays northbound calls
+    # itself and hands /_proxy/ and southbound to the workers (haproxy/README.md).
+    mode: str = _setting("worker", _choice("worker", "native"))
 
 
 @dataclass(frozen=True)
