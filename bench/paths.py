@@ -1,4 +1,4 @@
-"""The servers under test and the five paths through them.
+"""The servers under test and the paths through them.
 
 Everything listens on loopback, or inside the two network namespaces that this module
 creates for the southbound path (``apbench-<pid>-node`` and ``apbench-<pid>-agent``,
@@ -204,15 +204,19 @@ class Lab:
         proc = self._start(name, ["nginx", "-c", str(conf), "-g", "daemon off;"], listen_host, port, ns)
         return procstat.with_children(proc.pid)
 
-    def _node_front(self, config: Path, host: str, port: int, ns: str | None = None) -> list[int]:
-        rendered = subprocess.run(
-            [AGENT_PROXY, "render", "node-haproxy", "-c", str(config), "--set", "log_format=raw"],
-            capture_output=True, text=True, timeout=30,
-        )
+    @staticmethod
+    def _render(name: str, config: Path, *sets: str) -> str:
+        argv = [AGENT_PROXY, "render", name, "-c", str(config)]
+        for item in sets:
+            argv += ["--set", item]
+        rendered = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         if rendered.returncode != 0:
-            raise RuntimeError(f"agent-proxy render node-haproxy failed: {rendered.stderr.strip()}")
+            raise RuntimeError(f"agent-proxy render {name} failed: {rendered.stderr.strip()}")
+        return rendered.stdout
+
+    def _node_front(self, config: Path, host: str, port: int, ns: str | None = None) -> list[int]:
         cfg = config.parent / "haproxy-node.cfg"
-        cfg.write_text(rendered.stdout)
+        cfg.write_text(self._render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{free_port()}"))
         proc = self._start(f"front-{config.parent.name}", ["haproxy", "-f", str(cfg)], host, port, ns)
         # Master-worker: the CPU is spent in the worker the master forks once it has bound.
         deadline = time.monotonic() + 10
@@ -251,17 +255,29 @@ class Lab:
         return self.single_worker("worker-unpinned", "one worker, not pinned to a core -> origin",
                                   limits={"pin_cpu": False})
 
-    def full_node(self) -> BenchPath:
+    def full_node(self, mode: str = "worker") -> BenchPath:
+        """The node front and its workers from one config; ``mode`` is front.mode."""
+        key = "node" if mode == "worker" else f"node-{mode}"
         first, front = _free_ports(NODE_WORKERS), free_port()
         config = self.worker_config(
-            "node", listen={"host": "127.0.0.1", "port": first},
-            front={"bind": "127.0.0.1", "port": front, "workers": NODE_WORKERS,
-                   "stats_socket": str(self.dir / "node" / "haproxy.sock")},
+            key, listen={"host": "127.0.0.1", "port": first},
+            front={"bind": "127.0.0.1", "port": front, "workers": NODE_WORKERS, "mode": mode,
+                   "stats_socket": str(self.dir / key / "haproxy.sock")},
         )
-        workers = [self._worker(config, first + i, f"node-worker-{i}").pid for i in range(NODE_WORKERS)]
+        workers = [self._worker(config, first + i, f"{key}-worker-{i}").pid for i in range(NODE_WORKERS)]
+        if mode == "native":
+            key_map = config.parent / "psk.haproxy-map"
+            key_map.write_text(self._render("node-haproxy-key", config))
+            key_map.chmod(0o600)
         haproxy = self._node_front(config, "127.0.0.1", front)
-        return BenchPath("node", f"full node: TLS front + {NODE_WORKERS} workers -> origin",
-                         f"https://127.0.0.1:{front}", haproxy + workers, self.origin_pids, workers)
+        if mode == "native":
+            title = f"full node, native front: TLS front relays northbound -> origin ({NODE_WORKERS} workers idle)"
+        else:
+            title = f"full node: TLS front + {NODE_WORKERS} workers -> origin"
+        return BenchPath(key, title, f"https://127.0.0.1:{front}", haproxy + workers, self.origin_pids, workers)
+
+    def native_node(self) -> BenchPath:
+        return self.full_node("native")
 
     def southbound(self) -> BenchPath:
         """Front, workers and wrk in one namespace; the agent (nginx) in another."""

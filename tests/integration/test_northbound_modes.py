@@ -178,7 +178,7 @@ def test_binary_body_round_trip(node):
 def test_chunked_upload_is_relayed_whole(node, tmp_path):
     payload = tmp_path / "payload"
     payload.write_bytes(os.urandom(2 * 1024 * 1024 + 3))
-    done = curl(node.port, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{payload}")
+    done = curl(node.port, "-H", "Transfer-Encoding: chunked", "-H", "Expect:", "--data-binary", f"@{payload}")
     seen = json.loads(done.stdout)
     assert seen["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
     assert seen["body_size"] == payload.stat().st_size
@@ -230,8 +230,8 @@ def test_body_over_the_limit_is_413(node, origin, tmp_path):
     before = len(origin.received)
     payload = tmp_path / "payload"
     payload.write_bytes(b"x" * (MAX_BODY + 1))
-    for framing in ("Expect:", "Transfer-Encoding: chunked"):
-        done = curl(node.port, "-i", "-H", framing, "--data-binary", f"@{payload}")
+    for framing in ("Content-Type: application/octet-stream", "Transfer-Encoding: chunked"):
+        done = curl(node.port, "-i", "-H", "Expect:", "-H", framing, "--data-binary", f"@{payload}")
         head, _, data = done.stdout.rpartition(b"\r\n\r\n")
         assert b"\r\nHTTP/1.1 413 " in b"\r\n" + head, done
         assert b"\r\nx-agent-proxy-error: body-too-large" in head.lower()
