@@ -113,6 +113,7 @@ class NodeFront:
     cert: Path
     haproxy: Process | None
     workers: dict[int, Process] = field(default_factory=dict)
+    metrics_port: int = 0  # HAProxy's Prometheus exporter (native mode)
 
     @property
     def url(self) -> str:
@@ -156,7 +157,8 @@ def start_node(
             key_map = directory / "psk.haproxy-map"
             key_map.write_text(render("node-haproxy-key", config))
             key_map.chmod(0o600)
-        variables = ["log_format=raw", f"metrics_bind=127.0.0.1:{free_port()}"]
+        node.metrics_port = free_port()
+        variables = ["log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}"]
         node.haproxy = start_haproxy(render("node-haproxy", config, *variables), directory, f"{name}-haproxy")
         wait_for_port("127.0.0.1", front_port, proc=node.haproxy)
         wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")

@@ -145,6 +145,15 @@ def _host(value: Any) -> str:
     return text
 
 
+def is_address(text: str) -> bool:
+    """Is ``text`` an IP address (not a host name)?"""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _port(value: Any) -> int:
     return _int(1, 65535)(value)
 
@@ -394,6 +403,11 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
     if not config.agents.ports:
         problems.append("agents.ports: at least one agent port is required")
     _check_tls_files(config, problems)
+    if config.front.mode == "native" and up.scheme == "https" and not config.upstream.ca_file and is_address(up.hostname):
+        problems.append(
+            "front.mode: native with an IP address in upstream.url needs upstream.ca_file "
+            "(HAProxy checks no address in the upstream's certificate: only a CA of your own may vouch for it)"
+        )
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")

@@ -14,14 +14,13 @@ extra variables it reads in its header comment.
 from __future__ import annotations
 
 import base64
-import ipaddress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
 
-from .config import Config
+from .config import Config, is_address
 
 # CLI name -> template path relative to the template root.
 TEMPLATES = {
@@ -60,17 +59,12 @@ def upstream_parts(config: Config) -> dict[str, Any]:
     """``upstream.url`` as the workers relay to it (app.Proxy): scheme, host, port, the
     Host header's value (authority) and the path prefix joined before every target."""
     url = urlsplit(config.upstream.url)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    default = 443 if url.scheme == "https" else 80
+    port = url.port or default
     host = url.hostname
     bracketed = f"[{host}]" if ":" in host else host
-    try:
-        ipaddress.ip_address(host)
-        is_ip = True
-    except ValueError:
-        is_ip = False
-    default = 443 if url.scheme == "https" else 80
     return {
-        "scheme": url.scheme, "host": bracketed, "port": port, "is_ip": is_ip,
+        "scheme": url.scheme, "host": bracketed, "port": port, "is_ip": is_address(host),
         "authority": bracketed if port == default else f"{bracketed}:{port}",
         "prefix": url.path.rstrip("/"),
     }

@@ -13,15 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import ssl
 import subprocess
 from http.client import HTTPSConnection
+from urllib.parse import urlsplit
 
 import pytest
+import urllib3
+import yaml
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from tests.front import AGENT, headers_of, start_node
+from tests.front import AGENT, headers_of, start_node, wait_until
 from tests.helpers import SECRET, free_port
 from tests.origin import Origin
 
@@ -117,18 +121,12 @@ def test_identity_is_stamped_and_signed(node):
     assert got["x-forwarded-proto"] == ["https"]
     assert got["forwarded"] == [f'for="{AGENT}";by="site-a";proto=https']
     assert got["x-request-id"] == ["agent-id.1:2"]
-    assert got["host"] == [f"127.0.0.1:{node_origin_port(node)}"]
+    assert got["host"] == [urlsplit(yaml.safe_load(node.config.read_text())["upstream"]["url"]).netloc]
     assert got["x-custom"] == ["kept"]
     assert "via" not in got
     signing.verify_signature_header(
         got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], AGENT,
     )
-
-
-def node_origin_port(node) -> int:
-    import yaml
-
-    return int(yaml.safe_load(node.config.read_text())["upstream"]["url"].rsplit(":", 1)[1].split("/")[0])
 
 
 def test_forged_identity_headers_are_dropped(node):
@@ -157,13 +155,7 @@ def test_request_id_is_generated_when_missing_or_invalid(node, given):
     ids = [headers_of(echo(node.port, headers=headers))["x-request-id"] for _ in range(2)]
     assert all(len(found) == 1 for found in ids)
     assert ids[0] != ids[1] and given not in (ids[0][0], ids[1][0])
-    assert all(signing_id_ok(found[0]) for found in ids)
-
-
-def signing_id_ok(value: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", value) is not None
+    assert all(re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", found[0]) for found in ids)
 
 
 def test_binary_body_round_trip(node):
@@ -253,19 +245,21 @@ def test_upstream_down_is_502(mode, tmp_path):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
+    """An origin certificate for a name and one for an address (an IP SAN), and a client's."""
     tmp = tmp_path_factory.mktemp("pki")
-    for name, host in (("origin", "localhost"), ("client", "site-a")):
+    for name, host in (("localhost", "localhost"), ("127.0.0.1", "127.0.0.1"), ("client", "site-a")):
         cert, key = self_signed(host, [host])
         (tmp / f"{name}.crt").write_bytes(cert)
         (tmp / f"{name}.key").write_bytes(key)
     return tmp
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 @pytest.mark.parametrize("mode", MODES)
-def test_upstream_tls_is_verified_with_ca_file_and_client_certificate(mode, pki, tmp_path):
-    tls_origin = Origin(tls=(str(pki / "origin.crt"), str(pki / "origin.key")), client_ca=str(pki / "client.crt")).start()
-    url = f"https://localhost:{tls_origin.port}"
-    good = {"url": url, "ca_file": str(pki / "origin.crt"),
+def test_upstream_tls_is_verified_with_ca_file_and_client_certificate(mode, host, pki, tmp_path):
+    tls_origin = Origin(tls=(str(pki / f"{host}.crt"), str(pki / f"{host}.key")), client_ca=str(pki / "client.crt")).start()
+    url = f"https://{host}:{tls_origin.port}"
+    good = {"url": url, "ca_file": str(pki / f"{host}.crt"),
             "client_cert": str(pki / "client.crt"), "client_key": str(pki / "client.key")}
     untrusted = {"url": url, "ca_file": str(pki / "client.crt")}  # a CA that did not sign the origin
     try:
@@ -281,9 +275,39 @@ def test_upstream_tls_is_verified_with_ca_file_and_client_certificate(mode, pki,
                 assert headers["x-agent-proxy-error"] == "upstream-unreachable"
         assert len(tls_origin.received) == 1
         got = headers_of(tls_origin.received[0])
-        assert got["host"] == [f"localhost:{tls_origin.port}"]
+        assert got["host"] == [f"{host}:{tls_origin.port}"]
     finally:
         tls_origin.stop()
+
+
+def access_lines(node) -> list[dict]:
+    """The JSON access lines of whoever relayed northbound: HAProxy in native mode, else the workers."""
+    procs = [node.haproxy] if node.mode == "native" else list(node.workers.values())
+    lines = [line for proc in procs for line in proc.output().splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in lines]
+
+
+def test_access_line_has_the_workers_fields(node):
+    request_id = f"log-check-{node.mode}"
+    echo(node.port, "/agent/v1/checkin?secret-query=1", {"X-Request-ID": request_id}, method="POST")
+    found = []
+    wait_until(lambda: found.extend(l for l in access_lines(node) if l.get("request_id") == request_id) or found,
+               5, "the access line")
+    line = found[0]
+    assert list(line) == ["ts", "level", "logger", "message", "request_id", "direction", "client_ip", "method",
+                          "target", "status", "bytes_in", "bytes_out", "duration_ms"]
+    assert (line["logger"], line["direction"], line["client_ip"], line["method"], line["target"], line["status"]) == (
+        "agent_proxy.access", "northbound", AGENT, "POST", "/agent/v1/checkin", 200)
+    assert line["bytes_out"] > 0 and line["bytes_in"] == 0
+
+
+def test_native_front_exports_prometheus_metrics(node):
+    if node.mode != "native":
+        pytest.skip("worker mode: the workers' /_proxy/metrics count northbound calls")
+    echo(node.port)
+    text = urllib3.request("GET", f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10).data.decode()
+    answered = re.search(r'^haproxy_backend_http_responses_total\{proxy="upstream",code="2xx"\} (\d+)$', text, re.M)
+    assert answered and int(answered.group(1)) >= 1
 
 
 def test_both_modes_send_the_origin_the_same_stamped_headers(nodes, origin):

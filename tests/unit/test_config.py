@@ -57,6 +57,7 @@ def test_required_keys_are_named():
         ({**MINIMAL, "agents": {"tls": "yes"}}, "agents.tls: must be true or false"),
         ({**MINIMAL, "logging": {"format": "xml"}}, "logging.format: must be one of json, text"),
         ({**MINIMAL, "front": {"mode": "fast"}}, "front.mode: must be one of worker, native, got 'fast'"),
+        ({**MINIMAL, "front": {"mode": "native"}}, "front.mode: native with an IP address in upstream.url needs upstream.ca_file"),
         ({**MINIMAL, "trusted_proxies": ["localhost"]}, "trusted_proxies: is not an IP address: 'localhost'"),
         ({**MINIMAL, "limits": 5}, "limits: must be a mapping"),
     ],

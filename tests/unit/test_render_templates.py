@@ -143,7 +143,8 @@ def test_native_front_asks_for_a_client_bundle_when_the_key_is_elsewhere(tmp_pat
     cert, key = self_signed("site-a", ["site-a"])
     (tmp_path / "client.pem").write_bytes(cert)
     (tmp_path / "keys" / "client-key.pem").write_bytes(key)
-    path = native_config(tmp_path, client_cert=str(tmp_path / "client.pem"), client_key=str(tmp_path / "keys" / "client-key.pem"))
+    path = native_config(tmp_path, url="https://up.example:3302", client_cert=str(tmp_path / "client.pem"),
+                         client_key=str(tmp_path / "keys" / "client-key.pem"))
     capsys.readouterr()
     code, text, err = render(capsys, "node-haproxy", path)
     assert code == 2 and "'upstream_client_bundle' is undefined" in err
