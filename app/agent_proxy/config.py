@@ -403,11 +403,6 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
     if not config.agents.ports:
         problems.append("agents.ports: at least one agent port is required")
     _check_tls_files(config, problems)
-    if config.front.mode == "native" and up.scheme == "https" and not config.upstream.ca_file and is_address(up.hostname):
-        problems.append(
-            "front.mode: native with an IP address in upstream.url needs upstream.ca_file "
-            "(HAProxy checks no address in the upstream's certificate: only a CA of your own may vouch for it)"
-        )
     control = config.listen_control
     if control and (control.host, control.port) == (config.listen.host, config.listen.port):
         problems.append("listen_control: must differ from listen")
@@ -441,6 +436,12 @@ def warnings(config: Config) -> list[str]:
         found.append("upstream.url: plain http; allowed by upstream.allow_insecure")
     if not config.networks.upstream:
         found.append("networks.upstream: empty; control endpoints accept any source (still signed)")
+    up = urlsplit(config.upstream.url)
+    if config.front.mode == "native" and up.scheme == "https" and is_address(up.hostname) and not config.upstream.ca_file:
+        found.append(
+            "front.mode: native with an IP address in upstream.url and no upstream.ca_file: the front checks that "
+            "a system CA signed the upstream's certificate, not the address in it (HAProxy 2.6 checks names only)"
+        )
     return found
 
 
