@@ -148,6 +148,15 @@ class LabNode:
         netns.ns_run(self.namespace, ["iptables", "-P", "INPUT", "ACCEPT"])
         netns.ns_run(self.namespace, ["iptables", "-F", "INPUT"])
 
+    def render_front_as_worker_mode(self) -> None:
+        """The front's file rendered as if front.mode were worker (the config still says
+        native): served from the front's next start."""
+        data = yaml.safe_load(self.config_path.read_text())
+        data["front"]["mode"] = "worker"
+        other = self.root / "worker-mode.yaml"
+        other.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.front_config.write_text(_run([AGENT_PROXY, "render", "node-haproxy", "-c", str(other), "--set", "log_format=raw"]))
+
     def enable_tls10(self) -> None:
         """Let the front's bind line accept TLS 1.0 (and so 1.1), then restart HAProxy."""
         text = self.front_config.read_text()

@@ -218,7 +218,7 @@ def test_absolute_form_target_is_refused(node):
 
 
 def test_body_over_the_limit_is_413(node, origin, tmp_path):
-    """With Content-Length the front may answer before the body is sent (curl stops sending); chunked, at its end."""
+    """Known by Content-Length or only at the end of a chunked body: a 413 the client reads."""
     before = len(origin.received)
     payload = tmp_path / "payload"
     payload.write_bytes(b"x" * (MAX_BODY + 1))
