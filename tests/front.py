@@ -114,6 +114,7 @@ class NodeFront:
     haproxy: Process | None
     workers: dict[int, Process] = field(default_factory=dict)
     metrics_port: int = 0  # HAProxy's Prometheus exporter (native mode)
+    mode: str = "worker"   # front.mode
 
     @property
     def url(self) -> str:
@@ -149,7 +150,7 @@ def start_node(
                "max_conn_per_source": MAX_CONN_PER_SOURCE, "stats_socket": stats_socket, "mode": mode},
         **overrides,
     )
-    node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None)
+    node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None, mode=mode)
     try:
         for port in ports:
             node.start_worker(port)

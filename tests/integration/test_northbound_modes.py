@@ -59,7 +59,6 @@ def node(request, origin, tmp_path_factory):
     mode = request.param
     front = start_node(tmp_path_factory.mktemp(f"node-{mode}"), origin.url + "/base", 2, [],
                        name=f"node-{mode}", mode=mode, **AGENTS_ONLY)
-    front.mode = mode
     yield front
     front.stop()
 
