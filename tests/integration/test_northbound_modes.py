@@ -183,6 +183,17 @@ def test_large_download_is_streamed_whole(node):
     assert done.stdout == f"200 {64 * 1024 * 1024}", done.stderr
 
 
+def test_upstream_connections_are_reused(node, origin):
+    """Ten agents' calls, each on its own new connection to the front, share a few to the upstream."""
+    if node.mode != "native":
+        pytest.skip("worker mode: each worker thread keeps its own (tests/integration/test_relay_client.py)")
+    before = len(origin.received)
+    for _ in range(10):
+        echo(node.port)
+    ports = {record["client_port"] for record in origin.received[before:]}
+    assert len(ports) <= 4, f"{len(ports)} upstream connections for 10 requests"
+
+
 def test_head_has_no_body(node):
     status, headers, data = call(node.port, "HEAD", "/echo")
     assert status == 200 and data == b"" and int(headers["content-length"]) > 0
