@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--profile", action="store_true", help="py-spy on one worker under load; prints the top functions by own time")
     parser.add_argument("--seconds", type=float, help="per measurement (default 4; smoke 1; profile 10)")
     parser.add_argument("--rounds", type=int, help="rounds of all paths and workloads (default 3; smoke 1)")
-    parser.add_argument("--paths", default="direct,haproxy,worker,node,southbound", help="comma-separated, in this order (default: the five paths; also worker-unpinned)")
+    parser.add_argument("--paths", default="direct,haproxy,worker,node,node-native,southbound",
+                        help="comma-separated, in this order (default: the six paths; also worker-unpinned)")
     parser.add_argument("--top", type=int, default=30, help="--profile: functions to print")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go (default: bench/results)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")

@@ -1,4 +1,4 @@
-"""The servers under test and the five paths through them.
+"""The servers under test and the paths through them.
 
 Everything listens on loopback, or inside the two network namespaces that this module
 creates for the southbound path (``apbench-<pid>-node`` and ``apbench-<pid>-agent``,
@@ -237,11 +237,19 @@ class Lab:
         return self.single_worker("worker-unpinned", "one worker, not pinned to a core -> origin",
                                   limits={"pin_cpu": False})
 
-    def full_node(self) -> BenchPath:
-        node = self.node("node", f"http://127.0.0.1:{self.origin_port}")
+    def full_node(self, mode: str = "worker") -> BenchPath:
+        """The node front and its workers from one config; ``mode`` is front.mode."""
+        key = "node" if mode == "worker" else f"node-{mode}"
+        node = self.node(key, f"http://127.0.0.1:{self.origin_port}", mode=mode)
         workers = [proc.pid for proc in node.workers.values()]
-        return BenchPath("node", f"full node: TLS front + {NODE_WORKERS} workers -> origin",
-                         node.url, self.front_pids(node) + workers, self.origin_pids, workers)
+        if mode == "native":
+            title = f"full node, native front: TLS front relays northbound -> origin ({NODE_WORKERS} workers idle)"
+        else:
+            title = f"full node: TLS front + {NODE_WORKERS} workers -> origin"
+        return BenchPath(key, title, node.url, self.front_pids(node) + workers, self.origin_pids, workers)
+
+    def native_node(self) -> BenchPath:
+        return self.full_node("native")
 
     def southbound(self) -> BenchPath:
         """Front, workers and wrk in one namespace; the agent (nginx) in another."""

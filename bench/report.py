@@ -64,9 +64,9 @@ def headline(results: dict, path_key: str = "node") -> dict | None:
 
 def headline_text(head: dict | None) -> str:
     if head is None:
-        return "headline: the full node was not measured"
+        return "headline: the node was not measured"
     if head["agents"] is None:
-        return (f"headline: no measured rate of the full node ({', '.join(head['measured'])}) had p99 under "
+        return (f"headline: no measured rate of {head['path']} ({', '.join(head['measured'])}) had p99 under "
                 f"{P99_LIMIT_MS:g} ms; no sustainable rate to report")
     return (f"headline: one node carries ~{head['agents']:,} agents at one check-in per minute with p99 under "
             f"{P99_LIMIT_MS:g} ms (60 x {head['sustainable_rps']:,.0f} req/s, {head['workload']}, p99 "
@@ -143,7 +143,8 @@ def _paths_markdown(results: dict) -> list[str]:
                 f"{b['bytes'] / 2**20 / b['seconds']:.0f} | {b['rss_before_mib']:.1f} | {b['peak_rss_mib']:.1f} | "
                 f"{b['rss_growth_mib']:.1f} |"
             )
-    lines += ["", "## Headline", "", headline_text(results.get("headline")), ""]
+    heads = results.get("headlines") or {"node": None}
+    lines += ["", "## Headline", "", *(f"- {key}: {headline_text(head)}" for key, head in heads.items()), ""]
     return lines
 
 

@@ -24,7 +24,9 @@ WORKLOADS = [
     Workload("post-1KiB-c32", "POST", "/upload", 32, body_bytes=1024),
 ]
 SMOKE_WORKLOADS = [w for w in WORKLOADS if w.name == "get-200B-c32"]
-PATH_KEYS = ["direct", "haproxy", "worker", "node", "southbound", "worker-unpinned"]
+PATH_KEYS = ["direct", "haproxy", "worker", "node", "node-native", "southbound", "worker-unpinned"]
+# The node paths, each with its headline (the two front.mode values side by side).
+NODE_KEYS = ["node", "node-native"]
 EXPECTED_SIZE = {"/small": 200, "/medium": 64 * 1024, "/upload": 9}
 
 
@@ -68,7 +70,8 @@ def machine() -> dict:
 
 def build_paths(lab: Lab, keys: list[str]) -> list[BenchPath]:
     starters = {"direct": lambda: direct, "haproxy": lab.haproxy_alone, "worker": lab.single_worker,
-                "node": lab.full_node, "southbound": lab.southbound, "worker-unpinned": lab.unpinned_worker}
+                "node": lab.full_node, "node-native": lab.native_node, "southbound": lab.southbound,
+                "worker-unpinned": lab.unpinned_worker}
     direct = lab.origin()  # every other path relays to it
     paths = []
     for key in keys:
@@ -176,7 +179,7 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
             results["scale"]["sizing"] = report.sizing(results["scale"])
     results["machine"]["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     report.add_ratios(results)
-    results["headline"] = report.headline(results)
+    results["headlines"] = {key: report.headline(results, key) for key in NODE_KEYS if key in results["paths"]}
     written = report.write(results, results_dir, stem, with_chart)
     print()
     print(report.markdown(results))
@@ -186,8 +189,8 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
               if s["status_errors"] or not s["requests"]]
     if broken:
         print(f"FAILED: non-2xx answers or no requests on {', '.join(broken)}: these numbers measure errors", file=sys.stderr)
-    if results["paths"]:
-        print(report.headline_text(results["headline"]))
+    for head in results["headlines"].values():
+        print(report.headline_text(head))
     failed_scale = []
     if "scale" in results:
         print(report.sizing_text(results["scale"]))

@@ -106,6 +106,8 @@ class NodeFront:
     workers: dict[int, Process] = field(default_factory=dict)
     netns: str | None = None
     host: str = "127.0.0.1"
+    mode: str = "worker"   # front.mode
+    metrics_port: int = 0  # HAProxy's Prometheus exporter (native mode)
 
     @property
     def url(self) -> str:
@@ -124,13 +126,15 @@ class NodeFront:
 def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str] = (), name: str = "node",
                netns: str | None = None, first_port: int | None = None, front_port: int | None = None,
                max_conn_per_source: int | None = MAX_CONN_PER_SOURCE, patch: Callable[[str], str] | None = None,
-               **overrides) -> NodeFront:
+               mode: str = "worker", **overrides) -> NodeFront:
     """Workers and their HAProxy front from one config (``overrides`` laid over the
     defaults), as on an appliance; returns once all workers are UP in HAProxy.
 
     Inside ``netns`` the ports must be given (free ports are looked up on the root
     namespace's loopback). ``max_conn_per_source`` None keeps the product's default.
     ``patch``, if given, edits the rendered HAProxy configuration before it starts.
+    ``mode`` is front.mode; in native mode the front's signing key map is written beside
+    the secret, as the role and first boot do.
     """
     directory.mkdir(parents=True, exist_ok=True)
     if netns and not (first_port and front_port):
@@ -139,7 +143,7 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
     front_port = front_port or free_port()
     stats_socket = str(directory / "haproxy.sock")
     front = {"bind": "127.0.0.1", "port": front_port, "workers": workers, "balancers": list(balancers),
-             "stats_socket": stats_socket}
+             "stats_socket": stats_socket, "mode": mode}
     if max_conn_per_source is not None:
         front["max_conn_per_source"] = max_conn_per_source
     config = write_config(directory, origin_url, **merged({
@@ -149,11 +153,16 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
     }, overrides))
     bind = yaml.safe_load(config.read_text())["front"]["bind"]
     node = NodeFront(directory, config, front_port, stats_socket, directory / "proxy.crt", haproxy=None, netns=netns,
-                     host="127.0.0.1" if bind == "0.0.0.0" else bind)
+                     host="127.0.0.1" if bind == "0.0.0.0" else bind, mode=mode)
     try:
         for port in range(first_port, first_port + workers):
             node.start_worker(port)
-        text = render("node-haproxy", config, "log_format=raw")
+        if mode == "native":
+            key_map = directory / "psk.haproxy-map"
+            key_map.write_text(render("node-haproxy-key", config))
+            key_map.chmod(0o600)
+        node.metrics_port = free_port()
+        text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}")
         node.haproxy = start_haproxy(patch(text) if patch else text, directory, f"{name}-haproxy", netns=netns)
         wait_for_port(node.host, front_port, proc=node.haproxy)
         wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")

@@ -284,7 +284,8 @@ def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
     steps = [
         ("build namespaces, links and routes; apply node and gateway firewalls",
          lambda: (lab.build(), f"{len(lab.namespaces)} namespaces ({lab.prefix}*); rules checked with iptables-restore --test, then applied")[1]),
-        (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each) and the balancer pair",
+        (f"start the upstream, {node_count} nodes ({topo.workers} workers + HAProxy front each; front.mode "
+         f"{', '.join(f'{s.front_mode} on {s.name}' for s in topo.sites.values())}) and the balancer pair",
          lambda: (lab.start_services(), f"{len(lab.processes)} processes, each answering")[1]),
         (f"register {site_a.proxy_id}: the upstream handshakes back through {site_a.public_address}:{topo.proxy_port}",
          lambda: registered(lab, "site-a")),

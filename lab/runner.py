@@ -281,7 +281,7 @@ class Lab:
                          "upstream": [f"{topo.upstream_address}/32"]},
             "agents": {"ports": [topo.agent_port], "tls": True, "verify": False},
             "front": {"bind": "0.0.0.0", "port": topo.proxy_port, "workers": topo.workers,
-                      "balancers": balancers, "stats_socket": str(stats_socket)},
+                      "balancers": balancers, "stats_socket": str(stats_socket), "mode": site.front_mode},
             "logging": {"level": "info", "format": "json"},
         }
 
@@ -294,6 +294,10 @@ class Lab:
         config_path = directory / "agent-proxy.yaml"
         config_path.write_text(yaml.safe_dump(self._node_config(site, directory, directory / "haproxy.sock"), sort_keys=False))
         _check([AGENT_PROXY, "check-config", "-c", str(config_path)], f"check-config for {host.name}")
+        if site.front_mode == "native":  # the front's signing key, as the role installs it
+            key_map = directory / "psk.haproxy-map"
+            key_map.write_text(self._render("node-haproxy-key", config_path, {}))
+            key_map.chmod(0o600)
         haproxy_cfg = directory / "haproxy.cfg"
         haproxy_cfg.write_text(self._render("node-haproxy", config_path, {"log_format": "raw"}))
         _check(["haproxy", "-c", "-q", "-f", str(haproxy_cfg)], f"haproxy -c for {host.name}")

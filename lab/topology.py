@@ -72,6 +72,7 @@ class Site:
     balancers: tuple[str, ...]   # none, one, or several sharing site_address (keepalived)
     nodes: tuple[str, ...]
     agents: tuple[str, ...]
+    front_mode: str = "worker"   # the nodes' front.mode: worker or native
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,10 @@ def _parse(data: dict) -> Topology:
             site_address=entry["site_address"], service_network=entry["service_network"],
             agent_network=entry["agent_network"], gateway=entry["gateway"], balancers=tuple(entry.get("balancers") or ()),
             nodes=tuple(entry["nodes"]), agents=tuple(entry["agents"]),
+            front_mode=entry.get("front_mode", "worker"),
         )
+        if site.front_mode not in ("worker", "native"):
+            raise ValueError(f"site {site.name}: front_mode must be worker or native, got {site.front_mode!r}")
         for ref in (site.gateway, *site.balancers, *site.nodes, *site.agents):
             if ref not in hosts:
                 raise ValueError(f"site {site.name}: unknown host {ref!r}")

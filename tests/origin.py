@@ -72,6 +72,7 @@ class Handler(BaseHTTPRequestHandler):
             "body_sha256": self._digest,
             "body_size": int(self.headers.get("Content-Length") or 0),
             "client": self.client_address[0],
+            "client_port": self.client_address[1],
         }
         self.server.received.append(record)
         if url.path.startswith("/slow"):

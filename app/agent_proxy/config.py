@@ -147,6 +147,15 @@ def _host(value: Any) -> str:
     return text
 
 
+def is_address(text: str) -> bool:
+    """Is ``text`` an IP address (not a host name)?"""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _port(value: Any) -> int:
     return _int(1, 65535)(value)
 
@@ -286,6 +295,9 @@ class Front:
     # balancers), passed to the workers' control listeners.
     control_port: int = _setting(2004, _port)
     stats_socket: str = _setting("/run/haproxy/agent-proxy.sock", _path)
+    # worker: every request goes to the workers; native: the front relays northbound calls
+    # itself and hands /_proxy/ and southbound to the workers (haproxy/README.md).
+    mode: str = _setting("worker", _choice("worker", "native"))
 
 
 @dataclass(frozen=True)
@@ -553,6 +565,12 @@ def warnings(config: Config) -> list[str]:
         found.append("upstream.url: plain http; allowed by upstream.allow_insecure")
     if not config.networks.upstream:
         found.append("networks.upstream: empty; control endpoints accept any source (still signed)")
+    up = urlsplit(config.upstream.url)
+    if config.front.mode == "native" and up.scheme == "https" and is_address(up.hostname) and not config.upstream.ca_file:
+        found.append(
+            "front.mode: native with an IP address in upstream.url and no upstream.ca_file: the front checks that "
+            "a system CA signed the upstream's certificate, not the address in it (HAProxy 2.6 checks names only)"
+        )
     return found
 
 

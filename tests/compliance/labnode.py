@@ -6,7 +6,8 @@ compliance suite to audit (and to break on purpose).
     files from `agent-proxy init` in a temporary folder, modes as on a real node:
         config 0640 root:nogroup, key 0600 root, secret 0600 nobody
     2 workers (`agent-proxy serve`) as nobody on 127.0.0.1:8002-8003
-    HAProxy from `agent-proxy render node-haproxy` on 10.1.2.3:2002
+    HAProxy from `agent-proxy render node-haproxy` on 10.1.2.3:2002, front.mode native (its
+    signing key from `render node-haproxy-key`, 0600 root)
     iptables and ip6tables rules from `agent-proxy render firewall-node[6]`
 
 Everything it starts is stopped by PID; the namespace it created is deleted by name.
@@ -79,11 +80,15 @@ class LabNode:
         data["upstream"]["ca_file"] = str(self.root / "upstream.crt")
         data["listen"] = {"host": "127.0.0.1", "port": FIRST_WORKER}
         data["networks"] = {"agents": ["10.0.0.0/24"], "upstream": [f"{UPSTREAM_IP}/32"]}
-        data["front"] = {"bind": NODE_IP, "port": FRONT_PORT, "workers": WORKERS,
+        # Native mode: the front relays northbound itself and holds the signing key.
+        data["front"] = {"bind": NODE_IP, "port": FRONT_PORT, "workers": WORKERS, "mode": "native",
                          "stats_socket": str(self.root / "haproxy.sock")}
         self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))  # keeps init's 0640
         shutil.chown(self.config_path, "root", SERVICE_GROUP)
         shutil.chown(self.config_dir / "psk", SERVICE_USER, SERVICE_GROUP)
+        key_map = self.config_dir / "psk.haproxy-map"
+        key_map.write_text(self._render("node-haproxy-key"))
+        key_map.chmod(0o600)
 
     def _start(self, name: str, argv: list[str], port: int, host: str) -> Process:
         proc = Process(name, argv, self.root / f"{name}.log", netns=self.namespace).start()
@@ -141,6 +146,15 @@ class LabNode:
     def open_firewall(self) -> None:
         netns.ns_run(self.namespace, ["iptables", "-P", "INPUT", "ACCEPT"])
         netns.ns_run(self.namespace, ["iptables", "-F", "INPUT"])
+
+    def render_front_as_worker_mode(self) -> None:
+        """The front's file rendered as if front.mode were worker (the config still says
+        native): served from the front's next start."""
+        data = yaml.safe_load(self.config_path.read_text())
+        data["front"]["mode"] = "worker"
+        other = self.root / "worker-mode.yaml"
+        other.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.front_config.write_text(_run([AGENT_PROXY, "render", "node-haproxy", "-c", str(other), "--set", "log_format=raw"]))
 
     def enable_tls10(self) -> None:
         """Let the front's bind line accept TLS 1.0 (and so 1.1), then restart HAProxy."""

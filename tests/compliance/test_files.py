@@ -1,5 +1,5 @@
-"""Files: the private key and the shared secret are 0600 and owned by the service user or
-root; the config is not world-readable; nothing under the config and install folders is
+"""Files: the private key, the shared secret and (front.mode native) the front's signing
+key are 0600 and owned by the service user or root; the config is not world-readable; nothing under the config and install folders is
 world-writable."""
 
 from __future__ import annotations
@@ -9,12 +9,20 @@ import shlex
 
 import pytest
 
-SECRETS = {"key": lambda c: c.tls.key_file, "secret": lambda c: c.shared_secret_file}
+SECRETS = {"key": lambda c: c.tls.key_file, "secret": lambda c: c.shared_secret_file,
+           "front-key": lambda c: c.shared_secret_file + ".haproxy-map"}
+
+
+def secret_path(config, secret: str) -> str:
+    """The file; the front's signing key only matters (and must exist) in front.mode native."""
+    if secret == "front-key" and config.front.mode != "native":
+        pytest.skip("front.mode is worker: the front signs nothing")
+    return SECRETS[secret](config)
 
 
 @pytest.mark.parametrize("secret", sorted(SECRETS))
 def test_AP_FILE_01_secret_mode_0600(host, node, control, secret):
-    path = SECRETS[secret](node.config)
+    path = secret_path(node.config, secret)
     f = host.file(path)
     assert f.is_file, f"{path} does not exist"
     assert f.mode == 0o600, f"{path} has mode {f.mode:04o}, expected 0600"
@@ -23,7 +31,7 @@ def test_AP_FILE_01_secret_mode_0600(host, node, control, secret):
 
 @pytest.mark.parametrize("secret", sorted(SECRETS))
 def test_AP_FILE_02_secret_owner(host, node, control, secret):
-    path = SECRETS[secret](node.config)
+    path = secret_path(node.config, secret)
     f = host.file(path)
     assert f.is_file, f"{path} does not exist"
     allowed = {"root"} | node.service_users

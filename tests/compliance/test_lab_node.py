@@ -62,12 +62,14 @@ def test_a_broken_node_fails_exactly_the_matching_controls(lab_node):
     lab_node.renew_certificate(days=10)
     lab_node.loosen_key()
     lab_node.open_firewall()
-    lab_node.enable_tls10()  # restarts the front, which then serves the new certificate
+    lab_node.render_front_as_worker_mode()
+    lab_node.enable_tls10()  # restarts the front, which then serves the new certificate and mode
     run, junit = lab_node.audit("broken")
     results = outcomes(junit)
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-2000:]
     assert with_status(results, "failed") == {
         ("AP-FILE-01", "key"),   # key 0644
+        ("AP-SVC-05", "-"),      # the front runs worker mode, the config says native
         ("AP-FW-01", "-"),       # INPUT policy ACCEPT
         ("AP-FW-02", "-"),       # :2002 open to anyone
         ("AP-FW-05", "-"),       # front.control_port open to anyone

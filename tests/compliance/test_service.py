@@ -8,6 +8,7 @@ the processes listening on the node's ports instead, and say so in the summary.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 
@@ -50,3 +51,15 @@ def test_AP_SVC_04_front_config_valid(host, node, control):
     detail = (result.stderr or result.stdout).strip().splitlines()
     assert result.rc == 0, f"haproxy -c {files} failed: {detail[-1] if detail else result.rc}"
     control.note(f"haproxy -c {files}: valid")
+
+
+def test_AP_SVC_05_front_runs_configured_mode(host, node, control):
+    """The front's config relays northbound itself exactly when front.mode is native: a
+    config changed without rendering the front again shows here."""
+    mode = node.config.front.mode
+    text = "".join(host.file(f).content_string for f in node.front_config_files)
+    native = re.search(r"^\s*use_backend upstream\b", text, re.MULTILINE) is not None
+    assert native == (mode == "native"), (
+        f"front.mode is {mode} but {' '.join(node.front_config_files)} "
+        f"{'relays northbound itself' if native else 'passes northbound to the workers'}")
+    control.note(f"front.mode {mode}: {'HAProxy relays northbound' if native else 'the workers relay northbound'}")

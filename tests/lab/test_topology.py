@@ -18,6 +18,7 @@ def test_the_topology_holds_the_design_addresses():
     assert {topo.hosts[n].proxy_id for n in site_a.nodes} == {"site-a"}
     assert [topo.hosts[n].proxy_id for n in site_b.nodes] == ["site-b"]
     assert {topo.hosts[a].address for s in topo.sites.values() for a in s.agents} == {"10.0.0.2"}
+    assert (site_a.front_mode, site_b.front_mode) == ("native", "worker")  # the demo runs both modes
 
 
 def test_only_the_internet_router_has_no_default_route_and_it_joins_no_outside_network():
@@ -31,6 +32,7 @@ def test_only_the_internet_router_has_no_default_route_and_it_joins_no_outside_n
     (lambda d: d["hosts"][0]["interfaces"][0].update(address="9.9.9.9"), "host upstream: 9.9.9.9 is not inside wan-upstream"),
     (lambda d: d["hosts"][0].update(role="server"), "host upstream: role 'server' is not one of"),
     (lambda d: d["sites"][0].update(gateway="nowhere"), "site site-a: unknown host 'nowhere'"),
+    (lambda d: d["sites"][0].update(front_mode="fast"), "site site-a: front_mode must be worker or native, got 'fast'"),
     (lambda d: d["hosts"][0]["interfaces"][0].update(network="lan"), "host upstream: unknown network 'lan'"),
 ])
 def test_a_bad_entry_is_named(tmp_path, change, message):

@@ -8,6 +8,7 @@ import yaml
 
 from agent_proxy import config as configuration
 from agent_proxy.config import ConfigError
+from agent_proxy.tlsutil import self_signed
 
 MINIMAL = {"proxy_id": "site-a", "upstream": {"url": "https://8.7.6.5:3302"}}
 
@@ -73,6 +74,7 @@ def test_required_keys_are_named():
         ({**MINIMAL, "upstream": {"url": "https://x", "connect_timeout": 0}}, "upstream.connect_timeout: must be a positive number"),
         ({**MINIMAL, "agents": {"tls": "yes"}}, "agents.tls: must be true or false"),
         ({**MINIMAL, "logging": {"format": "xml"}}, "logging.format: must be one of json, text"),
+        ({**MINIMAL, "front": {"mode": "fast"}}, "front.mode: must be one of worker, native, got 'fast'"),
         ({**MINIMAL, "trusted_proxies": ["localhost"]}, "trusted_proxies: is not an IP address: 'localhost'"),
         ({**MINIMAL, "limits": 5}, "limits: must be a mapping"),
     ],
@@ -158,3 +160,14 @@ def test_tls_files_must_load_not_just_be_readable(tmp_path):
     assert len(found) == 1 and f"upstream.ca_file: cannot load {junk} as CA certificates" in found[0]
     found = problems({**MINIMAL, "upstream": {"url": "https://x", "client_cert": str(junk), "client_key": str(junk)}})
     assert len(found) == 1 and "upstream.client_cert: cannot load" in found[0]
+
+
+def test_native_mode_with_an_address_and_system_cas_is_a_warning(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(self_signed("8.7.6.5", ["8.7.6.5"])[0])
+    native = {**MINIMAL, "front": {"mode": "native"}}
+    assert any(w.startswith("front.mode: native with an IP address") for w in configuration.warnings(parse(native)))
+    with_ca = {**native, "upstream": {**MINIMAL["upstream"], "ca_file": str(ca)}}
+    by_name = {**native, "upstream": {"url": "https://upstream.example:3302"}}
+    for data in (with_ca, by_name, MINIMAL):
+        assert not any(w.startswith("front.mode") for w in configuration.warnings(parse(data)))

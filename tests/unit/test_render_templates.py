@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from agent_proxy.cli import main
-from kit import write_config
+from agent_proxy.tlsutil import self_signed
+from kit import SECRET, write_config
 
 HAPROXY, NGINX = "/usr/sbin/haproxy", "/usr/sbin/nginx"
 NODES = {"nodes": [{"name": "node1", "address": "10.1.2.11"}, {"name": "node2", "address": "10.1.2.12", "port": 2102}]}
@@ -100,6 +102,54 @@ def test_node_haproxy_asks_for_a_bundle_when_the_key_is_elsewhere(tmp_path, caps
     assert code == 0, err
     assert f"ssl crt {bundle}" in text and "ssl-load-extra-del-ext" not in text
     haproxy_check(tmp_path, text)
+
+
+def native_config(tmp_path: Path, **upstream) -> Path:
+    """A native-mode config and its signing key map, as the role writes them."""
+    path = config(tmp_path, mode="native")
+    data = yaml.safe_load(path.read_text())
+    data["upstream"].update(upstream)
+    path.write_text(yaml.safe_dump(data))
+    code = main(["render", "node-haproxy-key", "-c", str(path)])
+    assert code == 0
+    return path
+
+
+def test_node_haproxy_key_is_the_secret_in_base64(tmp_path, capsys):
+    code, text, _ = render(capsys, "node-haproxy-key", config(tmp_path))
+    assert code == 0
+    assert text == "key " + base64.b64encode(SECRET.encode()).decode() + "\n"
+
+
+def test_native_front_relays_northbound_and_passes_the_rest_to_the_workers(tmp_path, capsys):
+    path = native_config(tmp_path, url="https://up.example:3302/api/base/")
+    capsys.readouterr()
+    (tmp_path / "psk.haproxy-map").write_text("key " + base64.b64encode(SECRET.encode()).decode() + "\n")
+    code, text, err = render(capsys, "node-haproxy", path)
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    assert f"set-var proc.ap_key str(key),map({tmp_path}/psk.haproxy-map)" in text
+    assert "use_backend upstream unless ap_to_workers" in text
+    assert "http-request set-pathq /api/base%[pathq]" in text
+    assert "http-request set-header Host up.example:3302" in text
+    assert re.search(r"^    server upstream up\.example:3302 ssl verify required ca-file @system-ca sni str\(up\.example\) init-addr last,libc,none$", text, re.M)
+    assert "prometheus-exporter" in text
+    code, worker_text, _ = render(capsys, "node-haproxy", config(tmp_path / "worker"))
+    assert "backend upstream" not in worker_text and "proc.ap_key" not in worker_text
+
+
+def test_native_front_asks_for_a_client_bundle_when_the_key_is_elsewhere(tmp_path, capsys):
+    (tmp_path / "keys").mkdir()
+    cert, key = self_signed("site-a", ["site-a"])
+    (tmp_path / "client.pem").write_bytes(cert)
+    (tmp_path / "keys" / "client-key.pem").write_bytes(key)
+    path = native_config(tmp_path, url="https://up.example:3302", client_cert=str(tmp_path / "client.pem"),
+                         client_key=str(tmp_path / "keys" / "client-key.pem"))
+    capsys.readouterr()
+    code, text, err = render(capsys, "node-haproxy", path)
+    assert code == 2 and "'upstream_client_bundle' is undefined" in err
+    code, text, err = render(capsys, "node-haproxy", path, "--set", "upstream_client_bundle=/etc/agent-proxy/tls/client.pem")
+    assert code == 0 and " crt /etc/agent-proxy/tls/client.pem" in text
 
 
 def test_lb_haproxy_renders_a_valid_balancer(tmp_path, capsys):

@@ -1,0 +1,334 @@
+"""Northbound conformance: one test set, run against a real node front in each mode.
+
+``front.mode: worker`` (HAProxy -> workers -> origin) and ``front.mode: native`` (HAProxy
+relays northbound itself) must look the same to an agent and to the upstream: the same
+stamped headers, a signature that verifies with the same secret, the same refusals and
+errors. Every test runs once per mode through real HAProxy, real workers and the
+recording origin (tests/origin.py); agents are 127.0.0.3, the only address in
+``networks.agents``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import ssl
+import subprocess
+from http.client import HTTPSConnection
+from urllib.parse import urlsplit
+
+import pytest
+import urllib3
+import yaml
+
+from agent_proxy import signing
+from agent_proxy.tlsutil import self_signed
+from kit import AGENT, SECRET, free_port, headers_of, start_node, wait_until
+from tests.origin import Origin
+
+MODES = ["worker", "native"]
+MAX_BODY = 4 * 1024 * 1024
+OUTSIDER = "127.0.0.5"  # not in networks.agents
+# What each mode stamps on every northbound request (and nothing an agent sent survives).
+STAMPED = ("x-agent-proxy-id", "x-agent-proxy-client-ip", "x-agent-proxy-signature", "forwarded",
+           "x-forwarded-for", "x-forwarded-proto", "x-request-id", "host")
+FORGED = {
+    "X-Agent-Proxy-Id": "site-evil", "X-Agent-Proxy-Client-IP": "10.6.6.6",
+    "X-Agent-Proxy-Signature": "v1 ts=1, sig=" + "0" * 64, "Forwarded": "for=10.6.6.6",
+    "X-Forwarded-For": "10.6.6.6", "X-Forwarded-Host": "evil", "X-Forwarded-Proto": "http",
+    "X-Real-IP": "10.6.6.6",
+}
+HOP_BY_HOP = {"Keep-Alive": "timeout=5", "Proxy-Authorization": "Basic eA==", "TE": "trailers",
+              "Trailer": "X-Sum", "Proxy-Connection": "keep-alive"}
+AGENTS_ONLY = {"networks": {"agents": [f"{AGENT}/32"], "upstream": ["127.0.0.0/8"]},
+               "limits": {"max_body_bytes": MAX_BODY}}
+
+
+@pytest.fixture(scope="module")
+def origin():
+    origin = Origin().start()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def node(request, origin, tmp_path_factory):
+    mode = request.param
+    front = start_node(tmp_path_factory.mktemp(f"node-{mode}"), origin.url + "/base", 2, [],
+                       name=f"node-{mode}", mode=mode, **AGENTS_ONLY)
+    yield front
+    front.stop()
+
+
+@pytest.fixture(scope="module")
+def nodes(origin, tmp_path_factory):
+    """One node of each mode at once, for the side-by-side comparison."""
+    started = {mode: start_node(tmp_path_factory.mktemp(f"pair-{mode}"), origin.url + "/base", 1, [],
+                                name=f"pair-{mode}", mode=mode, **AGENTS_ONLY) for mode in MODES}
+    yield started
+    for front in started.values():
+        front.stop()
+
+
+def call(port: int, method: str, target: str, headers: dict | None = None, body: bytes | None = None,
+         source: str = AGENT) -> tuple[int, dict[str, str], bytes]:
+    """One request over TLS from ``source``, the target sent exactly as given."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    connection = HTTPSConnection("127.0.0.1", port, context=context, timeout=30, source_address=(source, 0))
+    try:
+        connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def echo(port: int, target: str = "/agent/v1/checkin", headers: dict | None = None, method: str = "GET") -> dict:
+    status, _, data = call(port, method, target, headers)
+    assert status == 200, data
+    return json.loads(data)
+
+
+def curl(port: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sSk", "--max-time", "60", "--interface", AGENT, *args,
+                           f"https://127.0.0.1:{port}/echo"], capture_output=True, timeout=90)
+
+
+def assert_contract_error(status: int, headers: dict, data: bytes, expected_status: int, code: str, title: str) -> None:
+    assert status == expected_status, data
+    assert headers["x-agent-proxy-error"] == code
+    assert headers["content-type"] == "application/json"
+    assert json.loads(data)["title"] == title
+
+
+def test_identity_is_stamped_and_signed(node):
+    seen = echo(node.port, "/agent/v1/checkin?b=2&a=%2F1", {"X-Custom": "kept", "X-Request-ID": "agent-id.1:2"})
+    got = headers_of(seen)
+    assert seen["target"] == "/base/agent/v1/checkin?b=2&a=%2F1"
+    assert got["x-agent-proxy-id"] == ["site-a"]
+    assert got["x-agent-proxy-client-ip"] == [AGENT]
+    assert got["x-forwarded-for"] == [AGENT]
+    assert got["x-forwarded-proto"] == ["https"]
+    assert got["forwarded"] == [f'for="{AGENT}";by="site-a";proto=https']
+    assert got["x-request-id"] == ["agent-id.1:2"]
+    assert got["host"] == [urlsplit(yaml.safe_load(node.config.read_text())["upstream"]["url"]).netloc]
+    assert got["x-custom"] == ["kept"]
+    assert got["via"] == ["1.1 agent-proxy"]
+    signing.verify_signature_header(
+        got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], AGENT,
+    )
+
+
+def test_forged_identity_headers_are_dropped(node):
+    got = headers_of(echo(node.port, headers=FORGED))
+    for name in FORGED:
+        assert name.lower() not in got or got[name.lower()] != [FORGED[name]], name
+    assert "x-forwarded-host" not in got and "x-real-ip" not in got
+    assert got["x-agent-proxy-client-ip"] == [AGENT] and got["x-forwarded-for"] == [AGENT]
+
+
+@pytest.mark.parametrize("connection", [None, "keep-alive", "X-Drop-Me"])
+def test_hop_by_hop_headers_are_dropped(node, connection):
+    headers = dict(HOP_BY_HOP, **{"X-Drop-Me": "named by Connection"})
+    if connection:
+        headers["Connection"] = connection
+    got = headers_of(echo(node.port, headers=headers))
+    for name in [*HOP_BY_HOP, "Connection"]:
+        assert name.lower() not in got, name
+    assert ("x-drop-me" in got) == (connection != "X-Drop-Me")
+    assert got["x-agent-proxy-id"] == ["site-a"]
+
+
+@pytest.mark.parametrize("given", [None, "", "has space", "x" * 129, "semi;colon"])
+def test_request_id_is_generated_when_missing_or_invalid(node, given):
+    headers = {} if given is None else {"X-Request-ID": given}
+    ids = [headers_of(echo(node.port, headers=headers))["x-request-id"] for _ in range(2)]
+    assert all(len(found) == 1 for found in ids)
+    assert ids[0] != ids[1] and given not in (ids[0][0], ids[1][0])
+    assert all(re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", found[0]) for found in ids)
+
+
+def test_binary_body_round_trip(node):
+    body = os.urandom(1024 * 1024) + b"\x00\r\n\r\n\xff"
+    status, _, data = call(node.port, "PUT", "/echo", {"Content-Type": "application/octet-stream"}, body)
+    assert status == 200
+    seen = json.loads(data)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest() and seen["body_size"] == len(body)
+    assert seen["method"] == "PUT"
+
+
+def test_chunked_upload_is_relayed_whole(node, tmp_path):
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(2 * 1024 * 1024 + 3))
+    done = curl(node.port, "-H", "Transfer-Encoding: chunked", "-H", "Expect:", "--data-binary", f"@{payload}")
+    seen = json.loads(done.stdout)
+    assert seen["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+    assert seen["body_size"] == payload.stat().st_size
+    assert headers_of(seen)["x-agent-proxy-client-ip"] == [AGENT]
+
+
+def test_large_download_is_streamed_whole(node):
+    done = subprocess.run(
+        ["curl", "-sSk", "--max-time", "60", "--interface", AGENT, "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+         f"https://127.0.0.1:{node.port}/big?n={64 * 1024 * 1024}"], capture_output=True, text=True, timeout=90)
+    assert done.stdout == f"200 {64 * 1024 * 1024}", done.stderr
+
+
+def test_upstream_connections_are_reused(node, origin):
+    """Ten agents' calls, each on its own new connection to the front, share a few to the upstream."""
+    if node.mode != "native":
+        pytest.skip("worker mode: each worker thread keeps its own (tests/integration/test_relay_client.py)")
+    before = len(origin.received)
+    for _ in range(10):
+        echo(node.port)
+    ports = {record["client_port"] for record in origin.received[before:]}
+    assert len(ports) <= 4, f"{len(ports)} upstream connections for 10 requests"
+
+
+def test_head_has_no_body(node):
+    status, headers, data = call(node.port, "HEAD", "/echo")
+    assert status == 200 and data == b"" and int(headers["content-length"]) > 0
+
+
+@pytest.mark.parametrize("target", ["/a%2Fb/%7e/./x?q=%20&q=2&flag", "/_proxyish/x?y", "/%5Fproxy"])
+def test_raw_path_and_query_are_kept(node, target):
+    seen = echo(node.port, target)
+    assert seen["target"] == "/base" + target
+    got = headers_of(seen)
+    signing.verify_signature_header(got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], AGENT)
+
+
+def test_proxy_paths_stay_with_the_workers(node):
+    status, _, data = call(node.port, "GET", "/_proxy/features")
+    assert status == 200 and "northbound" in json.loads(data)
+    status, headers, _ = call(node.port, "GET", "/%5Fproxy/nothing")
+    assert status == 404 and headers["x-agent-proxy-error"] == "not-found"
+
+
+def test_sources_outside_networks_agents_are_refused(node, origin):
+    before = len(origin.received)
+    status, headers, data = call(node.port, "GET", "/echo", source=OUTSIDER)
+    assert_contract_error(status, headers, data, 403, "source-not-allowed", "Forbidden")
+    assert OUTSIDER in json.loads(data)["description"]
+    assert len(origin.received) == before
+
+
+def test_absolute_form_target_is_refused(node):
+    status, headers, data = call(node.port, "GET", "http://127.0.0.1/echo")
+    assert_contract_error(status, headers, data, 400, "bad-target", "Bad target")
+
+
+def test_body_over_the_limit_is_413(node, origin, tmp_path):
+    """Known by Content-Length or only at the end of a chunked body: a 413 the client reads."""
+    before = len(origin.received)
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"x" * (MAX_BODY + 1))
+    for framing in ("Content-Type: application/octet-stream", "Transfer-Encoding: chunked"):
+        done = curl(node.port, "-i", "-H", "Expect:", "-H", framing, "--data-binary", f"@{payload}")
+        head, _, data = done.stdout.rpartition(b"\r\n\r\n")
+        assert b"\r\nHTTP/1.1 413 " in b"\r\n" + head, done
+        assert b"\r\nx-agent-proxy-error: body-too-large" in head.lower()
+        assert json.loads(data)["title"] == "Body too large"
+    assert len(origin.received) == before
+    status, _, _ = call(node.port, "POST", "/echo", body=b"x" * MAX_BODY)
+    assert status == 200
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_upstream_down_is_502(mode, tmp_path):
+    front = start_node(tmp_path, f"http://127.0.0.1:{free_port()}", 1, [], name=f"down-{mode}", mode=mode, **AGENTS_ONLY)
+    try:
+        status, headers, data = call(front.port, "GET", "/echo")
+        assert_contract_error(status, headers, data, 502, "upstream-unreachable", "Bad gateway")
+    finally:
+        front.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """An origin certificate for a name and one for an address (an IP SAN), and a client's."""
+    tmp = tmp_path_factory.mktemp("pki")
+    for name, host in (("localhost", "localhost"), ("127.0.0.1", "127.0.0.1"), ("client", "site-a")):
+        cert, key = self_signed(host, [host])
+        (tmp / f"{name}.crt").write_bytes(cert)
+        (tmp / f"{name}.key").write_bytes(key)
+    return tmp
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+@pytest.mark.parametrize("mode", MODES)
+def test_upstream_tls_is_verified_with_ca_file_and_client_certificate(mode, host, pki, tmp_path):
+    tls_origin = Origin(tls=(str(pki / f"{host}.crt"), str(pki / f"{host}.key")), client_ca=str(pki / "client.crt")).start()
+    url = f"https://{host}:{tls_origin.port}"
+    good = {"url": url, "ca_file": str(pki / f"{host}.crt"),
+            "client_cert": str(pki / "client.crt"), "client_key": str(pki / "client.key")}
+    untrusted = {"url": url, "ca_file": str(pki / "client.crt")}  # a CA that did not sign the origin
+    try:
+        for name, upstream, expected in (("good", good, 200), ("untrusted", untrusted, 502)):
+            front = start_node(tmp_path / name, url, 1, [], name=f"tls-{mode}-{name}", mode=mode,
+                               upstream=upstream, **AGENTS_ONLY)
+            try:
+                status, headers, data = call(front.port, "GET", "/echo")
+            finally:
+                front.stop()
+            assert status == expected, data
+            if expected == 502:
+                assert headers["x-agent-proxy-error"] == "upstream-unreachable"
+        assert len(tls_origin.received) == 1
+        got = headers_of(tls_origin.received[0])
+        assert got["host"] == [f"{host}:{tls_origin.port}"]
+    finally:
+        tls_origin.stop()
+
+
+def access_lines(node) -> list[dict]:
+    """The JSON access lines of whoever relayed northbound: HAProxy in native mode, else the workers."""
+    procs = [node.haproxy] if node.mode == "native" else list(node.workers.values())
+    lines = [line for proc in procs for line in proc.output().splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in lines]
+
+
+def test_access_line_has_the_workers_fields(node):
+    request_id = f"log-check-{node.mode}"
+    echo(node.port, "/agent/v1/checkin?secret-query=1", {"X-Request-ID": request_id}, method="POST")
+    found = []
+    wait_until(lambda: found.extend(l for l in access_lines(node) if l.get("request_id") == request_id) or found,
+               5, "the access line")
+    line = found[0]
+    assert list(line) == ["ts", "level", "logger", "message", "request_id", "direction", "client_ip", "method",
+                          "target", "status", "bytes_in", "bytes_out", "duration_ms"]
+    assert (line["logger"], line["direction"], line["client_ip"], line["method"], line["target"], line["status"]) == (
+        "agent_proxy.access", "northbound", AGENT, "POST", "/agent/v1/checkin", 200)
+    assert line["bytes_out"] > 0 and line["bytes_in"] == 0
+
+
+def test_native_front_exports_prometheus_metrics(node):
+    if node.mode != "native":
+        pytest.skip("worker mode: the workers' /_proxy/metrics count northbound calls")
+    echo(node.port)
+    text = urllib3.request("GET", f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10).data.decode()
+    answered = re.search(r'^haproxy_backend_http_responses_total\{proxy="upstream",code="2xx"\} (\d+)$', text, re.M)
+    assert answered and int(answered.group(1)) >= 1
+
+
+def test_both_modes_send_the_origin_the_same_stamped_headers(nodes, origin):
+    target = "/agent/v1/checkin?id=%2Fvm-1"
+    headers = {**FORGED, "X-Request-ID": "same-id", "User-Agent": "agent/1.0"}
+    seen = {mode: echo(front.port, target, headers, method="POST") for mode, front in nodes.items()}
+    stamped = {}
+    for mode, record in seen.items():
+        got = headers_of(record)
+        signing.verify_signature_header(got.pop("x-agent-proxy-signature")[0], SECRET.encode(), "site-a",
+                                        "POST", record["target"], AGENT)
+        stamped[mode] = {name: got.get(name) for name in STAMPED if name != "x-agent-proxy-signature"}
+        stamped[mode]["other"] = sorted(n for n in got if n not in STAMPED and n != "content-length")
+        stamped[mode]["target"] = record["target"]
+    assert stamped["native"] == stamped["worker"]
