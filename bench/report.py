@@ -189,8 +189,9 @@ def scale_markdown(scale: dict) -> list[str]:
              f"Target: {scale['targets']['connections_curve']}: {verdict('connections_curve')}.", "",
              "| connections | req/s | p50 ms | p99 ms | errors | × best |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in scale.get("connections_curve", []):
+        kinds = ", ".join(f"{k} {v}" for k, v in p.get("error_kinds", {}).items())
         lines.append(f"| {p['connections']:,} | {_fmt(p['rps'])} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
-                     f"{p['errors']} | {_fmt(p['share_of_best'], '.2f')} |")
+                     f"{p['errors']}{f' ({kinds})' if kinds else ''} | {_fmt(p['share_of_best'], '.2f')} |")
     idle = scale.get("idle_connections")
     if idle:
         lines += ["", f"Idle agents held open: {idle['asked']:,} TLS connections to the same node's front, each "

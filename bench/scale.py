@@ -107,8 +107,11 @@ def descriptors(pids: list[int]) -> int:
 
 
 def summary(result: dict) -> dict:
+    """A wrk run's rate, latency and errors (with wrk's kinds of error, for the JSON)."""
+    kinds = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
     return {"rps": round(result["rps"], 1), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
-            "errors": result["errors"], "requests": result["requests"]}
+            "errors": result["errors"], "requests": result["requests"],
+            "error_kinds": {k: result[k] for k in kinds if result[k]}}
 
 
 # -- 1 and 2: the knee and idle connections, on one node on loopback
@@ -122,7 +125,7 @@ def connections_curve(node: NodeFront, lua: dict[int, Path], size: Size) -> list
         point = {"connections": connections, **summary(result)}
         points.append(point)
         log(f"curve: {connections:5} connections {point['rps']:9,.0f} req/s p50 {point['p50_ms']:7.2f} ms "
-            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['errors']}" if point["errors"] else ""))
+            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['error_kinds']}" if point["errors"] else ""))
     best = max(p["rps"] for p in points)
     for point in points:
         point["share_of_best"] = point["rps"] / best if best else None
