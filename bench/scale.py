@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, NodeFront, netns
+from kit import SECRET, NodeFront, netns, stat_rows
 
 from . import load, procstat
 from .load import Workload
@@ -117,15 +117,29 @@ def summary(result: dict) -> dict:
 # -- 1 and 2: the knee and idle connections, on one node on loopback
 
 
+def front_counts(node: NodeFront) -> dict[str, int]:
+    """Counters of the node front: 5xx it sent to clients, 5xx the workers answered, times a
+    worker was marked DOWN by its health check."""
+    front = stat_rows(node.stats_socket, "agent_proxy")["FRONTEND"]
+    workers = stat_rows(node.stats_socket, "workers")
+    servers = [row for name, row in workers.items() if name not in ("FRONTEND", "BACKEND")]
+    return {"5xx_to_clients": int(front["hrsp_5xx"] or 0),
+            "5xx_from_workers": sum(int(row["hrsp_5xx"] or 0) for row in servers),
+            "workers_marked_down": sum(int(row["chkdown"] or 0) for row in servers)}
+
+
 def connections_curve(node: NodeFront, lua: dict[int, Path], size: Size) -> list[dict]:
     points = []
     for connections in size.curve:
         workload = Workload(f"get-200B-c{connections}", "GET", "/small", connections)
+        before = front_counts(node)
         result = load.run(node.url + "/small", workload, lua[connections], size.seconds)
-        point = {"connections": connections, **summary(result)}
+        after = front_counts(node)
+        point = {"connections": connections, **summary(result),
+                 "front": {key: after[key] - before[key] for key in after}}
         points.append(point)
         log(f"curve: {connections:5} connections {point['rps']:9,.0f} req/s p50 {point['p50_ms']:7.2f} ms "
-            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['error_kinds']}" if point["errors"] else ""))
+            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['error_kinds']} {point['front']}" if point["errors"] else ""))
     best = max(p["rps"] for p in points)
     for point in points:
         point["share_of_best"] = point["rps"] / best if best else None
