@@ -72,8 +72,8 @@ def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft, hard = before
     if hard != resource.RLIM_INFINITY and hard < needed:
-        raise RuntimeError(f"--scale needs {needed:,} file descriptors; the hard limit is {hard:,} "
-                           f"(raise it: ulimit -Hn {needed}, or LimitNOFILE= for a service)")
+        raise SystemExit(f"--scale needs {needed:,} file descriptors; the hard limit is {hard:,} "
+                         f"(raise it: ulimit -Hn {needed}, or LimitNOFILE= for a service)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return before
 
