@@ -15,11 +15,13 @@ honest stand-in: every byte is relayed and received, and the answer stays small.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_proxy import config as configuration
 from agent_proxy import signing
 from kit import SECRET, NodeFront, Process, free_port, netns, start_node, start_worker, wait_for_port, wait_until, write_config
 
@@ -193,8 +195,12 @@ class Lab:
         return procstat.with_children(proc.pid)
 
     def node(self, name: str, origin_url: str, **options) -> NodeFront:
-        """A node (``NODE_WORKERS`` workers, HAProxy front) from kit.start_node, stopped with the lab."""
-        options.setdefault("max_conn_per_source", None)   # the product's default
+        """A node (``NODE_WORKERS`` workers, HAProxy front) from kit.start_node, stopped with the
+        lab; the per-source limit and the upstream timeouts are the product's defaults."""
+        options.setdefault("max_conn_per_source", None)
+        defaults = {f.name: f.default for f in dataclasses.fields(configuration.Upstream)}
+        options["upstream"] = {"connect_timeout": defaults["connect_timeout"], "read_timeout": defaults["read_timeout"],
+                               **options.get("upstream", {})}
         node = start_node(self.dir / name, origin_url, NODE_WORKERS, name=name, **options)
         self.stack.callback(node.stop)
         return node

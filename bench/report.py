@@ -178,47 +178,53 @@ def scale_errors(scale: dict, name: str) -> int:
     return part["errors"] if part else 0
 
 
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table of right-aligned (numeric) columns."""
+    return ["| " + " | ".join(columns) + " |", "|" + " ---: |" * len(columns),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def scale_markdown(scale: dict) -> list[str]:
     size, met = scale["size"], scale.get("met", {})
 
     def verdict(name: str) -> str:
-        return {True: "met", False: "**NOT MET**"}.get(met.get(name), "not judged at this size")
+        met_or_not = {True: "met", False: "**NOT MET**"}.get(met.get(name), "not judged at this size")
+        return f"Target: {scale['targets'][name]}: {met_or_not}."
 
+    def errors(part: dict) -> str:
+        kinds = {**part.get("error_kinds", {}), **{k: v for k, v in part.get("front", {}).items() if v}}
+        return f"{part['errors']}{' (' + ', '.join(f'{k} {v}' for k, v in kinds.items()) + ')' if kinds else ''}"
+
+    curve = scale.get("connections_curve", [])
     lines = ["", "## Scale (`--scale`)", "",
-             f"The knee: 200-byte GETs through the full node (TLS front, 2 workers), {size['seconds']:g} s "
-             f"per point, one run each; the front's per-source limit off (the load comes from one address). "
-             f"Target: {scale['targets']['connections_curve']}: {verdict('connections_curve')}.", "",
-             "| connections | req/s | p50 ms | p99 ms | errors | × best |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for p in scale.get("connections_curve", []):
-        lines.append(f"| {p['connections']:,} | {_fmt(p['rps'])} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
-                     f"{p['errors']} | {_fmt(p['share_of_best'], '.2f')} |")
+             f"The knee: 200-byte GETs through the full node, {size['seconds']:g} s per point "
+             f"(bench/README.md says how each part is run). {verdict('connections_curve')}", "",
+             *_table(["connections", "req/s", "p50 ms", "p99 ms", "errors", "× best"],
+                     [[f"{p['connections']:,}", _fmt(p["rps"]), f"{p['p50_ms']:.2f}", f"{p['p99_ms']:.2f}",
+                       errors(p), _fmt(p["share_of_best"], ".2f")] for p in curve])]
     idle = scale.get("idle_connections")
     if idle:
-        lines += ["", f"Idle agents held open: {idle['asked']:,} TLS connections to the same node's front, each "
-                  f"after one GET /_proxy/health, held while {idle['load']['connections']} connections load it "
-                  f"for {size['seconds']:g} s (front: global maxconn {scale['front_maxconn']:,}, idle timeouts "
-                  f"{scale['front_idle_timeout']}). Target: {scale['targets']['idle_connections']}: "
-                  f"{verdict('idle_connections')}.", "",
-                  "| held | errors | opened in s | load req/s | load p99 ms | p99 without idle ms | "
-                  "RSS front+workers KiB without / with | KiB per idle connection |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {idle['held']:,} | {idle['errors']} | {idle['open_seconds']} | {_fmt(idle['load']['rps'])} | "
-                  f"{idle['p99_ms']:.2f} | {idle['load_without_idle']['p99_ms']:.2f} | "
-                  f"{idle['rss_kib_without_idle']:,} / {idle['rss_kib_with_idle']:,} | "
-                  f"{_fmt(idle['rss_kib_per_connection'], '.1f')} |"]
+        held_while = f"{idle['load']['connections']} connections load it for {size['seconds']:g} s"
+        lines += ["", f"Idle agents: {idle['asked']:,} TLS connections to the front, each idle after one GET "
+                  f"/_proxy/health, held while {held_while}. {verdict('idle_connections')}", ""]
+        lines += _table(["held", "errors", "opened in s", "load req/s", "load p99 ms", "p99 without idle ms",
+                         "RSS front+workers KiB without / with", "KiB per idle connection"],
+                        [[f"{idle['held']:,}", str(idle["errors"]), str(idle["open_seconds"]),
+                          _fmt(idle["load"]["rps"]), f"{idle['p99_ms']:.2f}", f"{idle['load_without_idle']['p99_ms']:.2f}",
+                          f"{idle['rss_kib_without_idle']:,} / {idle['rss_kib_with_idle']:,}",
+                          _fmt(idle["rss_kib_per_connection"], ".1f")]])
     south = scale.get("southbound_agents")
     if south:
-        lines += ["", f"Many distinct agents southbound: one signed GET to each of {south['agents']:,} agent "
-                  f"addresses (one nginx, TLS, listening for all of them in its own namespace), through a node "
-                  f"in another namespace (agents.tls on), from {south['client_threads']} client connections, "
-                  f"after {south['warm_agents']} warm-up calls. Target: {scale['targets']['southbound_agents']}: "
-                  f"{verdict('southbound_agents')}.", "",
-                  "| agents | errors | seconds | calls/s | CPU µs/call (front+workers) | worker RSS MiB before / after "
-                  "| growth MiB | worker fds before / after |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {south['agents']:,} | {south['errors']} | {south['seconds']} | {_fmt(south['requests_per_s'])} | "
-                  f"{_fmt(south['cpu_us_per_request'])} | {south['rss_before_mib']:.1f} / {south['rss_after_mib']:.1f} | "
-                  f"{south['rss_growth_mib']:.1f} | {south['fds_before']} / {south['fds_after']} |"]
+        lines += ["", f"Distinct agents southbound: one signed GET to each of {south['agents']:,} addresses "
+                  f"(TLS) after {south['warm_agents']} warm-up calls. {verdict('southbound_agents')}", ""]
+        columns = ["agents", "errors", "seconds", "calls/s", "CPU µs/call (front+workers)",
+                   "worker RSS MiB before / after", "growth MiB", "worker fds before / after",
+                   "of them to agents"]
+        lines += _table(columns, [[
+            f"{south['agents']:,}", str(south["errors"]), str(south["seconds"]), _fmt(south["requests_per_s"]),
+            _fmt(south["cpu_us_per_request"]), f"{south['rss_before_mib']:.1f} / {south['rss_after_mib']:.1f}",
+            f"{south['rss_growth_mib']:.1f}", f"{south['fds_before']} / {south['fds_after']}",
+            f"{south['agent_connections_before']} / {south['agent_connections_after']}"]])
         if south["failures"]:
             lines += ["", "First failures: " + "; ".join(south["failures"])]
     lines += ["", sizing_text(scale), ""]

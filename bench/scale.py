@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, NodeFront, netns
+from kit import SECRET, NodeFront, netns, stat_rows
 
 from . import load, procstat
 from .load import Workload
@@ -49,6 +49,9 @@ FULL = Size(curve=(1, 8, 32, 128, 512, 1024), seconds=5, idle=10_000, agents=20_
 SMOKE = Size(curve=(1, 8), seconds=1, idle=100, agents=100, warm_agents=16)
 LOAD_CONNECTIONS = 32        # the load that runs while the idle connections are held
 CLIENT_THREADS = 32          # the southbound client's threads (each one keep-alive connection to the front)
+# Before the workers' descriptors are counted, after the warm-up and after the calls alike:
+# the front's idle connections to the workers, too, are then in the same state.
+SETTLE_SECONDS = 3
 OPENERS = 16                 # threads opening the idle connections
 # The scale node's front: its global maxconn (the frontend's follows it), and how long it
 # keeps an idle client connection (the template's 10 s would close the first idle
@@ -72,8 +75,8 @@ def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft, hard = before
     if hard != resource.RLIM_INFINITY and hard < needed:
-        raise RuntimeError(f"--scale needs {needed:,} file descriptors; the hard limit is {hard:,} "
-                           f"(raise it: ulimit -Hn {needed}, or LimitNOFILE= for a service)")
+        raise SystemExit(f"--scale needs {needed:,} file descriptors; the hard limit is {hard:,} "
+                         f"(raise it: ulimit -Hn {needed}, or LimitNOFILE= for a service)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return before
 
@@ -106,23 +109,61 @@ def descriptors(pids: list[int]) -> int:
     return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in pids)
 
 
+def agent_connections(pids: list[int]) -> int:
+    """The processes' TCP sockets whose far end is an agent (AGENT_NETWORK, AGENT_PORT)."""
+    count = 0
+    for pid in pids:
+        inodes = set()
+        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[2].split(":")
+            ip = ipaddress.IPv4Address(bytes.fromhex(address)[::-1])   # little-endian on x86
+            if int(port, 16) == AGENT_PORT and ip in AGENT_NETWORK:
+                inodes.add(fields[9])
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = fd.readlink().name
+            except OSError:
+                continue   # closed while we looked
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+    return count
+
+
 def summary(result: dict) -> dict:
+    """A wrk run's rate, latency and errors (with wrk's kinds of error, for the JSON)."""
+    kinds = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
     return {"rps": round(result["rps"], 1), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
-            "errors": result["errors"], "requests": result["requests"]}
+            "errors": result["errors"], "requests": result["requests"],
+            "error_kinds": {k: result[k] for k in kinds if result[k]}}
 
 
 # -- 1 and 2: the knee and idle connections, on one node on loopback
+
+
+def front_counts(node: NodeFront) -> dict[str, int]:
+    """Counters of the node front: 5xx it sent to clients, 5xx the workers answered, times a
+    worker was marked DOWN by its health check."""
+    front = stat_rows(node.stats_socket, "agent_proxy")["FRONTEND"]
+    workers = stat_rows(node.stats_socket, "workers")
+    servers = [row for name, row in workers.items() if name not in ("FRONTEND", "BACKEND")]
+    return {"5xx_to_clients": int(front["hrsp_5xx"] or 0),
+            "5xx_from_workers": sum(int(row["hrsp_5xx"] or 0) for row in servers),
+            "workers_marked_down": sum(int(row["chkdown"] or 0) for row in servers)}
 
 
 def connections_curve(node: NodeFront, lua: dict[int, Path], size: Size) -> list[dict]:
     points = []
     for connections in size.curve:
         workload = Workload(f"get-200B-c{connections}", "GET", "/small", connections)
+        before = front_counts(node)
         result = load.run(node.url + "/small", workload, lua[connections], size.seconds)
-        point = {"connections": connections, **summary(result)}
+        after = front_counts(node)
+        point = {"connections": connections, **summary(result),
+                 "front": {key: after[key] - before[key] for key in after}}
         points.append(point)
         log(f"curve: {connections:5} connections {point['rps']:9,.0f} req/s p50 {point['p50_ms']:7.2f} ms "
-            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['errors']}" if point["errors"] else ""))
+            f"p99 {point['p99_ms']:7.2f} ms" + (f" ERRORS {point['error_kinds']} {point['front']}" if point["errors"] else ""))
     best = max(p["rps"] for p in points)
     for point in points:
         point["share_of_best"] = point["rps"] / best if best else None
@@ -279,15 +320,15 @@ def southbound_agents(lab: Lab, size: Size) -> dict:
     ok, failed = call_agents(node_ns, node.port, warm)
     if failed:
         raise RuntimeError(f"southbound warm-up: {len(failed)} of {len(warm)} calls failed, e.g. {failed[:3]}")
-    time.sleep(1)
+    time.sleep(SETTLE_SECONDS)
     rss_before, fds_before, cpu_before = rss_kib(workers), descriptors(workers), procstat.cpu_seconds(servers)
+    agents_before = agent_connections(workers)
     started = time.monotonic()
     ok, failed = call_agents(node_ns, node.port, measured)
     seconds = time.monotonic() - started
     cpu = procstat.cpu_seconds(servers) - cpu_before
-    # Settled: the workers close what they no longer keep within a second or two.
-    time.sleep(2)
-    rss_after, fds_after = rss_kib(workers), descriptors(workers)
+    time.sleep(SETTLE_SECONDS)
+    rss_after, fds_after, agents_after = rss_kib(workers), descriptors(workers), agent_connections(workers)
     result = {
         "agents": len(measured), "ok": ok, "errors": len(failed), "failures": failed[:5],
         "seconds": round(seconds, 1), "requests_per_s": len(measured) / seconds,
@@ -295,11 +336,12 @@ def southbound_agents(lab: Lab, size: Size) -> dict:
         "rss_before_mib": rss_before / 1024, "rss_after_mib": rss_after / 1024,
         "rss_growth_mib": (rss_after - rss_before) / 1024,
         "fds_before": fds_before, "fds_after": fds_after, "fds_growth": fds_after - fds_before,
+        "agent_connections_before": agents_before, "agent_connections_after": agents_after,
         "warm_agents": len(warm), "client_threads": CLIENT_THREADS,
     }
     log(f"southbound: {ok:,}/{len(measured):,} agents in {seconds:.1f} s ({result['requests_per_s']:,.0f}/s, "
         f"{result['cpu_us_per_request']:.0f} µs/req), worker RSS +{result['rss_growth_mib']:.1f} MiB, "
-        f"descriptors {fds_before} -> {fds_after}")
+        f"descriptors {fds_before} -> {fds_after} (to agents {agents_before} -> {agents_after})")
     return result
 
 

@@ -73,11 +73,16 @@ def stats_command(socket_path: str, command: str) -> str:
     return b"".join(chunks).decode()
 
 
+def stat_rows(socket_path: str, proxy: str) -> dict[str, dict[str, str]]:
+    """`show stat` rows of one proxy by name: FRONTEND or BACKEND, and each server's."""
+    text = stats_command(socket_path, "show stat").lstrip("# ")
+    return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == proxy}
+
+
 def server_stats(socket_path: str, backend: str) -> dict[str, dict[str, str]]:
     """`show stat` rows of ``backend``'s servers by name (status, scur, stot, ...)."""
-    text = stats_command(socket_path, "show stat").lstrip("# ")
-    rows = csv.DictReader(io.StringIO(text))
-    return {row["svname"]: row for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")}
+    rows = stat_rows(socket_path, backend)
+    return {name: row for name, row in rows.items() if name not in ("FRONTEND", "BACKEND")}
 
 
 def all_up(socket_path: str, backend: str) -> bool:
