@@ -272,6 +272,17 @@ class Limits:
     # Seconds a worker keeps a connection that has no request in progress.
     idle_timeout: int = _setting(60, _int(1, 86400), restart="waitress's idle sweep is set up at start")
 
+    @property
+    def front_per_worker(self) -> int:
+        """Requests the node front sends one worker at once: an eighth under max_in_flight.
+
+        A worker counts a request until its task ends, a moment after the front has read
+        the whole answer and may already send the next one; at exactly max_in_flight
+        that next request would find the worker full and get 503 ``overloaded`` (seen
+        under load at 128 connections and more). The headroom absorbs the overlap.
+        """
+        return max(1, self.max_in_flight - max(1, self.max_in_flight // 8))
+
 
 @dataclass(frozen=True)
 class Front:

@@ -57,7 +57,11 @@ def test_the_node_front_takes_its_maxconn_from_the_config():
     frontend = text[text.index("\nfrontend"):text.index("\nbackend")]
     assert re.search(r"^    maxconn 5064$", global_section, re.M)  # the frontend's plus the stats socket
     assert re.search(r"^    maxconn 5000$", frontend, re.M)
-    assert re.search(r"^    default-server .* maxconn 40 pool-max-conn 40$", text, re.M)
+    # An eighth under max_in_flight: the worker still counts the request before, when the
+    # front may already send the next.
+    assert re.search(r"^    default-server .* maxconn 35 pool-max-conn 40$", text, re.M)
+    assert parse(limits={"max_in_flight": 1}).limits.front_per_worker == 1
+    assert parse(limits={"max_in_flight": 64}).limits.front_per_worker == 56
 
 
 def test_a_worker_must_hold_what_the_front_may_send_it():
