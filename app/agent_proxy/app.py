@@ -693,7 +693,7 @@ class _Counted:
                 # waitress sends the head with the first piece: none went out, so the
                 # answer can still be the error it is (502 bad-answer, 504).
                 error = proxy.origin_failure(info, "agent" if info["direction"] == "southbound" else "upstream", exc)
-                data = error_body(error.title, error.description)
+                data = error_body(error.code, error.description)
                 self._start_response(f"{error.status} {http.HTTPStatus(error.status).phrase}", [
                     ("Content-Type", "application/json"), (ERROR_HEADER, error.code), ("Content-Length", str(len(data))),
                 ], sys.exc_info())

@@ -304,7 +304,10 @@ def test_access_line_has_the_workers_fields(node):
                5, "the access line")
     line = found[0]
     assert list(line) == ["ts", "level", "logger", "message", "request_id", "direction", "client_ip", "method",
-                          "target", "status", "bytes_in", "bytes_out", "duration_ms"]
+                          "target", "status", "bytes_in", "bytes_out", "duration_ms", "outcome", "origin_ms"]
+    # The worker's outcome is a word, HAProxy's its termination state ("----": complete).
+    assert line["outcome"] == ("----" if node.mode == "native" else "complete")
+    assert 0 <= line["origin_ms"] <= line["duration_ms"] + 1
     assert (line["logger"], line["direction"], line["client_ip"], line["method"], line["target"], line["status"]) == (
         "agent_proxy.access", "northbound", AGENT, "POST", "/agent/v1/checkin", 200)
     assert line["bytes_out"] > 0 and line["bytes_in"] == 0
