@@ -12,6 +12,7 @@ both at 10.0.0.2 behind two proxies stay apart. See README.md for the endpoints.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import os
@@ -166,18 +167,19 @@ class AgentProxies:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise falcon.HTTPBadRequest(title="Bad request", description=f"url must be http(s)://host[:port], got {url!r}")
-        features = self._handshake(proxy_id, url)
+        features, certificate = self._handshake(proxy_id, url)
         record = {
             "proxy_id": proxy_id, "url": url, "version": data.get("version"),
-            "features": features, "registered_at": time.time(),
+            "features": features, "registered_at": time.time(), "certificate_sha256": certificate,
         }
         with self.registry.lock:
             known = proxy_id in self.registry.proxies
             self.registry.proxies[proxy_id] = record
-        _log("registered", proxy_id=proxy_id, url=url, again=known, features=features)
+        _log("registered", proxy_id=proxy_id, url=url, again=known, features=features, certificate_sha256=certificate)
         _json(resp, record, 200 if known else 201)
 
-    def _handshake(self, proxy_id: str, url: str) -> list:
+    def _handshake(self, proxy_id: str, url: str) -> tuple[list, str | None]:
+        """The proxy's features and the SHA-256 fingerprint of the certificate it answered with."""
         nonce = secrets.token_urlsafe(24)
         path = url_path(url) + "/_proxy/handshake"
 
@@ -206,7 +208,8 @@ class AgentProxies:
         if not isinstance(body, dict) or body.get("nonce") != nonce or body.get("proxy_id") != proxy_id:
             raise failed(f"the answer of the proxy at {url} does not carry our nonce and its proxy_id")
         features = body.get("features")
-        return features if isinstance(features, list) else []
+        certificate = ":".join(f"{b:02X}" for b in hashlib.sha256(answer.certificate).digest()) if answer.certificate else None
+        return (features if isinstance(features, list) else []), certificate
 
 
 class AgentProxy:
