@@ -164,8 +164,8 @@ all:
         firewall_admin_networks: [$HOST_FROM_GUEST/32]
       hosts:
 $node_hosts
-    # rolling-upgrade.yml drains and readies the nodes on every balancer, through
-    # `agent-proxy lb` on the balancer: here the host itself.
+    # rolling-upgrade.yml drains and readies the nodes on every balancer with
+    # agent-proxy lb, run on the balancer: here the host itself.
     balancers:
       hosts:
         lb:
