@@ -41,15 +41,18 @@ $(STAMP): app/pyproject.toml
 # The whole suite: unit, integration (real waitress, HAProxy, nginx, curl on loopback),
 # the namespace lab, compliance against a lab node, the Ansible/Packer/Vagrant checks, a
 # 5-second smoke of the benchmark harness, and (unless SKIP_IMAGE=1) the VM image built,
-# booted under TCG and audited.
+# booted under TCG and audited, then two nodes of one proxy booted from it and deployed
+# with the site playbook (packer/test-multinode.sh). ansible/lint.sh goes first: it
+# installs ansible-core, which tests/integration/test_role_key_material.py runs.
 test: deps venv
-	$(PYTEST) tests/unit tests/integration tests/lab tests/compliance/test_lab_node.py
 	ansible/lint.sh
+	$(PYTEST) tests/unit tests/integration tests/lab tests/compliance/test_lab_node.py
 	$(PY) -m bench --smoke
 ifeq ($(SKIP_IMAGE),1)
 	packer/check.sh
 else
 	packer/test-image.sh
+	packer/test-multinode.sh
 endif
 
 test-fast: venv

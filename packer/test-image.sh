@@ -13,30 +13,14 @@ OUT=$REPO/out
 T=$OUT/test-image
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-300}
 total_start=$SECONDS
-step_start=$SECONDS
-step() { echo "test-image: $1 in $((SECONDS - step_start)) s"; step_start=$SECONDS; }
-fail() { echo "test-image: FAIL: $*" >&2; exit 1; }
-# wait_for SECONDS FAILURE COMMAND...: until COMMAND succeeds; after SECONDS, fail with
-# "FAILURE within SECONDS s".
-wait_for() {
-  local limit=$1 failure=$2 deadline=$((SECONDS + $1))
-  shift 2
-  until "$@"; do
-    ((SECONDS < deadline)) || fail "$failure within $limit s"
-    sleep 1
-  done
-}
+TEST_NAME=test-image
+# shellcheck source=packer/test-helpers.sh
+source packer/test-helpers.sh
 
 QEMU_PID= ORIGIN_PID=
-stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
-  local pid=$1
-  kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid"
-}
 cleanup() {
-  if [[ -S $T/ssh-control ]] && ! ssh -F "$T/ssh_config" -O exit appliance 2>/dev/null; then
-    echo "test-image: could not close the SSH control connection $T/ssh-control" >&2
+  if [[ -S $T/ssh-appliance ]] && ! ssh -F "$T/ssh_config" -O exit appliance 2>/dev/null; then
+    echo "test-image: could not close the SSH control connection $T/ssh-appliance" >&2
   fi
   if [[ -n $QEMU_PID ]]; then stop_pid "$QEMU_PID"; fi
   if [[ -n $ORIGIN_PID ]]; then stop_pid "$ORIGIN_PID"; fi
@@ -51,7 +35,6 @@ step "image"
 
 rm -rf "$T"
 mkdir -p "$T"
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 ssh_port=$(free_port)
 front_port=$(free_port)
 origin_port=$(free_port)
@@ -68,24 +51,7 @@ UPSTREAM_URL=https://upstream.example:3302
 PUBLIC_URL=https://127.0.0.1:2002
 HOSTNAMES=agent-proxy 127.0.0.1
 EOF
-cat > "$T/ssh_config" <<EOF
-Host appliance
-  HostName 127.0.0.1
-  Port $ssh_port
-  User admin
-  IdentityFile $T/id_ed25519
-  IdentitiesOnly yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  LogLevel ERROR
-  BatchMode yes
-  ConnectTimeout 5
-  # One SSH connection for the whole test (the compliance suite runs hundreds of commands):
-  # every new key exchange costs the TCG guest a second or more.
-  ControlMaster auto
-  ControlPath $T/ssh-control
-  ControlPersist 300
-EOF
+ssh_host appliance "$ssh_port" > "$T/ssh_config"
 guest() { ssh -F "$T/ssh_config" appliance "$@"; }
 
 qemu-img create -q -f qcow2 -b "$OUT/agent-proxy.qcow2" -F qcow2 "$T/disk.qcow2"
