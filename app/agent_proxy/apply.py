@@ -16,8 +16,9 @@ and the services already reloaded are reloaded with them; the exit status is 1 a
 message names the step. `--no-reload` stops after installing (first boot: the services
 start after it).
 
-Settings a worker reads only when it starts (listen, listen_control, limits, logging,
-upstream.read_timeout) need `systemctl restart agent-proxy.target` instead.
+The few settings a worker reads only when it starts (README, Operations: Reload; the
+worker's "configuration reloaded" log line names them) need
+`systemctl restart agent-proxy.target` instead.
 """
 
 from __future__ import annotations
