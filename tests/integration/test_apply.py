@@ -8,6 +8,7 @@ not PID 1 here: packer/test-image.sh drives that part on the booted appliance.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -98,3 +99,29 @@ def test_status_reports_every_field(tmp_path):
     assert shown[f"worker {port}"].endswith(", ready")
     # systemd is not PID 1 here, so the units' state is unknown: not serving.
     assert done.returncode == 1 and shown["serving"] is False
+
+
+def test_a_failed_reload_puts_the_previous_files_back(node, tmp_path):
+    # systemd is not PID 1 here: a stand-in systemctl records the reloads and fails the
+    # front's, as a front that does not come back would.
+    config, firewall, front = node
+    bin_dir, calls = tmp_path / "bin", tmp_path / "systemctl.calls"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case "$*" in *agent-proxy-front.service) echo "Job for agent-proxy-front.service failed." >&2; exit 1;; esac\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    before = installed(firewall, front)
+    done = subprocess.run(
+        [AGENT_PROXY, "apply", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 1
+    assert done.stderr.startswith("agent-proxy: reloading the front failed: Job for agent-proxy-front.service failed.")
+    assert installed(firewall, front) == before
+    port = yaml.safe_load(config.read_text())["listen"]["port"]
+    assert calls.read_text().splitlines() == [
+        "reload-or-restart agent-proxy-firewall.service",
+        f"reload-or-restart agent-proxy@{port}.service",
+        "reload-or-restart agent-proxy-front.service",
+        "reload-or-restart agent-proxy-firewall.service",  # the previous rules applied again
+    ]
