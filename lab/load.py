@@ -2,7 +2,8 @@
 
 Prints one JSON object: ok, failed (count and the first reasons), client retries, and the
 seconds it ran. Bounded twice: at most ``--rate * --seconds`` requests, and it stops
-sending at ``--seconds + 10``. Requests are paced at ``--rate`` per second (0: as fast as
+sending at ``--seconds + 10``; SIGTERM ends it earlier (the result is printed all the
+same), for a load that lasts as long as a step of unknown length. Requests are paced at ``--rate`` per second (0: as fast as
 the threads go). The client behaves as an agent's HTTP client does: keep-alive
 connections, and a GET whose connection failed, was cut, or got no answer within 4 s is
 sent again on a new connection after a short backoff (urllib3's Retry); a 5xx answer is a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ import urllib3
 from . import netns
 
 
-def run(url: str, ca_file: str, rate: float, seconds: float, threads: int) -> dict:
+def run(url: str, ca_file: str, rate: float, seconds: float, threads: int, stop: threading.Event | None = None) -> dict:
     retry = urllib3.Retry(total=6, connect=6, read=2, status=0, redirect=0, backoff_factor=0.2,
                           allowed_methods={"GET"})
     http = urllib3.PoolManager(maxsize=threads, block=True, retries=retry, ca_certs=ca_file,
@@ -40,7 +42,7 @@ def run(url: str, ca_file: str, rate: float, seconds: float, threads: int) -> di
             with lock:
                 index = next(counter, None)
             now = time.monotonic()
-            if index is None or now >= stop_at or (not rate and now >= start + seconds):
+            if index is None or now >= stop_at or (not rate and now >= start + seconds) or (stop and stop.is_set()):
                 return
             if rate:
                 time.sleep(max(0.0, start + index / rate - now))
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10, help="how long (default %(default)s)")
     parser.add_argument("--threads", type=int, default=8, help="client threads (default %(default)s)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.url, args.ca_file, args.rate, args.seconds, args.threads)), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(json.dumps(run(args.url, args.ca_file, args.rate, args.seconds, args.threads, stop)), flush=True)
     return 0
 
 

@@ -55,6 +55,45 @@ def _config_text(proxy_id: str, upstream_url: str, public_url: str, directory: P
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
+MIN_SECRET_LENGTH = 32  # characters; `agent-proxy init` makes 64 hex digits
+
+
+def _read_input(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{option} {path}: cannot read: {exc.strerror}"]) from None
+
+
+def _given_material(args: argparse.Namespace, hostnames: list[str]) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(secret, certificate, key) read from --secret-file, --tls-cert and --tls-key and
+    checked; None for what was not given. Raises ConfigError naming the file and the fault."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError(["--tls-cert and --tls-key go together"])
+    secret = cert = key = None
+    if args.secret_file:
+        secret = _read_input("--secret-file", args.secret_file)
+        try:
+            length = len(secret.decode("utf-8").strip())
+        except UnicodeDecodeError:
+            raise ConfigError([f"--secret-file {args.secret_file}: not UTF-8 text"]) from None
+        if length < MIN_SECRET_LENGTH:
+            raise ConfigError([
+                f"--secret-file {args.secret_file}: holds {length} characters; at least {MIN_SECRET_LENGTH} are needed"
+            ])
+    if args.tls_cert:
+        from .tlsutil import MaterialError, check_pair
+
+        cert, key = _read_input("--tls-cert", args.tls_cert), _read_input("--tls-key", args.tls_key)
+        try:
+            # The names are checked only when given: an imported certificate names the
+            # site (the balancer), not this host's FQDN.
+            check_pair(cert, key, hostnames if args.hostname else [])
+        except MaterialError as exc:
+            raise ConfigError([f"--tls-cert {args.tls_cert} --tls-key {args.tls_key}: {exc}"]) from None
+    return secret, cert, key
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.config_dir)
     hostnames = args.hostname or [socket.getfqdn()]
@@ -71,27 +110,26 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _fail(f"refusing to overwrite {', '.join(existing)} (nothing was changed)", EXIT_FAILURE)
     # Validate what we are about to write before touching the disk.
     text = _config_text(proxy_id, args.upstream_url, public_url, directory)
-    try:
-        configuration.parse(
-            {**yaml.safe_load(text), "upstream": {"url": args.upstream_url, "allow_insecure": True}},
-            "--proxy-id/--upstream-url",
-            environ={},
-        )
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"agent-proxy: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+    configuration.parse(
+        {**yaml.safe_load(text), "upstream": {"url": args.upstream_url, "allow_insecure": True}},
+        "--proxy-id/--upstream-url",
+        environ={},
+    )
+    secret, cert_pem, key_pem = _given_material(args, hostnames)
 
     from .tlsutil import fingerprint, self_signed
 
-    cert_pem, key_pem = self_signed(hostnames[0], hostnames)
-    secret = secrets.token_hex(32)
+    if cert_pem is None:
+        cert_pem, key_pem = self_signed(hostnames[0], hostnames)
+    generated_secret = secret is None
+    if generated_secret:
+        secret = (secrets.token_hex(32) + "\n").encode()
     written: list[Path] = []
     try:
         (directory / "tls").mkdir(parents=True, exist_ok=True)
         for path, content, mode in (
             (files["key"], key_pem, 0o600),
-            (files["secret"], (secret + "\n").encode(), 0o600),
+            (files["secret"], secret, 0o600),
             (files["cert"], cert_pem, 0o644),
             (files["config"], text.encode(), 0o640),
         ):
@@ -109,9 +147,45 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {files['config']}, {files['cert']}, {files['key']} (0600), {files['secret']} (0600)")
     print()
     print(f"Hand these to the upstream for proxy_id {proxy_id}:")
-    print(f"shared secret: {secret}")
+    # A secret that was given is already known to whoever gave it: it is not repeated.
+    print(f"shared secret: {secret.decode().strip()}" if generated_secret else f"shared secret: the one in {args.secret_file}")
     print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)}")
     print(cert_pem.decode().rstrip())
+    return EXIT_OK
+
+
+def cmd_renew_cert(args: argparse.Namespace) -> int:
+    """A new self-signed certificate for the configured key and the old certificate's names."""
+    from cryptography.x509.oid import NameOID
+
+    from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, self_signed
+
+    tls = _load(args.config).tls
+    cert_pem = _read_input("tls.cert_file", tls.cert_file)
+    key_pem = _read_input("tls.key_file", tls.key_file)
+    try:
+        old = load_cert(cert_pem)
+        names = cert_names(old)
+        common_names = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        new_pem, _ = self_signed(str(common_names[0].value) if common_names else names[0], names, days=args.days, key_pem=key_pem)
+    except (MaterialError, IndexError) as exc:
+        reason = exc if isinstance(exc, MaterialError) else "it names no host"
+        raise ConfigError([f"{tls.cert_file} with {tls.key_file}: cannot renew: {reason}"]) from None
+    cert_path = Path(tls.cert_file)
+    scratch = cert_path.with_name(f".{cert_path.name}.new")
+    try:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(new_pem)
+        stat = cert_path.stat()
+        os.chown(scratch, stat.st_uid, stat.st_gid)
+        os.chmod(scratch, stat.st_mode & 0o7777)
+        os.replace(scratch, cert_path)  # readers see the old file or the new one, never half
+    except OSError as exc:
+        scratch.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {exc.filename or cert_path}: {exc.strerror} (nothing was changed)") from None
+    print(f"wrote {cert_path} for {', '.join(names)}, valid {args.days} days; reload the front to serve it")
+    print(f"certificate SHA-256 fingerprint: {fingerprint(new_pem)}")
     return EXIT_OK
 
 
@@ -233,13 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", default=configuration.DEFAULT_PATH, help="configuration file (default: %(default)s)")
         return p
 
-    p = sub.add_parser("init", help="write a config, a self-signed certificate and a shared secret")
+    p = sub.add_parser("init", help="write a config, a certificate and a shared secret (made, or the given ones)")
     p.add_argument("--config-dir", default=str(Path(configuration.DEFAULT_PATH).parent))
     p.add_argument("--proxy-id", help="default: the short host name")
     p.add_argument("--upstream-url", required=True, help="the control plane, e.g. https://8.7.6.5:3302")
     p.add_argument("--public-url", help="where the upstream reaches this proxy (default: https://HOSTNAME:2002)")
-    p.add_argument("--hostname", action="append", help="name or IP for the certificate (repeatable)")
+    p.add_argument("--hostname", action="append",
+                   help="name or IP for the certificate (repeatable); with --tls-cert: each must be in it")
+    p.add_argument("--secret-file", metavar="FILE", help="install this shared secret (32+ characters) instead of making one")
+    p.add_argument("--tls-cert", metavar="FILE", help="install this certificate (PEM, with --tls-key) instead of making one")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
     p.set_defaults(func=cmd_init)
+
+    p = with_config(sub.add_parser("renew-cert", help="a new self-signed certificate for the same key and names"))
+    p.add_argument("--days", type=int, default=825, help="validity in days (default: %(default)s)")
+    p.set_defaults(func=cmd_renew_cert)
 
     p = with_config(sub.add_parser("check-config", help="validate a configuration file"))
     p.set_defaults(func=cmd_check_config)

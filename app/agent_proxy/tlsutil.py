@@ -11,12 +11,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def self_signed(common_name: str, hostnames: list[str], days: int = 825) -> tuple[bytes, bytes]:
-    """A P-256 key and a self-signed server certificate for ``hostnames`` (names or IPs).
+def self_signed(
+    common_name: str, hostnames: list[str], days: int = 825, key_pem: bytes | None = None
+) -> tuple[bytes, bytes]:
+    """A self-signed server certificate for ``hostnames`` (names or IPs) and its key: a new
+    P-256 key, or the one in ``key_pem`` (a renewal keeps the key).
 
     Returns (certificate PEM, private key PEM).
     """
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1()) if key_pem is None else load_key(key_pem)
     names: list[x509.GeneralName] = []
     for host in dict.fromkeys(hostnames or [common_name]):
         try:
@@ -52,6 +55,60 @@ def self_signed(common_name: str, hostnames: list[str], days: int = 825) -> tupl
         serialization.NoEncryption(),
     )
     return cert_pem, key_pem
+
+
+class MaterialError(ValueError):
+    """A certificate, key or secret that cannot be used; the message says why."""
+
+
+def load_key(key_pem: bytes):
+    try:
+        return serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise MaterialError(f"not an unencrypted PEM private key ({exc})") from None
+
+
+def load_cert(cert_pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise MaterialError(f"not a PEM certificate ({exc})") from None
+
+
+def cert_names(cert: x509.Certificate) -> list[str]:
+    """The certificate's subjectAltName entries (DNS names and IPs), in order."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in san if isinstance(name, (x509.DNSName, x509.IPAddress))]
+
+
+def check_pair(cert_pem: bytes, key_pem: bytes, hostnames: list[str], now: datetime.datetime | None = None) -> None:
+    """Raise MaterialError unless the key belongs to the certificate, the certificate is
+    valid at ``now`` and it names every one of ``hostnames``."""
+    cert, key = load_cert(cert_pem), load_key(key_pem)
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise MaterialError("the key does not belong to the certificate")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise MaterialError(
+            f"the certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now"
+        )
+    names = cert_names(cert)
+    canonical = {_canonical(n) for n in names}
+    missing = [h for h in hostnames if _canonical(h) not in canonical]
+    if missing:
+        raise MaterialError(f"the certificate does not name {', '.join(missing)} (it names {', '.join(names) or 'nothing'})")
+
+
+def _canonical(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name.lower().rstrip(".")
 
 
 def fingerprint(cert_pem: bytes) -> str:

@@ -75,3 +75,126 @@ def test_environment_override_reaches_check_config(tmp_path):
 
 def test_unknown_command_is_a_usage_error():
     assert run("frobnicate").returncode == 2
+
+
+# -- init with given material, renew-cert
+
+def _init(directory, *extra):
+    return run("init", "--config-dir", str(directory), "--proxy-id", "site-a", "--upstream-url", "https://8.7.6.5:3302", *extra)
+
+
+def _material(tmp_path, *hostnames):
+    """A certificate, key and secret made by `agent-proxy init` itself, as an operator would."""
+    made = tmp_path / "made"
+    assert _init(made, *[f"--hostname={h}" for h in hostnames]).returncode == 0
+    return made / "psk", made / "tls" / "proxy.crt", made / "tls" / "proxy.key"
+
+
+def _given(secret, cert, key):
+    return "--secret-file", str(secret), "--tls-cert", str(cert), "--tls-key", str(key)
+
+
+def test_init_installs_the_given_secret_certificate_and_key(tmp_path):
+    secret, cert, key = _material(tmp_path, "10.1.2.3", "lb.site-a.example")
+    node = tmp_path / "node"
+    result = _init(node, *_given(secret, cert, key), "--hostname", "lb.site-a.example")
+    assert result.returncode == 0, result.stderr
+    for given, installed, mode in ((secret, node / "psk", 0o600), (cert, node / "tls" / "proxy.crt", 0o644),
+                                   (key, node / "tls" / "proxy.key", 0o600)):
+        assert installed.read_bytes() == given.read_bytes()
+        assert stat.S_IMODE(installed.stat().st_mode) == mode
+    # The given secret is not printed again; the fingerprint is the given certificate's.
+    assert secret.read_text().strip() not in result.stdout
+    fingerprint = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
+                                 capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    assert f"certificate SHA-256 fingerprint: {fingerprint}" in result.stdout
+    assert run("check-config", "-c", str(node / "agent-proxy.yaml")).returncode == 0
+
+
+def _expired_certificate(tmp_path, key_file):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lb.site-a.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=10))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("lb.site-a.example")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    path = tmp_path / "expired.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_init_refuses_material_that_does_not_fit_and_writes_nothing(tmp_path):
+    secret, cert, key = _material(tmp_path, "lb.site-a.example")
+    _, _, other_key = _material(tmp_path / "other", "lb.site-a.example")
+    short = tmp_path / "short.psk"
+    short.write_text("only-31-characters-long-secret!\n")
+    binary = tmp_path / "binary.psk"
+    binary.write_bytes(b"\xff" * 40)
+    expired = _expired_certificate(tmp_path, key)
+    cases = [
+        (_given(secret, cert, other_key), f"--tls-cert {cert} --tls-key {other_key}: the key does not belong to the certificate"),
+        (_given(secret, cert, key) + ("--hostname", "node1.site-a.example"),
+         f"--tls-cert {cert} --tls-key {key}: the certificate does not name node1.site-a.example (it names lb.site-a.example)"),
+        (_given(short, cert, key), f"--secret-file {short}: holds 31 characters; at least 32 are needed"),
+        (_given(binary, cert, key), f"--secret-file {binary}: not UTF-8 text"),
+        (_given(secret, key, key), f"--tls-cert {key} --tls-key {key}: not a PEM certificate"),
+        (_given(secret, cert, cert), f"--tls-cert {cert} --tls-key {cert}: not an unencrypted PEM private key"),
+        (_given(secret, cert, tmp_path / "missing.key"), f"--tls-key {tmp_path / 'missing.key'}: cannot read: No such file or directory"),
+        (("--tls-cert", str(cert)), "--tls-cert and --tls-key go together"),
+    ]
+    for args, message in cases:
+        node = tmp_path / "node"
+        result = _init(node, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"agent-proxy: {message}"), result.stderr
+        assert not node.exists(), args
+    result = _init(tmp_path / "node", *_given(secret, expired, key))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert f"--tls-cert {expired} --tls-key {key}: the certificate is valid from " in result.stderr
+    assert result.stderr.rstrip().endswith("UTC, not now") and not (tmp_path / "node").exists()
+
+
+def _certificate(path):
+    from cryptography import x509
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_renew_cert_keeps_the_key_and_the_names(tmp_path):
+    assert _init(tmp_path, "--hostname", "10.1.2.3", "--hostname", "lb.site-a.example").returncode == 0
+    cert_file, key_file = tmp_path / "tls" / "proxy.crt", tmp_path / "tls" / "proxy.key"
+    old_pem, key_pem = cert_file.read_bytes(), key_file.read_bytes()
+    result = run("renew-cert", "-c", str(tmp_path / "agent-proxy.yaml"), "--days", "30")
+    assert result.returncode == 0, result.stderr
+    new_pem = cert_file.read_bytes()
+    assert new_pem != old_pem and key_file.read_bytes() == key_pem
+    assert stat.S_IMODE(cert_file.stat().st_mode) == 0o644
+    new = _certificate(cert_file)
+    fingerprint = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert_file)],
+                                 capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    assert result.stdout.splitlines()[-1] == f"certificate SHA-256 fingerprint: {fingerprint}"
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(cert_file)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "IP Address:10.1.2.3, DNS:lb.site-a.example" in san
+    assert (new.not_valid_after_utc - new.not_valid_before_utc).days == 30
+    # The renewed certificate still goes with the key (openssl compares the public keys).
+    pubkeys = [subprocess.run(["openssl", *cmd], capture_output=True, check=True).stdout
+               for cmd in (["x509", "-noout", "-pubkey", "-in", str(cert_file)], ["pkey", "-pubout", "-in", str(key_file)])]
+    assert pubkeys[0] == pubkeys[1]
+
+
+def test_renew_cert_with_an_unreadable_key_is_one_line_exit_2(tmp_path):
+    assert _init(tmp_path).returncode == 0
+    (tmp_path / "tls" / "proxy.key").write_text("garbage\n")
+    before = (tmp_path / "tls" / "proxy.crt").read_bytes()
+    result = run("renew-cert", "-c", str(tmp_path / "agent-proxy.yaml"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "cannot renew: not an unencrypted PEM private key" in result.stderr
+    assert (tmp_path / "tls" / "proxy.crt").read_bytes() == before

@@ -151,6 +151,7 @@ class Answer:
     status: int
     headers: dict  # lower-case names; last value wins
     body: bytes
+    certificate: bytes | None = None  # the peer's TLS certificate (DER), for https
 
     def json(self):
         try:
@@ -172,9 +173,10 @@ def call(
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
     try:
         conn.request(method, path, body=body or None, headers={"Content-Type": "application/json", **(headers or {})})
+        certificate = conn.sock.getpeercert(binary_form=True) if parts.scheme == "https" else None
         response = conn.getresponse()
         data = response.read()
-        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data, certificate)
     except ssl.SSLCertVerificationError as exc:
         raise CallError(f"TLS with {url} failed: certificate verify failed: {exc.verify_message}") from None
     except ssl.SSLError as exc:

@@ -3,7 +3,8 @@
     python -m agent_proxy.reference.upstream --listen 127.0.0.1:3302 --self-signed 127.0.0.1 \\
         --write-cert upstream.crt --proxy site-a=site-a.psk
 
-It holds one shared secret per proxy_id and keeps everything else in memory. Agents are
+It holds one shared secret per proxy_id (two while that secret is rotated) and keeps
+everything else in memory. Agents are
 keyed by (proxy_id, client IP as the proxy saw it, instance id): that is how two agents
 both at 10.0.0.2 behind two proxies stay apart. See README.md for the endpoints.
 """
@@ -11,6 +12,7 @@ both at 10.0.0.2 behind two proxies stay apart. See README.md for the endpoints.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import os
@@ -42,11 +44,20 @@ def _log(event: str, **fields) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    secrets: dict  # proxy_id -> secret bytes
+    # proxy_id -> its secrets: bytes, or a tuple of them while the secret is rotated. Every
+    # one is accepted on the proxy's signatures; calls to the proxy are signed with the
+    # first, and with the next when the proxy refuses that signature (a node that does not
+    # have the new secret yet).
+    secrets: dict
     skew: int = 300
     proxy_context: ssl.SSLContext | None = None  # how proxies' TLS is verified; None: system CAs
     allow_token_override: bool = False
     operator_networks: tuple = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "secrets", {
+            proxy_id: (value,) if isinstance(value, bytes) else tuple(value) for proxy_id, value in self.secrets.items()
+        })
 
 
 @dataclass
@@ -88,6 +99,19 @@ def _json(resp: falcon.Response, data, status: int = 200) -> None:
     resp.media = data
 
 
+def call_proxy(caller: Callable, settings: Settings, proxy_id: str, url: str, path: str, body: bytes,
+               headers: dict, timeout: float):
+    """POST to a proxy signed with proxy_id's first secret, and with the next one while the
+    proxy refuses the signature (it refuses before it acts, so trying again is safe).
+    Returns (answer, the secret it accepted or the last one tried)."""
+    for secret in settings.secrets[proxy_id]:
+        signed = {**headers, "Authorization": signing.authorization(secret, proxy_id, "POST", path)}
+        answer = caller(url, "POST", path, body, signed, context=settings.proxy_context, timeout=timeout)
+        if answer.status != 401 or answer.headers.get("x-agent-proxy-error") != "bad-signature":
+            break
+    return answer, secret
+
+
 class ProxyAuth:
     """Checks the X-Agent-Proxy-Signature that a proxy puts on every call it makes."""
 
@@ -96,14 +120,21 @@ class ProxyAuth:
 
     def verify(self, req: falcon.Request, client_ip: str) -> str:
         proxy_id = req.get_header("X-Agent-Proxy-Id") or ""
-        secret = self.settings.secrets.get(proxy_id)
         try:
-            if secret is None:
+            if proxy_id not in self.settings.secrets:
                 raise signing.SignatureError(f"unknown proxy_id {proxy_id!r}" if proxy_id else "missing X-Agent-Proxy-Id")
-            signing.verify_signature_header(
-                req.get_header("X-Agent-Proxy-Signature"), secret, proxy_id, req.method,
-                _raw_target(req.env), client_ip, self.settings.skew,
-            )
+            refusals = []
+            for secret in self.settings.secrets[proxy_id]:  # any of them, while rotating
+                try:
+                    signing.verify_signature_header(
+                        req.get_header("X-Agent-Proxy-Signature"), secret, proxy_id, req.method,
+                        _raw_target(req.env), client_ip, self.settings.skew,
+                    )
+                    break
+                except signing.SignatureError as exc:
+                    refusals.append(exc)
+            else:
+                raise refusals[0]
         except signing.SignatureError as exc:
             _log("signature-rejected", path=req.path, proxy_id=proxy_id, reason=str(exc))
             raise falcon.HTTPUnauthorized(title="Signature refused", description=str(exc)) from None
@@ -136,30 +167,29 @@ class AgentProxies:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise falcon.HTTPBadRequest(title="Bad request", description=f"url must be http(s)://host[:port], got {url!r}")
-        features = self._handshake(proxy_id, url)
+        features, certificate = self._handshake(proxy_id, url)
         record = {
             "proxy_id": proxy_id, "url": url, "version": data.get("version"),
-            "features": features, "registered_at": time.time(),
+            "features": features, "registered_at": time.time(), "certificate_sha256": certificate,
         }
         with self.registry.lock:
             known = proxy_id in self.registry.proxies
             self.registry.proxies[proxy_id] = record
-        _log("registered", proxy_id=proxy_id, url=url, again=known, features=features)
+        _log("registered", proxy_id=proxy_id, url=url, again=known, features=features, certificate_sha256=certificate)
         _json(resp, record, 200 if known else 201)
 
-    def _handshake(self, proxy_id: str, url: str) -> list:
-        secret = self.settings.secrets[proxy_id]
+    def _handshake(self, proxy_id: str, url: str) -> tuple[list, str | None]:
+        """The proxy's features and the SHA-256 fingerprint of the certificate it answered with."""
         nonce = secrets.token_urlsafe(24)
         path = url_path(url) + "/_proxy/handshake"
-        headers = {"Authorization": signing.authorization(secret, proxy_id, "POST", path)}
 
         def failed(reason: str) -> falcon.HTTPError:
             _log("handshake-failed", proxy_id=proxy_id, url=url, reason=reason)
             return falcon.HTTPBadGateway(title="Handshake failed", description=reason)
 
         try:
-            answer = self.call(url, "POST", path, json.dumps({"nonce": nonce}).encode(), headers,
-                               context=self.settings.proxy_context, timeout=10)
+            answer, secret = call_proxy(self.call, self.settings, proxy_id, url, path,
+                                        json.dumps({"nonce": nonce}).encode(), {}, timeout=10)
         except CallError as exc:
             raise failed(str(exc)) from None
         if answer.status != 200:
@@ -178,7 +208,8 @@ class AgentProxies:
         if not isinstance(body, dict) or body.get("nonce") != nonce or body.get("proxy_id") != proxy_id:
             raise failed(f"the answer of the proxy at {url} does not carry our nonce and its proxy_id")
         features = body.get("features")
-        return features if isinstance(features, list) else []
+        certificate = ":".join(f"{b:02X}" for b in hashlib.sha256(answer.certificate).digest()) if answer.certificate else None
+        return (features if isinstance(features, list) else []), certificate
 
 
 class AgentProxy:
@@ -316,12 +347,9 @@ class OperatorCommands:
         body = json.dumps({"instance_id": agent["instance_id"], "command": command, "args": data.get("args")}).encode()
         url = proxy["url"]
         path = url_path(url) + f"/_proxy/agents/{agent_ip}/{agent['port']}/agent/v1/commands"
-        headers = {
-            "Authorization": signing.authorization(self.settings.secrets[proxy_id], proxy_id, "POST", path),
-            commands.HEADER: commands.sign(override or agent["token"], agent["instance_id"], body),
-        }
+        headers = {commands.HEADER: commands.sign(override or agent["token"], agent["instance_id"], body)}
         try:
-            answer = self.call(url, "POST", path, body, headers, context=self.settings.proxy_context, timeout=15)
+            answer, _ = call_proxy(self.call, self.settings, proxy_id, url, path, body, headers, timeout=15)
         except CallError as exc:
             raise falcon.HTTPBadGateway(title="Proxy unreachable", description=str(exc)) from None
         agent_body = answer.json()
@@ -389,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", help="private key (PEM)")
     parser.add_argument("--self-signed", action="append", metavar="NAME", help="generate a certificate for NAME (repeatable)")
     parser.add_argument("--write-cert", metavar="FILE", help="with --self-signed: write the certificate here")
-    parser.add_argument("--proxy", action="append", default=[], metavar="ID=FILE", help="a proxy_id and its shared secret file")
+    parser.add_argument("--proxy", action="append", default=[], metavar="ID=FILE",
+                        help="a proxy_id and its shared secret file; the same ID twice while rotating (the first signs)")
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--proxy-ca", metavar="FILE", help="CA to verify proxies' TLS with")
     tls.add_argument("--insecure-proxy-tls", action="store_true", help="do not verify proxies' TLS (labs only)")
@@ -428,8 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ssl.SSLError) as exc:
             fail(f"cannot load the certificate and key: {exc}")
 
+        held: dict = {}
+        for spec in args.proxy:  # a proxy_id given twice: its secret is being rotated
+            proxy_id, secret = _read_secret(spec)
+            held.setdefault(proxy_id, []).append(secret)
         settings = Settings(
-            secrets=dict(_read_secret(spec) for spec in args.proxy),
+            secrets=held,
             skew=args.skew,
             proxy_context=client_context(args.proxy_ca, verify=not args.insecure_proxy_tls),
             allow_token_override=args.allow_token_override,
