@@ -28,8 +28,9 @@ DHCP=yes
 EOF
 in_root systemctl enable --quiet systemd-networkd.service
 
-# The operator account: key-only SSH, sudo without password, no password at all ("*").
-in_root useradd --create-home --shell /bin/bash --groups sudo "$BUILD_USER"
+# The operator account: key-only SSH, sudo without password, no password at all ("*"),
+# and the journal readable without sudo.
+in_root useradd --create-home --shell /bin/bash --groups sudo,systemd-journal "$BUILD_USER"
 in_root usermod --password '*' "$BUILD_USER"
 echo "$BUILD_USER ALL=(ALL) NOPASSWD:ALL" > "$ROOT/etc/sudoers.d/90-$BUILD_USER"
 chmod 0440 "$ROOT/etc/sudoers.d/90-$BUILD_USER"

@@ -61,6 +61,15 @@ ssh-keygen -q -t ed25519 -N '' -C multinode-test -f "$T/id_ed25519"
 for node in "${NODES[@]}"; do ssh_host "$node" "${SSH_PORT[$node]}"; done > "$T/ssh_config"
 guest() { local node=$1; shift; ssh -F "$T/ssh_config" "$node" "$@"; }
 
+# The boot seed a node needs to serve at all (the image's upstream is a placeholder): the
+# host as a plain-http upstream; site.yml sets the real one. No identity: each node makes
+# its own at first boot, and the role must make them one.
+cat > "$T/seed.env" <<SEED
+PROXY_ID=site-a
+UPSTREAM_URL=http://$HOST_FROM_GUEST:$upstream_port
+UPSTREAM_ALLOW_INSECURE=true
+SEED
+
 # -- boot both nodes from one image, each on its own overlay, in parallel
 for node in "${NODES[@]}"; do
   qemu-img create -q -f qcow2 -b "$OUT/agent-proxy.qcow2" -F qcow2 "$T/$node.qcow2"
@@ -69,6 +78,7 @@ for node in "${NODES[@]}"; do
     -netdev "user,id=n0,hostname=$node,hostfwd=tcp:127.0.0.1:${SSH_PORT[$node]}-:22,hostfwd=tcp:127.0.0.1:${FRONT_PORT[$node]}-:2002" \
     -device virtio-net,netdev=n0 \
     -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \
+    -fw_cfg "name=opt/agent-proxy/seed.env,file=$T/seed.env" \
     -serial "file:$T/$node-serial.log" > "$T/$node-qemu.log" 2>&1 &
   QEMU_PID[$node]=$!
 done

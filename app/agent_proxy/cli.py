@@ -251,6 +251,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from . import registration
+    from .status import record_registration
 
     # A failed feature does not stop registration (the upstream hears about it), unless
     # it is the way to the upstream itself.
@@ -259,7 +260,29 @@ def cmd_register(args: argparse.Namespace) -> int:
     if unusable:
         raise ConfigError(unusable)
     action = registration.register if args.command == "register" else registration.deregister
-    print(action(config))
+    try:
+        line = action(config)
+    except CommandError as exc:
+        record_registration(f"{args.command} FAILED: {exc}")
+        raise
+    record_registration(line)
+    print(line)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    rows, serving = status.collect(args.config)
+    sys.stdout.write(status.as_json(rows, serving) if args.json else status.text(rows, serving))
+    return EXIT_OK if serving else EXIT_FAILURE
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .apply import apply
+
+    for line in apply(args.config, args.firewall_dir, args.front_config, reload=not args.no_reload):
+        print(line)
     return EXIT_OK
 
 
@@ -331,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("register", "register this proxy with the upstream"), ("deregister", "remove this proxy from the upstream")):
         with_config(sub.add_parser(name, help=text)).set_defaults(func=cmd_register)
+
+    p = with_config(sub.add_parser("status", help="this node: identity, upstream readiness, certificate, services"))
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=cmd_status)
+
+    from .apply import FIREWALL_DIR, FRONT_CONFIG
+
+    p = with_config(sub.add_parser(
+        "apply", help="check an edited config, render and test firewall and front, then reload them and the workers"))
+    p.add_argument("--firewall-dir", default=FIREWALL_DIR, help="rules.v4, rules.v6 and vars.yaml (default: %(default)s)")
+    p.add_argument("--front-config", default=FRONT_CONFIG, help="the node front's HAProxy file (default: %(default)s)")
+    p.add_argument("--no-reload", action="store_true", help="install the checked files but reload nothing")
+    p.set_defaults(func=cmd_apply)
 
     from .lbctl import DEFAULT_BACKEND, DEFAULT_SOCKET
 

@@ -62,6 +62,19 @@ def test_origin_sees_the_real_client_whatever_it_claims(node):
     signing.verify_signature_header(got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", "/echo", AGENT)
 
 
+def test_front_log_has_the_path_without_query_and_no_health_checks(node, http):
+    secret_query = "token=front-log-secret"
+    answer = http.request("GET", f"{node.url}/echo/front-log?{secret_query}")
+    assert answer.status == 200
+    assert http.request("GET", f"{node.url}/_proxy/health").status == 200
+    log = node.haproxy.log_path
+    wait_until(lambda: "/echo/front-log " in log.read_text(), 5, "the request's line in the front's log")
+    text = log.read_text()
+    assert '"GET /echo/front-log HTTP/1.1"' in text
+    assert secret_query not in text
+    assert "/_proxy/health" not in text
+
+
 @pytest.mark.parametrize("version", ["tls1", "tls1_1"])
 def test_tls_before_1_2_is_refused_by_the_front(node, version):
     # SECLEVEL=0 lets this OpenSSL offer the old versions; the alert then comes from HAProxy.

@@ -1,0 +1,179 @@
+"""`agent-proxy apply`: put an edited configuration into service on this node.
+
+For an operator who changed /etc/agent-proxy/agent-proxy.yaml on the node (and for the
+image's first boot). Everything is checked before anything changes:
+
+1. the configuration (as `check-config`, the shared secret included);
+2. the node firewall, both families, rendered from it and tested with
+   `iptables-restore --test` / `ip6tables-restore --test`;
+3. the node front, rendered from it and tested with `haproxy -c`.
+
+Only then are the rendered files installed and the services reloaded, in this order: the
+firewall (so the new sources are admitted before anything serves them), each worker
+(SIGHUP: the worker reads the config again), the front. A worker or front that is not
+running is started. When a reload fails, the previous firewall and front files go back
+and the services already reloaded are reloaded with them; the exit status is 1 and the
+message names the step. `--no-reload` stops after installing (first boot: the services
+start after it).
+
+The few settings a worker reads only when it starts (README, Operations: Reload; the
+worker's "configuration reloaded" log line names them) need
+`systemctl restart agent-proxy.target` instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import config as configuration
+from .cli import CommandError
+from .render import render
+
+FIREWALL_DIR = "/etc/agent-proxy/firewall"
+FRONT_CONFIG = "/etc/agent-proxy/haproxy.cfg"
+FIREWALL_UNIT = "agent-proxy-firewall.service"
+FRONT_UNIT = "agent-proxy-front.service"
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One rendered file: its template, where it goes, and the command that tests it."""
+
+    template: str
+    path: Path
+    test: tuple[str, ...]
+
+
+def artefacts(firewall_dir: str, front_config: str) -> list[Artefact]:
+    fw = Path(firewall_dir)
+    return [
+        Artefact("firewall-node", fw / "rules.v4", ("iptables-restore", "--test")),
+        Artefact("firewall-node6", fw / "rules.v6", ("ip6tables-restore", "--test")),
+        Artefact("node-haproxy", Path(front_config), ("haproxy", "-c", "-q", "-f")),
+    ]
+
+
+def _run(argv: list[str] | tuple[str, ...]) -> str | None:
+    """Run a command; None when it succeeded, else its last line of output as the reason."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    except OSError as exc:
+        return f"cannot run {argv[0]}: {exc.strerror}"
+    except subprocess.TimeoutExpired:
+        return f"{argv[0]} did not finish within 120 s"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit status {done.returncode}"
+
+
+def _firewall_vars(firewall_dir: str) -> dict:
+    path = Path(firewall_dir) / "vars.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CommandError(f"{path}: cannot read the firewall variables: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(loaded, dict):
+        raise CommandError(f"{path}: the firewall variables must be a mapping")
+    return loaded
+
+
+def prepare(config: configuration.Config, firewall_dir: str, front_config: str) -> list[tuple[Artefact, Path]]:
+    """Render and test every artefact next to its destination (``NAME.new``).
+
+    Returns (artefact, new file) pairs; on any failure removes what it wrote and raises.
+    """
+    variables = _firewall_vars(firewall_dir)
+    written: list[tuple[Artefact, Path]] = []
+    try:
+        for artefact in artefacts(firewall_dir, front_config):
+            new = artefact.path.with_name(artefact.path.name + ".new")
+            text = render(artefact.template, config, variables if artefact.template.startswith("firewall") else {})
+            new.write_text(text, encoding="utf-8")
+            written.append((artefact, new))
+            new.chmod(0o640 if artefact.template.startswith("firewall") else 0o644)
+            reason = _run([*artefact.test, str(new)])
+            if reason:
+                raise CommandError(f"{artefact.template} rendered from {config.source} does not pass {artefact.test[0]}: {reason}")
+    except OSError as exc:
+        _discard(written)
+        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}") from None
+    except BaseException:
+        _discard(written)
+        raise
+    return written
+
+
+def _discard(written: list[tuple[Artefact, Path]]) -> None:
+    for _, new in written:
+        new.unlink(missing_ok=True)
+
+
+def _install(written: list[tuple[Artefact, Path]]) -> dict[Path, Path | None]:
+    """Move each new file into place; returns destination -> kept previous copy (or None)."""
+    previous: dict[Path, Path | None] = {}
+    for artefact, new in written:
+        old = artefact.path.with_name(artefact.path.name + ".previous")
+        if artefact.path.exists():
+            artefact.path.replace(old)
+            previous[artefact.path] = old
+        else:
+            previous[artefact.path] = None
+        new.replace(artefact.path)
+    return previous
+
+
+def _restore(previous: dict[Path, Path | None]) -> None:
+    for path, old in previous.items():
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            old.replace(path)
+
+
+def _reload_steps(config: configuration.Config) -> list[tuple[str, list[str]]]:
+    steps = [("firewall", ["systemctl", "reload-or-restart", FIREWALL_UNIT])]
+    steps += [
+        (f"worker {port}", ["systemctl", "reload-or-restart", f"agent-proxy@{port}.service"])
+        for port in config.worker_ports()
+    ]
+    steps.append(("front", ["systemctl", "reload-or-restart", FRONT_UNIT]))
+    return steps
+
+
+def apply(config_path: str, firewall_dir: str = FIREWALL_DIR, front_config: str = FRONT_CONFIG,
+          reload: bool = True) -> list[str]:
+    """Check, render, test, install, reload. Returns the lines to print; raises on failure."""
+    config = configuration.load(config_path)
+    config.read_secret()
+    lines = [f"{config.source}: ok (proxy_id {config.proxy_id})"]
+    lines += [f"warning: {config.source}: {w}" for w in configuration.warnings(config)]
+    written = prepare(config, firewall_dir, front_config)
+    lines.append("tested: " + ", ".join(f"{a.path} ({a.test[0]})" for a, _ in written))
+    previous = _install(written)
+    if not reload:
+        for old in previous.values():
+            if old is not None:
+                old.unlink()
+        lines.append("installed; nothing reloaded (--no-reload)")
+        return lines
+    done: list[tuple[str, list[str]]] = []
+    for name, argv in _reload_steps(config):
+        reason = _run(argv)
+        if reason:
+            _restore(previous)
+            undone = [n for n, a in done if a[-1] in (FIREWALL_UNIT, FRONT_UNIT) and _run(a) is None]
+            back = f"; the previous firewall and front files are back ({', '.join(undone) or 'nothing'} reloaded with them)"
+            raise CommandError(f"reloading the {name} failed: {reason}{back}")
+        done.append((name, argv))
+    for old in previous.values():
+        if old is not None:
+            old.unlink()
+    lines.append("reloaded: " + ", ".join(name for name, _ in done))
+    return lines

@@ -1,0 +1,264 @@
+"""The appliance's boot seed, applied on first boot (appliance/firstboot/agent-proxy-firstboot).
+
+``seed.env`` holds ``KEY=value`` lines, read as data and never executed; lists are
+separated by spaces or commas. ``appliance/seed.env.example`` documents every key, and
+KEYS below are the ones this module accepts: an unknown key or a bad value stops first
+boot with one line naming it (a key silently ignored would make a node that does not
+serve). Besides seed.env the seed may carry files, installed by first boot:
+``upstream-ca.pem`` (the upstream's CA; sets upstream.ca_file unless UPSTREAM_CA_FILE
+does) and the shared identity ``psk``, ``proxy.crt``, ``proxy.key`` (see
+agent-proxy-firstboot).
+
+    python -m agent_proxy.seed --seed-dir DIR --config FILE --firewall-vars FILE [--root /]
+
+edits the config and the firewall variables in place and writes the node's hostname,
+static network, resolver and NTP files under ``--root``; it prints what it set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+# Keys that set a config key, and the config key.
+CONFIG_KEYS = {
+    "PROXY_ID": "proxy_id",
+    "PUBLIC_URL": "public_url",
+    "UPSTREAM_URL": "upstream.url",
+    "UPSTREAM_ALLOW_INSECURE": "upstream.allow_insecure",
+    "UPSTREAM_CA_FILE": "upstream.ca_file",
+    "AGENT_NETWORKS": "networks.agents",
+    "UPSTREAM_NETWORKS": "networks.upstream",
+    "BALANCERS": "front.balancers",
+}
+# Keys for the node around the proxy, and what they set.
+NODE_KEYS = {
+    "ADMIN_NETWORKS": "the firewall's SSH sources",
+    "HOSTNAMES": "names and addresses in the certificate first boot makes",
+    "HOSTNAME": "the host name",
+    "ADDRESS": "static addresses of eth0 (CIDR), instead of DHCP",
+    "GATEWAY": "default gateways",
+    "DNS": "resolvers",
+    "NTP_SERVERS": "time servers, instead of the Debian pool",
+}
+KEYS = {**CONFIG_KEYS, **NODE_KEYS}
+CA_SEED_FILE = "upstream-ca.pem"
+CA_INSTALLED = "/etc/agent-proxy/tls/upstream-ca.pem"
+HEADER = (
+    "# agent-proxy configuration of this appliance (first boot wrote it from the image's\n"
+    "# defaults and the boot seed). Nothing on the appliance overwrites it: edit it with\n"
+    "# `sudoedit`, then `sudo agent-proxy apply` checks it and puts it into service.\n"
+)
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+class SeedError(Exception):
+    """Problems with the seed, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_env(text: str, source: str) -> dict[str, str]:
+    """KEY=value lines (later ones win); blank lines and # comments are skipped."""
+    values: dict[str, str] = {}
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep:
+            problems.append(f"{source} line {number}: expected KEY=value")
+        elif key not in KEYS:
+            problems.append(f"{source} line {number}: unknown key {key} (known: {', '.join(KEYS)})")
+        else:
+            values[key] = value.strip().strip('"').strip("'")
+    if problems:
+        raise SeedError(problems)
+    return values
+
+
+def _items(value: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", value) if item]
+
+
+def _network(item: str) -> str:
+    return str(ipaddress.ip_network(item, strict=False))
+
+
+def _interface(item: str) -> str:
+    if "/" not in item:
+        raise ValueError(f"{item!r} needs a prefix length, e.g. {item}/24")
+    return str(ipaddress.ip_interface(item))
+
+
+def _address(item: str) -> str:
+    return str(ipaddress.ip_address(item))
+
+
+def _host(item: str) -> str:
+    try:
+        return _address(item)
+    except ValueError:
+        if _HOSTNAME.match(item) and len(item) <= 253:
+            return item
+        raise ValueError(f"{item!r} is neither an IP address nor a host name") from None
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+LIST_CHECKS: dict[str, Callable[[str], str]] = {
+    "AGENT_NETWORKS": _network, "UPSTREAM_NETWORKS": _network, "BALANCERS": _network,
+    "ADMIN_NETWORKS": _network, "HOSTNAMES": _host, "ADDRESS": _interface, "GATEWAY": _address,
+    "DNS": _address, "NTP_SERVERS": _host,
+}
+
+
+def validate(values: dict[str, str], source: str) -> dict[str, Any]:
+    """Typed settings from the raw values; every problem reported at once."""
+    settings: dict[str, Any] = {}
+    problems = []
+    for key, value in values.items():
+        if not value:
+            continue  # an empty value leaves the image's default
+        try:
+            if key in LIST_CHECKS:
+                settings[key] = [LIST_CHECKS[key](item) for item in _items(value)]
+            elif key == "UPSTREAM_ALLOW_INSECURE":
+                settings[key] = _bool(value)
+            elif key == "HOSTNAME":
+                settings[key] = _host(value)
+                if _HOSTNAME.match(value) is None:
+                    raise ValueError(f"{value!r} is not a host name")
+            else:
+                settings[key] = value
+        except ValueError as exc:
+            problems.append(f"{source}: {key}: {exc}")
+    if problems:
+        raise SeedError(problems)
+    return settings
+
+
+def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
+    """Set the seed's config keys in the YAML file (as data); returns the keys set."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    changed = []
+    for key, dotted in CONFIG_KEYS.items():
+        if key not in settings:
+            continue
+        section, _, name = dotted.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        target[name] = settings[key]
+        changed.append(dotted)
+    st = path.stat()
+    tmp = path.with_name(path.name + ".seed")
+    tmp.write_text(HEADER + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.chown(tmp, st.st_uid, st.st_gid)
+    tmp.chmod(st.st_mode & 0o7777)
+    tmp.replace(path)
+    return changed
+
+
+def apply_firewall_vars(path: Path, admin_networks: list[str]) -> None:
+    data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    data["admin_networks"] = admin_networks
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def system_files(settings: dict[str, Any], root: Path) -> dict[Path, str]:
+    """The host name, static network, resolver and NTP files the seed asks for."""
+    files: dict[Path, str] = {}
+    if "HOSTNAME" in settings:
+        name = settings["HOSTNAME"]
+        short = name.split(".")[0]
+        files[root / "etc/hostname"] = short + "\n"
+        hosts = (root / "etc/hosts").read_text(encoding="utf-8") if (root / "etc/hosts").exists() else ""
+        kept = [line for line in hosts.splitlines() if not line.startswith("127.0.1.1")]
+        files[root / "etc/hosts"] = "\n".join(kept + [f"127.0.1.1 {name} {short}" if name != short else f"127.0.1.1 {name}"]) + "\n"
+    if "ADDRESS" in settings:
+        lines = ["# Written by first boot from the boot seed (ADDRESS, GATEWAY, DNS).", "[Match]", "Name=eth0", "",
+                 "[Network]", "DHCP=no"]
+        lines += [f"Address={a}" for a in settings["ADDRESS"]]
+        lines += [f"Gateway={g}" for g in settings.get("GATEWAY", [])]
+        files[root / "etc/systemd/network/10-eth0.network"] = "\n".join(lines) + "\n"
+    if "DNS" in settings:
+        files[root / "etc/resolv.conf"] = "".join(f"nameserver {d}\n" for d in settings["DNS"])
+    if "NTP_SERVERS" in settings:
+        files[root / "etc/chrony/sources.d/agent-proxy.sources"] = "".join(
+            f"server {server} iburst\n" for server in settings["NTP_SERVERS"])
+        conf = root / "etc/chrony/chrony.conf"
+        if conf.exists():
+            # The seed's servers replace the public pool (the site may not reach it).
+            files[conf] = "".join(
+                f"# {line}  (replaced by the boot seed's NTP_SERVERS)\n" if line.startswith(("pool ", "server ")) else line + "\n"
+                for line in conf.read_text(encoding="utf-8").splitlines())
+    return files
+
+
+def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list[str]:
+    """Apply the seed in ``seed_dir``; returns what was done, one line each."""
+    env = seed_dir / "seed.env"
+    values = parse_env(env.read_text(encoding="utf-8"), str(env)) if env.exists() else {}
+    settings = validate(values, str(env))
+    done = []
+    ca = seed_dir / CA_SEED_FILE
+    if ca.exists():
+        target = root / CA_INSTALLED.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca, target)
+        target.chmod(0o644)
+        settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
+        done.append(f"installed the seed's {CA_SEED_FILE} as {CA_INSTALLED}")
+    changed = apply_config(config, settings)
+    done.append(f"{config}: set {', '.join(changed) or 'nothing'} from the boot seed")
+    if "ADMIN_NETWORKS" in settings:
+        apply_firewall_vars(firewall_vars, settings["ADMIN_NETWORKS"])
+        done.append(f"{firewall_vars}: admin_networks {' '.join(settings['ADMIN_NETWORKS'])}")
+    for path, text in system_files(settings, root).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        done.append(f"wrote {path}")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent_proxy.seed", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--firewall-vars", type=Path, required=True)
+    parser.add_argument("--root", type=Path, default=Path("/"))
+    args = parser.parse_args(argv)
+    try:
+        for line in apply(args.seed_dir, args.config, args.firewall_vars, args.root):
+            print(line)
+    except SeedError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"{getattr(exc, 'filename', None) or 'seed'}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""`agent-proxy apply --no-reload` and `agent-proxy status` as real commands.
+
+apply renders and tests with the real iptables-restore / ip6tables-restore --test and
+haproxy -c (nothing is committed to the kernel). Reloading goes through systemd, which is
+not PID 1 here: packer/test-image.sh drives that part on the booted appliance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from tests.helpers import AGENT_PROXY, start_worker, write_config
+from tests.front import start_origin
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT_PROXY, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A config with its key material, the firewall folder with its variables, and the
+    files an earlier apply installed."""
+    config = write_config(tmp_path / "etc", "http://127.0.0.1:9", front={"workers": 1})
+    firewall = tmp_path / "firewall"
+    firewall.mkdir()
+    (firewall / "vars.yaml").write_text("admin_networks: [10.0.2.2/32, 'fd00::/8']\nssh_port: 22\n")
+    front = tmp_path / "haproxy.cfg"
+    for path in (firewall / "rules.v4", firewall / "rules.v6", front):
+        path.write_text("# installed earlier\n")
+    return config, firewall, front
+
+
+def apply(config, firewall, front):
+    return run("apply", "--no-reload", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front))
+
+
+def installed(firewall, front) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted([*firewall.iterdir(), front])}
+
+
+def test_apply_checks_renders_tests_and_installs_both_firewalls_and_the_front(node):
+    config, firewall, front = node
+    done = apply(config, firewall, front)
+    assert done.returncode == 0, done.stderr
+    assert "installed; nothing reloaded (--no-reload)" in done.stdout
+    v4, v6 = (firewall / "rules.v4").read_text(), (firewall / "rules.v6").read_text()
+    assert "-A INPUT -s 10.0.2.2/32 -p tcp -m tcp --dport 22" in v4
+    assert "-A INPUT -s fd00::/8 -p tcp -m tcp --dport 22" in v6
+    assert "frontend agent_proxy" in front.read_text()
+    assert sorted(p.name for p in firewall.iterdir()) == ["rules.v4", "rules.v6", "vars.yaml"]
+
+
+def test_a_broken_config_changes_nothing_and_names_the_key(node):
+    config, firewall, front = node
+    data = yaml.safe_load(config.read_text())
+    data["networks"]["agents"] = ["10.0.0.0/33"]
+    config.write_text(yaml.safe_dump(data))
+    before = installed(firewall, front)
+    done = apply(config, firewall, front)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "networks.agents" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert installed(firewall, front) == before
+
+
+def test_rules_that_fail_iptables_restore_test_change_nothing(node):
+    config, firewall, front = node
+    (firewall / "vars.yaml").write_text("admin_networks: [10.0.2.2/32]\nssh_port: not-a-port\n")
+    before = installed(firewall, front)
+    done = apply(config, firewall, front)
+    assert done.returncode == 1
+    assert done.stderr.startswith("agent-proxy: firewall-node rendered from ") and "iptables-restore" in done.stderr
+    assert installed(firewall, front) == before
+
+
+def test_status_reports_every_field(tmp_path):
+    origin, origin_url = start_origin(tmp_path)
+    config = write_config(tmp_path / "etc", origin_url, front={"workers": 1})
+    worker = start_worker(config, tmp_path)
+    try:
+        done = run("status", "--json", "-c", str(config))
+    finally:
+        worker.stop()
+        origin.stop()
+    shown = json.loads(done.stdout)
+    port = yaml.safe_load(config.read_text())["listen"]["port"]
+    for label in ("host", "addresses", "proxy id", "upstream", "public url", "certificate", f"worker {port}",
+                  "front", "failed units", "first boot", "registration"):
+        assert shown.get(label), f"status has no {label!r}: {shown}"
+    assert shown["proxy id"] == "site-a"
+    assert shown["upstream"] == f"{origin_url} (1/1 workers ready)"
+    assert shown["certificate"].startswith("SHA-256 ") and "expires " in shown["certificate"]
+    assert shown[f"worker {port}"].endswith(", ready")
+    # systemd is not PID 1 here, so the units' state is unknown: not serving.
+    assert done.returncode == 1 and shown["serving"] is False
+
+
+def test_a_failed_reload_puts_the_previous_files_back(node, tmp_path):
+    # systemd is not PID 1 here: a stand-in systemctl records the reloads and fails the
+    # front's, as a front that does not come back would.
+    config, firewall, front = node
+    bin_dir, calls = tmp_path / "bin", tmp_path / "systemctl.calls"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case "$*" in *agent-proxy-front.service) echo "Job for agent-proxy-front.service failed." >&2; exit 1;; esac\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    before = installed(firewall, front)
+    done = subprocess.run(
+        [AGENT_PROXY, "apply", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 1
+    assert done.stderr.startswith("agent-proxy: reloading the front failed: Job for agent-proxy-front.service failed.")
+    assert installed(firewall, front) == before
+    port = yaml.safe_load(config.read_text())["listen"]["port"]
+    assert calls.read_text().splitlines() == [
+        "reload-or-restart agent-proxy-firewall.service",
+        f"reload-or-restart agent-proxy@{port}.service",
+        "reload-or-restart agent-proxy-front.service",
+        "reload-or-restart agent-proxy-firewall.service",  # the previous rules applied again
+    ]
