@@ -14,8 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.helpers import AGENT_PROXY, start_worker, write_config
-from tests.front import start_origin
+from kit import AGENT_PROXY, start_origin, start_worker, write_config
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import AGENT_PROXY, REPO, VENV_BIN
+from kit import AGENT_PROXY, REPO, VENV_BIN
 
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 HOSTS = ["node1", "node2", "node3"]

@@ -20,8 +20,7 @@ import pytest
 import urllib3
 import yaml
 
-from tests.front import wait_until
-from tests.helpers import AGENT_PROXY, REPO, Process, free_port, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, REPO, Process, free_port, start_worker, wait_for_port, wait_until, write_config
 
 OLD, NEW = "old-secret-" + "0" * 32, "new-secret-" + "1" * 32
 MAX_REQUESTS, MAX_SECONDS = 400, 20
