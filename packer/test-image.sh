@@ -225,7 +225,7 @@ UPSTREAM_CA_FILE=/etc/agent-proxy/tls/missing-ca.pem
 AGENT_NETWORKS=10.0.2.2/32
 SEED
 boot unworkable "$T/bad-seed.env"
-failed_line() { grep -a 'agent-proxy-firstboot: FAILED: ' "$T/unworkable.serial.log"; }
+failed_line() { grep -as 'agent-proxy-firstboot: FAILED: ' "$T/unworkable.serial.log"; }  # -s: the console file appears with the VM
 wait_for "$BOOT_TIMEOUT" "the console showed no FAILED line for a seed with an unreadable CA file" failed_line
 line=$(failed_line | head -1)
 [[ $line == *upstream.ca_file*missing-ca.pem* ]] || fail "the FAILED line does not give the reason: $line"
