@@ -9,12 +9,13 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test test-fast demo lab-up lab-down bench compliance image vagrant-lab clean
+.PHONY: help deps venv test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab clean
 
 help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
 	@echo "make test        install what the tests need (apt, pip into .venv) and run them"
 	@echo "make test-fast   unit and integration tests only, nothing installed"
+	@echo "make test-multinode  two booted nodes made one proxy by the site playbook (about 25 minutes)"
 	@echo "make lab-up      build the lab and leave it running;  make lab-down  tears it down"
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
@@ -41,8 +42,7 @@ $(STAMP): app/pyproject.toml
 # The whole suite: unit, integration (real waitress, HAProxy, nginx, curl on loopback),
 # the namespace lab, compliance against a lab node, the Ansible/Packer/Vagrant checks, a
 # 5-second smoke of the benchmark harness, and (unless SKIP_IMAGE=1) the VM image built,
-# booted under TCG and audited, then two nodes of one proxy booted from it and deployed
-# with the site playbook (packer/test-multinode.sh). ansible/lint.sh goes first: it
+# booted under TCG and audited. ansible/lint.sh goes first: it
 # installs ansible-core, which tests/integration/test_role_key_material.py runs.
 test: deps venv
 	ansible/lint.sh
@@ -52,8 +52,12 @@ ifeq ($(SKIP_IMAGE),1)
 	packer/check.sh
 else
 	packer/test-image.sh
-	packer/test-multinode.sh
 endif
+
+# Two booted nodes made one proxy by site.yml behind a balancer (issue-15 proof; ~24 min
+# under TCG, so not yet in `make test`: see packer/README.md). Needs the image built.
+test-multinode: deps venv image
+	packer/test-multinode.sh
 
 test-fast: venv
 	$(PYTEST) -q tests/unit tests/integration
