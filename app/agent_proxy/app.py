@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import http
 import io
 import ipaddress
 import itertools
@@ -39,7 +38,7 @@ from waitress.channel import ClientDisconnected
 
 from . import __version__, features, logs, relay, signing, targets, tlsutil
 from .config import Config
-from .errors import ERROR_HEADER, ProxyError, body as error_body, handle_proxy_error, serialize_falcon_error
+from .errors import ERROR_HEADER, ProxyError, handle_proxy_error, serialize_falcon_error, wsgi_answer
 from .logs import AccessLog, LineWriter
 from .metrics import Metrics, scrape_node
 from .overload import rejecting
@@ -240,13 +239,16 @@ class Proxy:
         else:
             resp.stream = answer.body
 
-    def origin_failure(self, info: dict, peer: str, exc: relay.OriginError) -> ProxyError:
-        """The answer for an origin that failed before its head was relayed."""
-        self.metrics.origin_errors.labels(info["direction"], exc.kind).inc()
+    def origin_failure(self, info: dict, exc: relay.OriginError) -> ProxyError:
+        """The answer for an origin (the upstream, or an agent southbound) that failed
+        before its head was relayed."""
+        direction = info["direction"]
+        self.metrics.origin_errors.labels(direction, exc.kind).inc()
         if exc.kind == "bad-answer":
             info["outcome"] = "refused"
             logs.event(log, f"refused an answer: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
             return ProxyError("bad-answer", str(exc))
+        peer = "agent" if direction == "southbound" else "upstream"
         return ProxyError(f"{peer}-{exc.kind}", str(exc))
 
 
@@ -395,7 +397,7 @@ class Northbound:
         try:
             answer = relay.forward(proxy.cache, proxy.upstream, req.method, target, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure(info, "upstream", exc) from None
+            raise proxy.origin_failure(info, exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
         state = proxy.state
@@ -428,7 +430,7 @@ class Southbound:
         try:
             answer = relay.forward(proxy.cache, origin, req.method, target.path_and_query, headers, env["wsgi.input"], length)
         except relay.OriginError as exc:
-            raise proxy.origin_failure(info, "agent", exc) from None
+            raise proxy.origin_failure(info, exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
         proxy.relay_answer(resp, answer)
@@ -528,11 +530,8 @@ class Features:
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
 
-    def running(self) -> list[str]:
-        return features.running(self.proxy.features())
-
     def on_get(self, req, resp):
-        _json(resp, self.running())
+        _json(resp, features.running(self.proxy.features()))
 
 
 class FeaturesV2:
@@ -548,7 +547,6 @@ class Handshake:
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
-        self.features = Features(proxy)
 
     def on_post(self, req, resp):
         length = req.content_length or 0
@@ -564,7 +562,7 @@ class Handshake:
             "X-Agent-Proxy-Signature",
             signing.signature_header(self.proxy.secret, config.proxy_id, signing.HANDSHAKE_METHOD, nonce),
         )
-        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": self.features.running()})
+        _json(resp, {"proxy_id": config.proxy_id, "version": __version__, "nonce": nonce, "features": features.running(self.proxy.features())})
 
 
 class MetricsResource:
@@ -607,10 +605,10 @@ class Worker:
         if rejecting() and not self._open(env.get("PATH_INFO", "")):
             self._leave()
             proxy.metrics.rejected.labels("overload").inc()
-            start_response("503 Service Unavailable", [
-                ("Content-Type", "application/json"), (ERROR_HEADER, "overloaded"), ("Retry-After", "1"),
-            ])
-            return [error_body("overloaded", "limits.max_in_flight requests are in flight")]
+            status, headers, data = wsgi_answer(
+                ProxyError("overloaded", "limits.max_in_flight requests are in flight", {"Retry-After": "1"}))
+            start_response(status, headers)
+            return [data]
         status_holder = []
 
         def recording_start_response(status, headers, exc_info=None):
@@ -692,11 +690,8 @@ class _Counted:
             if not self._sent:
                 # waitress sends the head with the first piece: none went out, so the
                 # answer can still be the error it is (502 bad-answer, 504).
-                error = proxy.origin_failure(info, "agent" if info["direction"] == "southbound" else "upstream", exc)
-                data = error_body(error.code, error.description)
-                self._start_response(f"{error.status} {http.HTTPStatus(error.status).phrase}", [
-                    ("Content-Type", "application/json"), (ERROR_HEADER, error.code), ("Content-Length", str(len(data))),
-                ], sys.exc_info())
+                status, headers, data = wsgi_answer(proxy.origin_failure(info, exc))
+                self._start_response(status, headers, sys.exc_info())
                 self._sent = len(data)
                 yield data
                 return

@@ -9,6 +9,7 @@ header tells an operator at a glance whose error it is.
 
 from __future__ import annotations
 
+import http
 import json
 from dataclasses import dataclass
 
@@ -70,6 +71,13 @@ class CommandError(Exception):
 
 def body(code: str, description: str) -> bytes:
     return json.dumps({"title": CATALOGUE[code].title, "description": description}).encode()
+
+
+def wsgi_answer(error: ProxyError) -> tuple[str, list[tuple[str, str]], bytes]:
+    """``error`` as a WSGI status line, headers and body, for the layer below Falcon."""
+    data = body(error.code, error.description)
+    headers = [("Content-Type", "application/json"), (ERROR_HEADER, error.code), ("Content-Length", str(len(data)))]
+    return f"{error.status} {http.HTTPStatus(error.status).phrase}", headers + list(error.headers.items()), data
 
 
 def handle_proxy_error(req: falcon.Request, resp: falcon.Response, ex: ProxyError, params) -> None:

@@ -18,7 +18,6 @@ import time
 
 import pytest
 import urllib3
-import yaml
 
 from kit import AGENT_PROXY, REPO, Process, free_port, start_worker, wait_for_port, wait_until, write_config
 

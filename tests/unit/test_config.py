@@ -4,7 +4,6 @@ import ipaddress
 import json
 
 import pytest
-import yaml
 
 from agent_proxy import config as configuration
 from agent_proxy.config import ConfigError
