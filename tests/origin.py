@@ -98,7 +98,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"cookies", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/")])
         elif url.path.startswith("/status/"):
             code = int(url.path.rsplit("/", 1)[1])
-            self._send(code, b'{"origin": "own error"}', [("Content-Type", "application/json")])
+            # An origin that claims its error is the proxy's: it must not get through.
+            forged = [("X-Agent-Proxy-Error", "bad-answer")] if "forge" in url.query else []
+            self._send(code, b'{"origin": "own error"}', [("Content-Type", "application/json"), *forged])
         else:
             self._send(200, json.dumps(record).encode(), [("Content-Type", "application/json")])
 

@@ -29,7 +29,7 @@ import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -48,6 +48,10 @@ log = logging.getLogger("agent_proxy")
 # Headers an agent (or the upstream) may not set: the proxy sets its own.
 _IDENTITY_PREFIXES = ("x-forwarded-", "x-agent-proxy-")
 _DROPPED = relay.HOP_BY_HOP | {"host", "forwarded", "x-real-ip", "content-length"}
+# What each direction drops besides: the proxy sets X-Request-ID itself, and the
+# upstream's Authorization is for the proxy, never for an agent.
+_NORTHBOUND_DROPPED = _DROPPED | {"x-request-id"}
+_SOUTHBOUND_DROPPED = _DROPPED | {"x-request-id", "authorization"}
 _NONCE_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
@@ -106,8 +110,9 @@ def _header_name(key: str) -> tuple[str, str]:
     return names
 
 
-def incoming_headers(env: dict, also_drop: frozenset = frozenset()) -> list[tuple[str, str]]:
-    """The request's end-to-end headers, minus every header the proxy sets itself."""
+def incoming_headers(env: dict, dropped: frozenset = _DROPPED) -> list[tuple[str, str]]:
+    """The request's end-to-end headers, minus ``dropped``, the identity headers and the
+    headers ``Connection`` names."""
     connection = env.get("HTTP_CONNECTION", "")
     named = {t.strip().lower() for t in connection.split(",")} if connection else set()
     out = []
@@ -115,7 +120,7 @@ def incoming_headers(env: dict, also_drop: frozenset = frozenset()) -> list[tupl
         if not key.startswith("HTTP_"):
             continue
         name, lower = _header_name(key)
-        if lower in _DROPPED or lower in named or lower in also_drop or lower.startswith(_IDENTITY_PREFIXES):
+        if lower in dropped or lower in named or lower.startswith(_IDENTITY_PREFIXES):
             continue
         out.append((name, value))
     content_type = env.get("CONTENT_TYPE")
@@ -178,6 +183,7 @@ class Proxy:
             ) if up.scheme == "https" and "northbound" not in self.static_failures else None,
         )
         self.upstream_prefix = up.path.rstrip("/")
+        self.agent_scheme = "https" if config.agents.tls else "http"
         self.agent_context = (
             relay.client_context(config.agents.ca_file, config.agents.verify)
             if config.agents.tls and "southbound" not in self.static_failures else None
@@ -212,11 +218,11 @@ class Proxy:
                     raise ProxyError("bad-forwarded-for", "unparseable X-Forwarded-For from the front") from None
         return peer
 
-    def verify_upstream(self, req: falcon.Request) -> None:
+    def verify_upstream(self, req: falcon.Request, target: str) -> None:
         try:
             signing.verify_authorization(
                 req.get_header("Authorization"), self.secret, self.config.proxy_id,
-                req.method, raw_target(req.env), self.config.limits.auth_skew_seconds,
+                req.method, target, self.config.limits.auth_skew_seconds,
             )
         except signing.SignatureError as exc:
             self.metrics.rejected.labels("signature").inc()
@@ -331,7 +337,9 @@ class Guard:
         ip = proxy.client_ip(env)
         info = env["agent_proxy.log"]
         info["client_ip"] = ip
-        if not raw_target(env).startswith("/"):
+        # The target as the client sent it: what is signed and relayed (the sinks read it here).
+        target = info["raw_target"] = raw_target(env)
+        if not target.startswith("/"):
             raise ProxyError("bad-target", "absolute-form request targets are not accepted; this is not a forward proxy")
         if req.method == "CONNECT":
             raise ProxyError("method-not-allowed", "CONNECT is never relayed")
@@ -354,9 +362,7 @@ class Guard:
                 raise ProxyError("source-not-allowed", f"{ip} may not read metrics")
         elif policy is Policy.UPSTREAM:
             proxy.check_upstream_source(ip)
-            proxy.verify_upstream(req)
-        else:  # a Policy without a check here: refuse rather than let it through
-            raise ProxyError("internal-error", f"no check for policy {policy.name}")
+            proxy.verify_upstream(req, target)
 
 
 class Northbound:
@@ -369,7 +375,7 @@ class Northbound:
         proxy, env = self.proxy, req.env
         info = env["agent_proxy.log"]
         ip = info["client_ip"]
-        target = proxy.upstream_prefix + raw_target(env)
+        target = proxy.upstream_prefix + info["raw_target"]
         info["target"] = req.path
         config = proxy.config
         proxy.refuse_if_failed("northbound")
@@ -379,7 +385,7 @@ class Northbound:
         ts = int(time.time())
         sig = signing.signature(proxy.secret, ts, config.proxy_id, req.method, target, ip)
         for_value = f'"[{ip}]"' if ":" in ip else f'"{ip}"'
-        headers = incoming_headers(env, frozenset({"x-request-id"}))
+        headers = incoming_headers(env, _NORTHBOUND_DROPPED)
         headers += [
             ("Host", proxy.upstream.authority),
             ("X-Agent-Proxy-Id", config.proxy_id),
@@ -417,12 +423,11 @@ class Southbound:
         proxy, env = self.proxy, req.env
         info = env["agent_proxy.log"]
         proxy.refuse_if_failed("southbound")
-        target = targets.parse(raw_target(env), proxy.config)
+        target = targets.parse(info["raw_target"], proxy.config)
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
-        scheme = "https" if proxy.config.agents.tls else "http"
-        origin = relay.Origin(scheme, target.ip, target.port, *proxy.timeouts, proxy.agent_context)
-        headers = incoming_headers(env, frozenset({"authorization", "x-request-id"}))
+        origin = relay.Origin(proxy.agent_scheme, target.ip, target.port, *proxy.timeouts, proxy.agent_context)
+        headers = incoming_headers(env, _SOUTHBOUND_DROPPED)
         headers += [("Host", origin.authority), ("X-Request-ID", request_id), ("Via", VIA)]
         length = _body_length(req, proxy.config)
         info["bytes_in"] = length
@@ -479,13 +484,12 @@ class Ready:
             if time.monotonic() - state.last_probe < self.PROBE_INTERVAL:
                 return
             state.last_probe = time.monotonic()
-            origin = relay.Origin(
-                proxy.upstream.scheme, proxy.upstream.host, proxy.upstream.port,
-                min(proxy.upstream.connect_timeout, 2.0), 2.0, 2.0, proxy.upstream.ssl_context,
+            origin = replace(
+                proxy.upstream, connect_timeout=min(proxy.upstream.connect_timeout, 2.0), head_timeout=2.0, idle_timeout=2.0,
             )
             try:  # any answer means: reachable; the connection is not kept (a cache of none)
                 relay.forward(
-                    relay.ConnectionCache(limit=0), origin, "HEAD", (proxy.upstream_prefix or "") + "/",
+                    relay.ConnectionCache(limit=0), origin, "HEAD", proxy.upstream_prefix + "/",
                     [("Host", origin.authority)], io.BytesIO(), 0,
                 )
             except relay.OriginError as exc:

@@ -100,10 +100,6 @@ class OriginError(Exception):
         super().__init__(message)
         self.kind = kind
 
-    @property
-    def timeout(self) -> bool:
-        return self.kind == "timeout"
-
 
 class ProtocolError(Exception):
     """The origin's answer is not HTTP/1.x that can be relayed; the message says why, in one line."""
@@ -514,10 +510,8 @@ class StreamedBody:
         origin = self._origin
         try:
             yield from self._pieces
-        except TIMED_OUT:
-            raise BrokenBody(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout") from None
-        except (OSError, ProtocolError) as exc:
-            raise BrokenBody(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
+        except (OSError, ProtocolError) as exc:  # TIMED_OUT are OSErrors
+            raise _body_failure(exc, origin, BrokenBody) from None
         self._complete = True
 
     def close(self) -> None:
@@ -531,7 +525,8 @@ class StreamedBody:
 
 
 def end_to_end(head: Head, framing: str) -> list[tuple[str, str]]:
-    """The answer's headers without hop-by-hop ones and any its Connection header names.
+    """The answer's headers without hop-by-hop ones, any its Connection header names, and
+    X-Agent-Proxy-Error: that header says an error is the proxy's own, so no origin may send it.
 
     Content-Length is relayed once, as the number parsed (duplicates agreed), and not at
     all for a chunked answer (RFC 9112 6.3: the chunked framing wins).
@@ -541,7 +536,7 @@ def end_to_end(head: Head, framing: str) -> list[tuple[str, str]]:
     length_sent = framing == CHUNKED
     for name, value in head.headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named:
+        if lower in HOP_BY_HOP or lower in named or lower == "x-agent-proxy-error":
             continue
         if lower == "content-length":
             if length_sent:
@@ -593,6 +588,16 @@ def answer_head(conn: Connection) -> Head:
         if head.status >= 200:
             return head
     raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+
+def _body_failure(exc: OSError | ProtocolError, origin: Origin, error: type[OriginError]) -> OriginError:
+    """What a failure while reading an answer's body says, as ``error`` (OriginError
+    while nothing was relayed yet, BrokenBody after the head was)."""
+    if isinstance(exc, TIMED_OUT):
+        return error(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout")
+    if isinstance(exc, ProtocolError):
+        return error(f"{origin.authority} sent a bad answer: {exc}", "bad-answer")
+    return error(f"reading from {origin.authority} failed: {exc.strerror or exc}", "bad-answer")
 
 
 def forward(
@@ -660,12 +665,8 @@ def forward(
             data = conn.read_exactly(head.length) if framing == LENGTH else b""
         except BaseException as exc:
             cache.discard(conn)
-            if isinstance(exc, TIMED_OUT):
-                raise OriginError(f"{origin.authority} sent no byte of the body for {origin.idle_timeout:g} s", "timeout") from None
-            if isinstance(exc, ProtocolError):
-                raise OriginError(f"{origin.authority} sent a bad answer: {exc}", "bad-answer") from None
-            if isinstance(exc, OSError):
-                raise OriginError(f"reading from {origin.authority} failed: {exc.strerror or exc}", "bad-answer") from None
+            if isinstance(exc, (OSError, ProtocolError)):
+                raise _body_failure(exc, origin, OriginError) from None
             raise
         if head.keep_alive:
             cache.give_back(origin, conn)

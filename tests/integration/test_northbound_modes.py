@@ -193,6 +193,14 @@ def test_upstream_connections_are_reused(node, origin):
     assert len(ports) <= 4, f"{len(ports)} upstream connections for 10 requests"
 
 
+def test_upstream_errors_pass_through_without_the_proxys_error_header(node):
+    status, headers, data = call(node.port, "GET", "/status/503")
+    assert (status, data) == (503, b'{"origin": "own error"}') and "x-agent-proxy-error" not in headers
+    # An upstream claiming its error is the proxy's does not get the header through.
+    status, headers, data = call(node.port, "GET", "/status/502?forge=1")
+    assert (status, data) == (502, b'{"origin": "own error"}') and "x-agent-proxy-error" not in headers
+
+
 def test_head_has_no_body(node):
     status, headers, data = call(node.port, "HEAD", "/echo")
     assert status == 200 and data == b"" and int(headers["content-length"]) > 0

@@ -108,6 +108,14 @@ def test_origin_errors_pass_through_untouched(worker, http):
     response = http.request("GET", worker["url"] + "/status/503")
     assert response.status == 503 and response.data == b'{"origin": "own error"}'
     assert "X-Agent-Proxy-Error" not in response.headers
+    # An origin cannot pass its error off as the proxy's: the header is the proxy's alone,
+    # and the access line names no proxy error.
+    forged = http.request("GET", worker["url"] + "/status/502?forge=1", headers={"X-Request-ID": "forged-error"})
+    assert forged.status == 502 and forged.data == b'{"origin": "own error"}'
+    assert "X-Agent-Proxy-Error" not in forged.headers
+    line = wait_until(lambda: next((json.loads(l) for l in worker["proc"].output().splitlines()
+                                    if '"forged-error"' in l and '"agent_proxy.access"' in l), None), 5, "the access line")
+    assert line["status"] == 502 and "error" not in line
 
 
 def test_large_upload_is_relayed_byte_for_byte(worker, origin, http):
