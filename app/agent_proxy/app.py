@@ -168,7 +168,6 @@ class Proxy:
         self.metrics = metrics
         self.trusted = frozenset(str(a) for a in config.trusted_proxies)
         # A failed feature's TLS context is never built: its requests are refused instead.
-        self.static_failures = features.static_failures(config)
         up = urlsplit(config.upstream.url)
         self.timeouts = connect_timeout, head_timeout, idle_timeout = config.upstream.timeouts()
         self.upstream = relay.Origin(
@@ -180,13 +179,13 @@ class Proxy:
             idle_timeout=idle_timeout,
             ssl_context=relay.client_context(
                 config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
-            ) if up.scheme == "https" and "northbound" not in self.static_failures else None,
+            ) if up.scheme == "https" and "northbound" not in config.failed_features else None,
         )
         self.upstream_prefix = up.path.rstrip("/")
         self.agent_scheme = "https" if config.agents.tls else "http"
         self.agent_context = (
             relay.client_context(config.agents.ca_file, config.agents.verify)
-            if config.agents.tls and "southbound" not in self.static_failures else None
+            if config.agents.tls and "southbound" not in config.failed_features else None
         )
         self.cache = relay.ConnectionCache(limit=config.upstream.pool_size, per_thread=4)
         self.request_ids = RequestIds()
@@ -194,13 +193,13 @@ class Proxy:
 
     def failures(self) -> dict[str, str]:
         """Failed features (feature -> reason): at start or reload, and found since."""
-        return {**self.static_failures, **self.state.found_failures}
+        return {**self.config.failed_features, **self.state.found_failures}
 
     def features(self) -> dict:
         return features.feature_map(self.config, self.failures())
 
     def refuse_if_failed(self, feature: str) -> None:
-        reason = self.static_failures.get(feature)
+        reason = self.config.failed_features.get(feature)
         if reason:
             raise ProxyError("feature-failed", f"{feature} is failed: {reason}")
 
@@ -508,7 +507,7 @@ class Ready:
 
     def upstream_ready(self) -> bool:
         """Was the upstream heard from within upstream.ready_window? Probes it if not."""
-        if "northbound" in self.proxy.static_failures:
+        if "northbound" in self.proxy.config.failed_features:
             return False
         state, window = self.proxy.state, self.proxy.config.upstream.ready_window
         if time.monotonic() - state.upstream_heard > window:

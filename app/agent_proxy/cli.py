@@ -256,9 +256,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     # A failed feature does not stop registration (the upstream hears about it), unless
     # it is the way to the upstream itself.
     config = configuration.load(args.config, lenient=True)
-    unusable = [f"{config.source}: {problem}" for feature, problem in configuration.prerequisites(config) if feature == "northbound"]
-    if unusable:
-        raise ConfigError(unusable)
+    if "northbound" in config.failed_features:
+        raise ConfigError([f"{config.source}: {config.failed_features['northbound']}"])
     action = registration.register if args.command == "register" else registration.deregister
     try:
         line = action(config)

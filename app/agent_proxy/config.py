@@ -19,6 +19,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -344,6 +345,10 @@ class Config:
     # Where it came from and which keys took their default (for the start-up log).
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
     defaulted: frozenset[str] = field(default=frozenset(), compare=False, metadata={"internal": True})
+    # Features whose prerequisites fail (feature -> reason), judged once, when parsed.
+    failed_features: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, metadata={"internal": True}
+    )
 
     @property
     def worker_count(self) -> int:
@@ -533,8 +538,9 @@ def _semantic_checks(config: Config, problems: list[str]) -> None:
 def prerequisites(config: Config) -> list[tuple[str, str]]:
     """(feature, "key: problem") for each prerequisite of a feature that fails.
 
-    A command that needs the feature (check-config, register) reports these as errors; a
-    worker (``load(..., lenient=True)``) starts anyway and reports the feature as failed.
+    ``parse`` runs this once and keeps the result as ``Config.failed_features``. A command
+    that needs the feature (check-config, register) reports these as errors; a worker
+    (``load(..., lenient=True)``) starts anyway and reports the feature as failed.
     Readable is not enough: a CA file must load as CA certificates.
     """
     failed = []
@@ -600,13 +606,18 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
     origins = _apply_environment(data, environ if environ is not None else os.environ, problems)
     defaulted: set[str] = set()
     config = _build(Config, data, "", problems, defaulted)
+    failed: dict[str, str] = {}
     if config is not None and not problems:
         _semantic_checks(config, problems)
-        if not lenient:
-            problems.extend(problem for _, problem in prerequisites(config))
+        for feature, problem in prerequisites(config):
+            failed[feature] = f"{failed[feature]}; {problem}" if feature in failed else problem
+            if not lenient:
+                problems.append(problem)
     if problems:
         raise ConfigError([_blame(p, source, origins) for p in problems])
-    return dataclasses.replace(config, source=source, defaulted=frozenset(defaulted))
+    return dataclasses.replace(
+        config, source=source, defaulted=frozenset(defaulted), failed_features=MappingProxyType(failed)
+    )
 
 
 def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:

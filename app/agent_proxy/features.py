@@ -4,7 +4,7 @@ Each feature is ``{state, http_enabled, https_enabled, settings, capabilities}``
 
 * ``state``: ``running``; ``disabled`` when the config leaves it off (registration
   without ``public_url``); ``failed`` when a prerequisite fails, with ``reason``: at start
-  or reload (an unreadable CA file, no agent port: ``config.prerequisites``) or found
+  or reload (an unreadable CA file, no agent port: ``Config.failed_features``) or found
   while running (the readiness probe finds the upstream's certificate untrusted). The
   worker starts either way; ``/_proxy/ready`` names what failed.
 * ``http_enabled`` / ``https_enabled``: how the feature is reached. Agents reach the
@@ -17,17 +17,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .config import Config, prerequisites
+from .config import Config
 
 NAMES = ("northbound", "southbound", "registration", "metrics")
-
-
-def static_failures(config: Config) -> dict[str, str]:
-    """feature -> reason, for the prerequisites that fail in this configuration."""
-    failed: dict[str, str] = {}
-    for feature, problem in prerequisites(config):
-        failed[feature] = f"{failed[feature]}; {problem}" if feature in failed else problem
-    return failed
 
 
 def feature_map(config: Config, failures: dict[str, str]) -> dict:

@@ -32,7 +32,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
 
-DIRECTIONS = ("northbound", "southbound", "control", "local")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WORKER_LABEL = "worker"
 # How long a scrape waits for one sibling worker before leaving it out.
@@ -254,8 +253,7 @@ def scrape_node(own: Metrics, siblings: list[tuple[str, int]],
 
 
 def _gauge(name: str, value: float) -> Metric:
-    family = next(f for f in FAMILIES if f.name == name)
-    metric = Metric(name, family.meaning, "gauge")
+    metric = Metric(name, _MEANING[name], "gauge")
     metric.add_sample(name, {}, value)
     return metric
 

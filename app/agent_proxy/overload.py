@@ -36,7 +36,7 @@ class BoundedDispatcher(ThreadedTaskDispatcher):
 
     def add_task(self, task) -> None:
         with self.lock:
-            if self.active_count + len(self.queue) < self.max_held:
+            if self.held() < self.max_held:
                 self.queue.append(task)
                 self.queue_cv.notify()
                 return

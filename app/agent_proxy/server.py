@@ -289,7 +289,7 @@ def _log_settings(config: configuration.Config, port: int) -> None:
 
 
 def _log_failed_features(config: configuration.Config) -> None:
-    for feature, reason in features.static_failures(config).items():
+    for feature, reason in config.failed_features.items():
         logs.event(log, f"feature {feature} failed: {reason}", logging.ERROR, feature=feature)
 
 
@@ -432,7 +432,7 @@ def serve(config_path: str, port: int | None = None) -> int:
 
 def _upstream_view(config: configuration.Config) -> tuple:
     """What the upstream stored at registration: the public URL and the features."""
-    return config.public_url, features.feature_map(config, features.static_failures(config))
+    return config.public_url, features.feature_map(config, config.failed_features)
 
 
 def _refresh_registration(config: configuration.Config) -> None:

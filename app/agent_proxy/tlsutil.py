@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 
 from cryptography import x509
@@ -113,8 +114,12 @@ def _canonical(name: str) -> str:
 
 def fingerprint(cert_pem: bytes) -> str:
     """SHA-256 fingerprint, colon-separated hex, as `openssl x509 -fingerprint -sha256` prints it."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+    return fingerprint_der(x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER))
+
+
+def fingerprint_der(cert_der: bytes) -> str:
+    """The same fingerprint for a certificate in DER, as a TLS peer presents it."""
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(cert_der).digest())
 
 
 def not_after(path: str) -> float | None:

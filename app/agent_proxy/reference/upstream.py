@@ -12,7 +12,6 @@ both at 10.0.0.2 behind two proxies stay apart. See README.md for the endpoints.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import ipaddress
 import json
 import os
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 import falcon
 
 from .. import signing
-from ..tlsutil import self_signed
+from ..tlsutil import fingerprint_der, self_signed
 from . import commands
 from .common import CallError, call, client_context, fail, host_port, log_event, make_server, server_context, url_path
 
@@ -213,7 +212,7 @@ class AgentProxies:
         if not isinstance(body, dict) or body.get("nonce") != nonce or body.get("proxy_id") != proxy_id:
             raise failed(f"the answer of the proxy at {url} does not carry our nonce and its proxy_id")
         features = body.get("features")
-        certificate = ":".join(f"{b:02X}" for b in hashlib.sha256(answer.certificate).digest()) if answer.certificate else None
+        certificate = fingerprint_der(answer.certificate) if answer.certificate else None
         return (features if isinstance(features, list) else []), certificate
 
     def _feature_states(self, proxy_id: str, url: str) -> dict | None:
