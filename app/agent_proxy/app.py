@@ -57,8 +57,6 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
 # every message it forwards (requests both ways, and their answers).
 VIA = "1.1 agent-proxy"
-# Health checks, left out of the access log unless logging.access_health.
-_HEALTH_PATHS = ("/_proxy/health", "/_proxy/ready")
 _ERROR_HEADER_LOWER = ERROR_HEADER.lower()
 
 
@@ -281,6 +279,7 @@ class Route:
     direction: str  # the access log's "direction"
     build: Callable[["Proxy"], object]
     prefix: bool = False
+    health: bool = False  # a balancer's check: no access line unless logging.access_health
 
     def __post_init__(self):
         if not isinstance(self.policy, Policy):
@@ -295,6 +294,7 @@ class RouteTable:
 
     def __init__(self, routes: tuple[Route, ...]):
         self.exact = {r.path: r for r in routes if not r.prefix}
+        self.health_paths = frozenset(r.path for r in routes if r.health)
         self.prefixes = sorted((r for r in routes if r.prefix), key=lambda r: -len(r.path))
 
     def find(self, path: str) -> Route | None:
@@ -642,7 +642,7 @@ class Worker:
         status = int(status_holder[-1][:3]) if status_holder else 500
         self.proxy.metrics.observe(info["direction"], status, duration, info["bytes_in"], sent, info.get("origin_seconds"))
         access_log = self.proxy.access_log
-        if access_log.enabled and (access_log.health or env.get("PATH_INFO") not in _HEALTH_PATHS):
+        if access_log.enabled and (access_log.health or env.get("PATH_INFO") not in self.table.health_paths):
             fields = {
                 "request_id": info.get("request_id", ""),
                 "direction": info["direction"],
@@ -715,8 +715,8 @@ class _Counted:
 # Every route the worker serves, with who may call it: the only place a route is added
 # (create_app wires these and nothing else; the app refuses routes added later).
 ROUTES = (
-    Route("GET", "/_proxy/health", Policy.OPEN, "local", lambda proxy: Health(proxy.state)),
-    Route("GET", "/_proxy/ready", Policy.OPEN, "local", Ready),
+    Route("GET", "/_proxy/health", Policy.OPEN, "local", lambda proxy: Health(proxy.state), health=True),
+    Route("GET", "/_proxy/ready", Policy.OPEN, "local", Ready, health=True),
     Route("GET", "/_proxy/features", Policy.OPEN, "local", Features),
     Route("GET", "/_proxy/v2/features", Policy.UPSTREAM, "control", FeaturesV2),
     Route("POST", "/_proxy/handshake", Policy.UPSTREAM, "control", Handshake),
