@@ -166,20 +166,12 @@ class Proxy:
         self.metrics = metrics
         self.trusted = frozenset(str(a) for a in config.trusted_proxies)
         # A failed feature's TLS context is never built: its requests are refused instead.
-        up = urlsplit(config.upstream.url)
-        self.timeouts = connect_timeout, head_timeout, idle_timeout = config.upstream.timeouts()
-        self.upstream = relay.Origin(
-            scheme=up.scheme,
-            host=up.hostname,
-            port=up.port or (443 if up.scheme == "https" else 80),
-            connect_timeout=connect_timeout,
-            head_timeout=head_timeout,
-            idle_timeout=idle_timeout,
-            ssl_context=relay.client_context(
-                config.upstream.ca_file, True, config.upstream.client_cert, config.upstream.client_key
-            ) if up.scheme == "https" and "northbound" not in config.failed_features else None,
-        )
-        self.upstream_prefix = up.path.rstrip("/")
+        self.timeouts = config.upstream.timeouts()
+        up = config.upstream
+        self.upstream = relay.Origin.from_url(up.url, self.timeouts, relay.client_context(
+            up.ca_file, True, up.client_cert, up.client_key,
+        ) if up.url.startswith("https:") and "northbound" not in config.failed_features else None)
+        self.upstream_prefix = urlsplit(up.url).path.rstrip("/")
         self.agent_scheme = "https" if config.agents.tls else "http"
         self.agent_context = (
             relay.client_context(config.agents.ca_file, config.agents.verify)

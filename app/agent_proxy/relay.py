@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 CHUNK = 256 * 1024
 # One receive while reading a head or a small body. Larger receives cost more than they
@@ -129,11 +130,23 @@ class Origin:
     idle_timeout: float
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
+    @classmethod
+    def from_url(cls, url: str, timeouts: tuple[float, float, float], ssl_context: ssl.SSLContext | None = None) -> Origin:
+        """The origin an http(s) URL names, its port defaulted by the scheme; ``timeouts``:
+        connect, head and idle (``config.Upstream.timeouts()``)."""
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, *timeouts, ssl_context)
+
+    @property
+    def bracketed_host(self) -> str:
+        """The host as a URL or Host header writes it (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        return self.bracketed_host if self.port == default else f"{self.bracketed_host}:{self.port}"
 
     def connect(self, deadline: float) -> Connection:
         wait = min(self.connect_timeout, deadline - time.monotonic())

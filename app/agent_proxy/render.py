@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 
+from . import relay
 from .config import Config, is_address
 
 # CLI name -> template path relative to the template root.
@@ -99,17 +100,12 @@ def environment(root: Path | None = None, undefined: type[jinja2.Undefined] = ji
 
 
 def upstream_parts(config: Config) -> dict[str, Any]:
-    """``upstream.url`` as the workers relay to it (app.Proxy): scheme, host, port, the
-    Host header's value (authority) and the path prefix joined before every target."""
-    url = urlsplit(config.upstream.url)
-    default = 443 if url.scheme == "https" else 80
-    port = url.port or default
-    host = url.hostname
-    bracketed = f"[{host}]" if ":" in host else host
+    """``upstream.url`` as the workers relay to it (the same relay.Origin): scheme, host,
+    port, the Host header's value (authority) and the path prefix joined before every target."""
+    origin = relay.Origin.from_url(config.upstream.url, config.upstream.timeouts())
     return {
-        "scheme": url.scheme, "host": bracketed, "port": port, "is_ip": is_address(host),
-        "authority": bracketed if port == default else f"{bracketed}:{port}",
-        "prefix": url.path.rstrip("/"),
+        "scheme": origin.scheme, "host": origin.bracketed_host, "port": origin.port, "is_ip": is_address(origin.host),
+        "authority": origin.authority, "prefix": urlsplit(config.upstream.url).path.rstrip("/"),
     }
 
 
