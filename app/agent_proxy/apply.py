@@ -12,8 +12,9 @@ Only then are the rendered files installed and the services reloaded, in this or
 firewall (so the new sources are admitted before anything serves them), each worker
 (SIGHUP: the worker reads the config again), the front. A worker or front that is not
 running is started. When a reload fails, the previous firewall and front files go back
-and the services already reloaded are reloaded with them; the exit status is 1 and the
-message names the step. `--no-reload` stops after installing (first boot: the services
+and the firewall and front, if already reloaded, are reloaded with them; workers already
+reloaded keep the edited config (the file is the operator's, apply keeps no older one).
+The exit status is 1 and the message names the step. `--no-reload` stops after installing (first boot: the services
 start after it).
 
 The few settings a worker reads only when it starts (README, Operations: Reload; the
@@ -30,13 +31,13 @@ from pathlib import Path
 import yaml
 
 from . import config as configuration
-from .cli import CommandError
+from .errors import CommandError
 from .render import render
+from .status import FRONT_UNIT
 
 FIREWALL_DIR = "/etc/agent-proxy/firewall"
 FRONT_CONFIG = "/etc/agent-proxy/haproxy.cfg"
 FIREWALL_UNIT = "agent-proxy-firewall.service"
-FRONT_UNIT = "agent-proxy-front.service"
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,13 @@ def _restore(previous: dict[Path, Path | None]) -> None:
             old.replace(path)
 
 
+def _drop_previous(previous: dict[Path, Path | None]) -> None:
+    """The change stands: the kept copies go."""
+    for old in previous.values():
+        if old is not None:
+            old.unlink()
+
+
 def _reload_steps(config: configuration.Config) -> list[tuple[str, list[str]]]:
     steps = [("firewall", ["systemctl", "reload-or-restart", FIREWALL_UNIT])]
     steps += [
@@ -158,9 +166,7 @@ def apply(config_path: str, firewall_dir: str = FIREWALL_DIR, front_config: str 
     lines.append("tested: " + ", ".join(f"{a.path} ({a.test[0]})" for a, _ in written))
     previous = _install(written)
     if not reload:
-        for old in previous.values():
-            if old is not None:
-                old.unlink()
+        _drop_previous(previous)
         lines.append("installed; nothing reloaded (--no-reload)")
         return lines
     done: list[tuple[str, list[str]]] = []
@@ -172,8 +178,6 @@ def apply(config_path: str, firewall_dir: str = FIREWALL_DIR, front_config: str 
             back = f"; the previous firewall and front files are back ({', '.join(undone) or 'nothing'} reloaded with them)"
             raise CommandError(f"reloading the {name} failed: {reason}{back}")
         done.append((name, argv))
-    for old in previous.values():
-        if old is not None:
-            old.unlink()
+    _drop_previous(previous)
     lines.append("reloaded: " + ", ".join(name for name, _ in done))
     return lines

@@ -39,17 +39,9 @@ CONFIG_KEYS = {
     "UPSTREAM_NETWORKS": "networks.upstream",
     "BALANCERS": "front.balancers",
 }
-# Keys for the node around the proxy, and what they set.
-NODE_KEYS = {
-    "ADMIN_NETWORKS": "the firewall's SSH sources",
-    "HOSTNAMES": "names and addresses in the certificate first boot makes",
-    "HOSTNAME": "the host name",
-    "ADDRESS": "static addresses of eth0 (CIDR), instead of DHCP",
-    "GATEWAY": "default gateways",
-    "DNS": "resolvers",
-    "NTP_SERVERS": "time servers, instead of the Debian pool",
-}
-KEYS = {**CONFIG_KEYS, **NODE_KEYS}
+# Keys for the node around the proxy (appliance/seed.env.example says what each sets).
+NODE_KEYS = ("ADMIN_NETWORKS", "HOSTNAMES", "HOSTNAME", "ADDRESS", "GATEWAY", "DNS", "NTP_SERVERS")
+KEYS = (*CONFIG_KEYS, *NODE_KEYS)
 CA_SEED_FILE = "upstream-ca.pem"
 CA_INSTALLED = "/etc/agent-proxy/tls/upstream-ca.pem"
 HEADER = (
@@ -146,9 +138,9 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
             elif key == "UPSTREAM_ALLOW_INSECURE":
                 settings[key] = _bool(value)
             elif key == "HOSTNAME":
-                settings[key] = _host(value)
-                if _HOSTNAME.match(value) is None:
+                if _HOSTNAME.match(value) is None or len(value) > 253:
                     raise ValueError(f"{value!r} is not a host name")
+                settings[key] = value
             else:
                 settings[key] = value
         except ValueError as exc:
