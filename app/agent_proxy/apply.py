@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from . import config as configuration
+from . import config as configuration, files
 from .errors import CommandError
 from .render import render
 from .status import FRONT_UNIT
@@ -94,11 +94,9 @@ def prepare(config: configuration.Config, firewall_dir: str, front_config: str) 
     written: list[tuple[Artefact, Path]] = []
     try:
         for artefact in artefacts(firewall_dir, front_config):
-            new = artefact.path.with_name(artefact.path.name + ".new")
             text = render(artefact.template, config, variables if artefact.template.startswith("firewall") else {})
-            new.write_text(text, encoding="utf-8")
+            new = files.stage(artefact.path, text, 0o640 if artefact.template.startswith("firewall") else 0o644)
             written.append((artefact, new))
-            new.chmod(0o640 if artefact.template.startswith("firewall") else 0o644)
             reason = _run([*artefact.test, str(new)])
             if reason:
                 raise CommandError(f"{artefact.template} rendered from {config.source} does not pass {artefact.test[0]}: {reason}")

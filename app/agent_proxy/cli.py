@@ -163,6 +163,7 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
     """A new self-signed certificate for the configured key and the old certificate's names."""
     from cryptography.x509.oid import NameOID
 
+    from . import files
     from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, self_signed
 
     tls = _load(args.config).tls
@@ -177,17 +178,9 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
         reason = exc if isinstance(exc, MaterialError) else "it names no host"
         raise ConfigError([f"{tls.cert_file} with {tls.key_file}: cannot renew: {reason}"]) from None
     cert_path = Path(tls.cert_file)
-    scratch = cert_path.with_name(f".{cert_path.name}.new")
     try:
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(new_pem)
-        stat = cert_path.stat()
-        os.chown(scratch, stat.st_uid, stat.st_gid)
-        os.chmod(scratch, stat.st_mode & 0o7777)
-        os.replace(scratch, cert_path)  # readers see the old file or the new one, never half
+        files.replace(cert_path, new_pem, *files.keep_owner_and_mode(cert_path, 0o644))
     except OSError as exc:
-        scratch.unlink(missing_ok=True)
         raise CommandError(f"cannot write {exc.filename or cert_path}: {exc.strerror} (nothing was changed)") from None
     print(f"wrote {cert_path} for {', '.join(names)}, valid {args.days} days; reload the front to serve it")
     print(f"certificate SHA-256 fingerprint: {fingerprint(new_pem)}")

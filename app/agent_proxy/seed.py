@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from . import files
 
 # Keys that set a config key, and the config key.
 CONFIG_KEYS = {
@@ -161,19 +161,14 @@ def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
         target = data.setdefault(section, {}) if section else data
         target[name] = settings[key]
         changed.append(dotted)
-    st = path.stat()
-    tmp = path.with_name(path.name + ".seed")
-    tmp.write_text(HEADER + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.chown(tmp, st.st_uid, st.st_gid)
-    tmp.chmod(st.st_mode & 0o7777)
-    tmp.replace(path)
+    files.replace(path, HEADER + yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(path, 0o640))
     return changed
 
 
 def apply_firewall_vars(path: Path, admin_networks: list[str]) -> None:
     data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
     data["admin_networks"] = admin_networks
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    files.replace(path, yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(path, 0o640))
 
 
 def system_files(settings: dict[str, Any], root: Path) -> dict[Path, str]:
@@ -216,8 +211,7 @@ def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list
     if ca.exists():
         target = root / CA_INSTALLED.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ca, target)
-        target.chmod(0o644)
+        files.replace(target, ca.read_bytes(), 0o644)
         settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
         done.append(f"installed the seed's {CA_SEED_FILE} as {CA_INSTALLED}")
     changed = apply_config(config, settings)
@@ -227,7 +221,7 @@ def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list
         done.append(f"{firewall_vars}: admin_networks {' '.join(settings['ADMIN_NETWORKS'])}")
     for path, text in system_files(settings, root).items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        files.replace(path, text, *files.keep_owner_and_mode(path, 0o644))
         done.append(f"wrote {path}")
     return done
 
