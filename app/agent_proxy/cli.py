@@ -206,15 +206,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _variables(args: argparse.Namespace) -> dict:
+    from .render import read_variables
+
     variables: dict = {}
     for path in args.vars or []:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError([f"{path}: cannot read variables: {getattr(exc, 'strerror', None) or exc}"]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: variables must be a mapping"])
-        variables.update(loaded)
+        variables.update(read_variables(path))
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -274,7 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
-    for line in apply(args.config, args.firewall_dir, args.front_config, reload=not args.no_reload):
+    for line in apply(args.config, args.firewall_dir, args.front_config, reload=not args.no_reload,
+                      front_vars=args.front_vars):
         print(line)
     return EXIT_OK
 
@@ -352,12 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_status)
 
-    from .apply import FIREWALL_DIR, FRONT_CONFIG
+    from .apply import FIREWALL_DIR, FRONT_CONFIG, FRONT_VARS
 
     p = with_config(sub.add_parser(
-        "apply", help="check an edited config, render and test firewall and front, then reload them and the workers"))
+        "apply", help="check an edited config, render and test firewall, front and its signing key, then reload them and the workers"))
     p.add_argument("--firewall-dir", default=FIREWALL_DIR, help="rules.v4, rules.v6 and vars.yaml (default: %(default)s)")
     p.add_argument("--front-config", default=FRONT_CONFIG, help="the node front's HAProxy file (default: %(default)s)")
+    p.add_argument("--front-vars", default=FRONT_VARS,
+                   help="the front's template variables, used when the file exists (default: %(default)s)")
     p.add_argument("--no-reload", action="store_true", help="install the checked files but reload nothing")
     p.set_defaults(func=cmd_apply)
 
