@@ -4,7 +4,8 @@
 separated by spaces or commas. ``appliance/seed.env.example`` documents every key, and
 KEYS below are the ones this module accepts: an unknown key or a bad value stops first
 boot with one line naming it (a key silently ignored would make a node that does not
-serve). Besides seed.env the seed may carry files, installed by first boot:
+serve); the config keys are checked by the config's own parser, as the workers read them
+(a network with host bits set, for one, is refused). Besides seed.env the seed may carry files, installed by first boot:
 ``upstream-ca.pem`` (the upstream's CA; sets upstream.ca_file unless UPSTREAM_CA_FILE
 does) and the shared identity ``psk``, ``proxy.crt``, ``proxy.key`` (see
 agent-proxy-firstboot).
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import files
+from . import config as configuration, files
 
 # Keys that set a config key, and the config key.
 CONFIG_KEYS = {
@@ -87,7 +88,7 @@ def _items(value: str) -> list[str]:
 
 
 def _network(item: str) -> str:
-    return str(ipaddress.ip_network(item, strict=False))
+    return str(ipaddress.ip_network(item))  # strict, as the config: 10.0.0.1/24 is refused
 
 
 def _interface(item: str) -> str:
@@ -118,8 +119,10 @@ def _bool(value: str) -> bool:
     raise ValueError(f"must be true or false, got {value!r}")
 
 
-LIST_CHECKS: dict[str, Callable[[str], str]] = {
-    "AGENT_NETWORKS": _network, "UPSTREAM_NETWORKS": _network, "BALANCERS": _network,
+# The list keys and the check of each item; the config keys' items are checked by the
+# config's own parser (check_config), as the workers will read them.
+LIST_CHECKS: dict[str, Callable[[str], str] | None] = {
+    "AGENT_NETWORKS": None, "UPSTREAM_NETWORKS": None, "BALANCERS": None,
     "ADMIN_NETWORKS": _network, "HOSTNAMES": _host, "ADDRESS": _interface, "GATEWAY": _address,
     "DNS": _address, "NTP_SERVERS": _host,
 }
@@ -134,7 +137,8 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
             continue  # an empty value leaves the image's default
         try:
             if key in LIST_CHECKS:
-                settings[key] = [LIST_CHECKS[key](item) for item in _items(value)]
+                check = LIST_CHECKS[key] or str
+                settings[key] = [check(item) for item in _items(value)]
             elif key == "UPSTREAM_ALLOW_INSECURE":
                 settings[key] = _bool(value)
             elif key == "HOSTNAME":
@@ -150,8 +154,8 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
     return settings
 
 
-def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
-    """Set the seed's config keys in the YAML file (as data); returns the keys set."""
+def seeded_config(path: Path, settings: dict[str, Any]) -> tuple[dict, list[str]]:
+    """The YAML file's data with the seed's config keys set (as data), and the keys set."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     changed = []
     for key, dotted in CONFIG_KEYS.items():
@@ -161,8 +165,22 @@ def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
         target = data.setdefault(section, {}) if section else data
         target[name] = settings[key]
         changed.append(dotted)
-    files.replace(path, HEADER + yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(path, 0o640))
-    return changed
+    return data, changed
+
+
+def check_config(data: dict, config_source: str, seed_source: str) -> None:
+    """The seeded configuration through the config's own parser; a problem with a key the
+    seed set names the seed's key. Lenient: the CA files are checked where they are used
+    (first boot's `agent-proxy apply`), after they are installed."""
+    try:
+        configuration.parse(data, config_source, environ={}, lenient=True)
+    except configuration.ConfigError as exc:
+        by_config_key = {dotted: key for key, dotted in CONFIG_KEYS.items()}
+        problems = []
+        for problem in exc.problems:
+            dotted, _, reason = problem.removeprefix(f"{config_source}: ").partition(": ")
+            problems.append(f"{seed_source}: {by_config_key[dotted]}: {reason}" if dotted in by_config_key else problem)
+        raise SeedError(problems) from None
 
 
 def apply_firewall_vars(path: Path, admin_networks: list[str]) -> None:
@@ -209,12 +227,15 @@ def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list
     done = []
     ca = seed_dir / CA_SEED_FILE
     if ca.exists():
+        settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
+    data, changed = seeded_config(config, settings)
+    check_config(data, str(config), str(env))
+    if ca.exists():
         target = root / CA_INSTALLED.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         files.replace(target, ca.read_bytes(), 0o644)
-        settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
         done.append(f"installed the seed's {CA_SEED_FILE} as {CA_INSTALLED}")
-    changed = apply_config(config, settings)
+    files.replace(config, HEADER + yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(config, 0o640))
     done.append(f"{config}: set {', '.join(changed) or 'nothing'} from the boot seed")
     if "ADMIN_NETWORKS" in settings:
         apply_firewall_vars(firewall_vars, settings["ADMIN_NETWORKS"])
