@@ -13,12 +13,17 @@ agent-proxy-firstboot).
     python -m agent_proxy.seed --seed-dir DIR --config FILE --firewall-vars FILE [--root /]
 
 edits the config and the firewall variables in place and writes the node's hostname,
-static network, resolver and NTP files under ``--root``; it prints what it set.
+static network, resolver and NTP files under ``--root``; it prints what it set. First boot
+reads the seed and the configuration only through here, so one parser reads each:
+
+    python -m agent_proxy.seed --seed-dir DIR --get KEY...       the seed's checked values
+    python -m agent_proxy.seed --config FILE --get-config KEY... e.g. tls.cert_file
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import re
 import sys
@@ -247,17 +252,66 @@ def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list
     return done
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    return "" if value is None else str(value)
+
+
+def seed_values(seed_dir: Path, keys: list[str]) -> list[str]:
+    """The seed's checked value of each key, as first boot uses it ("" when unset)."""
+    unknown = [key for key in keys if key not in KEYS]
+    if unknown:
+        raise SeedError([f"--get: unknown key {key} (known: {', '.join(KEYS)})" for key in unknown])
+    env = seed_dir / "seed.env"
+    values = parse_env(env.read_text(encoding="utf-8"), str(env)) if env.exists() else {}
+    settings = validate(values, str(env))
+    return [_shown(settings.get(key)) for key in keys]
+
+
+def config_values(config: Path, keys: list[str]) -> list[str]:
+    """Each dotted key of the configuration as the workers read it (defaults filled in)."""
+    loaded = configuration.load(config, lenient=True)
+    shown = []
+    for key in keys:
+        value: Any = loaded
+        for name in key.split("."):
+            if not dataclasses.is_dataclass(value) or name not in {f.name for f in dataclasses.fields(value)}:
+                raise SeedError([f"--get-config: {key} is not a configuration key"])
+            value = getattr(value, name)
+        shown.append(_shown(value))
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent_proxy.seed", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed-dir", type=Path, required=True)
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--firewall-vars", type=Path, required=True)
+    parser.add_argument("--seed-dir", type=Path)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--firewall-vars", type=Path)
     parser.add_argument("--root", type=Path, default=Path("/"))
+    parser.add_argument("--get", nargs="+", metavar="KEY",
+                        help="print the seed's checked value of each KEY, one line each (a list space-separated, "
+                             "empty when unset); with --seed-dir; changes nothing")
+    parser.add_argument("--get-config", nargs="+", metavar="KEY",
+                        help="print each dotted configuration KEY (defaults filled in), one line each; "
+                             "with --config; changes nothing")
     args = parser.parse_args(argv)
+    needed = ["seed_dir"] if args.get else ["config"] if args.get_config else ["seed_dir", "config", "firewall_vars"]
+    missing = [f"--{name.replace('_', '-')}" for name in needed if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
-        for line in apply(args.seed_dir, args.config, args.firewall_vars, args.root):
+        if args.get:
+            lines = seed_values(args.seed_dir, args.get)
+        elif args.get_config:
+            lines = config_values(args.config, args.get_config)
+        else:
+            lines = apply(args.seed_dir, args.config, args.firewall_vars, args.root)
+        for line in lines:
             print(line)
-    except SeedError as exc:
+    except (SeedError, configuration.ConfigError) as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2

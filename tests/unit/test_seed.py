@@ -128,3 +128,31 @@ def test_the_command_says_one_line_and_exits_2(node):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"{seed / 'seed.env'}: DNS: 'not-an-address' does not appear to be an IPv4 or IPv6 address"]
     assert "Traceback" not in done.stderr
+
+
+def seed_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent_proxy.seed", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_first_boot_reads_the_seed_through_the_one_parser(node):
+    root, config, fw_vars, seed = node
+    # Quoting and spacing as seed.env.example allows; the values first boot acts on.
+    (seed / "seed.env").write_text(
+        "HOSTNAME = 'node-c1'\nPUBLIC_URL=\"https://4.3.2.1:2002\"\nHOSTNAMES=proxy.example.net, 4.3.2.1\n"
+        "HOSTNAME=node-c2\n")
+    done = seed_command("--seed-dir", str(seed), "--get", "HOSTNAME", "ADDRESS", "PUBLIC_URL", "HOSTNAMES")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "node-c2\n\nhttps://4.3.2.1:2002\nproxy.example.net 4.3.2.1\n"
+    refused = seed_command("--seed-dir", str(seed), "--get", "HOSTNAM")
+    assert refused.returncode == 2 and refused.stderr.startswith("--get: unknown key HOSTNAM (known: PROXY_ID, ")
+
+
+def test_first_boot_reads_the_configuration_through_the_config_loader(node):
+    root, config, fw_vars, seed = node
+    done = seed_command("--config", str(config), "--get-config",
+                        "proxy_id", "upstream.url", "tls.cert_file", "tls.key_file", "shared_secret_file")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["appliance", "https://upstream.invalid:3302", "/etc/agent-proxy/tls/proxy.crt",
+                                        "/etc/agent-proxy/tls/proxy.key", "/etc/agent-proxy/psk"]
+    refused = seed_command("--config", str(config), "--get-config", "tls.crt_file")
+    assert (refused.returncode, refused.stderr) == (2, "--get-config: tls.crt_file is not a configuration key\n")
