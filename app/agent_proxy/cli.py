@@ -163,6 +163,7 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
     """A new self-signed certificate for the configured key and the old certificate's names."""
     from cryptography.x509.oid import NameOID
 
+    from . import files
     from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, self_signed
 
     tls = _load(args.config).tls
@@ -177,17 +178,9 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
         reason = exc if isinstance(exc, MaterialError) else "it names no host"
         raise ConfigError([f"{tls.cert_file} with {tls.key_file}: cannot renew: {reason}"]) from None
     cert_path = Path(tls.cert_file)
-    scratch = cert_path.with_name(f".{cert_path.name}.new")
     try:
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(new_pem)
-        stat = cert_path.stat()
-        os.chown(scratch, stat.st_uid, stat.st_gid)
-        os.chmod(scratch, stat.st_mode & 0o7777)
-        os.replace(scratch, cert_path)  # readers see the old file or the new one, never half
+        files.replace(cert_path, new_pem, *files.keep_owner_and_mode(cert_path, 0o644))
     except OSError as exc:
-        scratch.unlink(missing_ok=True)
         raise CommandError(f"cannot write {exc.filename or cert_path}: {exc.strerror} (nothing was changed)") from None
     print(f"wrote {cert_path} for {', '.join(names)}, valid {args.days} days; reload the front to serve it")
     print(f"certificate SHA-256 fingerprint: {fingerprint(new_pem)}")
@@ -213,15 +206,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _variables(args: argparse.Namespace) -> dict:
+    from .render import read_variables
+
     variables: dict = {}
     for path in args.vars or []:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError([f"{path}: cannot read variables: {getattr(exc, 'strerror', None) or exc}"]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: variables must be a mapping"])
-        variables.update(loaded)
+        variables.update(read_variables(path))
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -280,7 +269,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .apply import apply
 
-    for line in apply(args.config, args.firewall_dir, args.front_config, reload=not args.no_reload):
+    for line in apply(args.config, args.firewall_dir, args.front_config, reload=not args.no_reload,
+                      front_vars=args.front_vars):
         print(line)
     return EXIT_OK
 
@@ -358,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_status)
 
-    from .apply import FIREWALL_DIR, FRONT_CONFIG
+    from .apply import FIREWALL_DIR, FRONT_CONFIG, FRONT_VARS
 
     p = with_config(sub.add_parser(
-        "apply", help="check an edited config, render and test firewall and front, then reload them and the workers"))
+        "apply", help="check an edited config, render and test firewall, front and its signing key, then reload them and the workers"))
     p.add_argument("--firewall-dir", default=FIREWALL_DIR, help="rules.v4, rules.v6 and vars.yaml (default: %(default)s)")
     p.add_argument("--front-config", default=FRONT_CONFIG, help="the node front's HAProxy file (default: %(default)s)")
+    p.add_argument("--front-vars", default=FRONT_VARS,
+                   help="the front's template variables, used when the file exists (default: %(default)s)")
     p.add_argument("--no-reload", action="store_true", help="install the checked files but reload nothing")
     p.set_defaults(func=cmd_apply)
 

@@ -19,9 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
+import yaml
 
 from . import relay
-from .config import Config, is_address
+from .config import Config, ConfigError, is_address
 
 # CLI name -> template path relative to the template root.
 TEMPLATES = {
@@ -107,6 +108,22 @@ def upstream_parts(config: Config) -> dict[str, Any]:
         "scheme": origin.scheme, "host": origin.bracketed_host, "port": origin.port, "is_ip": is_address(origin.host),
         "authority": origin.authority, "prefix": urlsplit(config.upstream.url).path.rstrip("/"),
     }
+
+
+def read_variables(path: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """Template variables from a YAML mapping file (``--vars``, the firewall's and the front's
+    variables on a node); {} for a missing file when ``missing_ok``. Raises ConfigError."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise ConfigError([f"{path}: cannot read the template variables: no such file"]) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: cannot read the template variables: {getattr(exc, 'strerror', None) or exc}"]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: the template variables must be a mapping"])
+    return loaded
 
 
 def render(name: str, config: Config, variables: dict[str, Any] | None = None) -> str:

@@ -4,7 +4,8 @@
 separated by spaces or commas. ``appliance/seed.env.example`` documents every key, and
 KEYS below are the ones this module accepts: an unknown key or a bad value stops first
 boot with one line naming it (a key silently ignored would make a node that does not
-serve). Besides seed.env the seed may carry files, installed by first boot:
+serve); the config keys are checked by the config's own parser, as the workers read them
+(a network with host bits set, for one, is refused). Besides seed.env the seed may carry files, installed by first boot:
 ``upstream-ca.pem`` (the upstream's CA; sets upstream.ca_file unless UPSTREAM_CA_FILE
 does) and the shared identity ``psk``, ``proxy.crt``, ``proxy.key`` (see
 agent-proxy-firstboot).
@@ -12,21 +13,26 @@ agent-proxy-firstboot).
     python -m agent_proxy.seed --seed-dir DIR --config FILE --firewall-vars FILE [--root /]
 
 edits the config and the firewall variables in place and writes the node's hostname,
-static network, resolver and NTP files under ``--root``; it prints what it set.
+static network, resolver and NTP files under ``--root``; it prints what it set. First boot
+reads the seed and the configuration only through here, so one parser reads each:
+
+    python -m agent_proxy.seed --seed-dir DIR --get KEY...       the seed's checked values
+    python -m agent_proxy.seed --config FILE --get-config KEY... e.g. tls.cert_file
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from . import config as configuration, files
 
 # Keys that set a config key, and the config key.
 CONFIG_KEYS = {
@@ -39,17 +45,9 @@ CONFIG_KEYS = {
     "UPSTREAM_NETWORKS": "networks.upstream",
     "BALANCERS": "front.balancers",
 }
-# Keys for the node around the proxy, and what they set.
-NODE_KEYS = {
-    "ADMIN_NETWORKS": "the firewall's SSH sources",
-    "HOSTNAMES": "names and addresses in the certificate first boot makes",
-    "HOSTNAME": "the host name",
-    "ADDRESS": "static addresses of eth0 (CIDR), instead of DHCP",
-    "GATEWAY": "default gateways",
-    "DNS": "resolvers",
-    "NTP_SERVERS": "time servers, instead of the Debian pool",
-}
-KEYS = {**CONFIG_KEYS, **NODE_KEYS}
+# Keys for the node around the proxy (appliance/seed.env.example says what each sets).
+NODE_KEYS = ("ADMIN_NETWORKS", "HOSTNAMES", "HOSTNAME", "ADDRESS", "GATEWAY", "DNS", "NTP_SERVERS")
+KEYS = (*CONFIG_KEYS, *NODE_KEYS)
 CA_SEED_FILE = "upstream-ca.pem"
 CA_INSTALLED = "/etc/agent-proxy/tls/upstream-ca.pem"
 HEADER = (
@@ -95,7 +93,7 @@ def _items(value: str) -> list[str]:
 
 
 def _network(item: str) -> str:
-    return str(ipaddress.ip_network(item, strict=False))
+    return str(ipaddress.ip_network(item))  # strict, as the config: 10.0.0.1/24 is refused
 
 
 def _interface(item: str) -> str:
@@ -126,8 +124,10 @@ def _bool(value: str) -> bool:
     raise ValueError(f"must be true or false, got {value!r}")
 
 
-LIST_CHECKS: dict[str, Callable[[str], str]] = {
-    "AGENT_NETWORKS": _network, "UPSTREAM_NETWORKS": _network, "BALANCERS": _network,
+# The list keys and the check of each item; the config keys' items are checked by the
+# config's own parser (check_config), as the workers will read them.
+LIST_CHECKS: dict[str, Callable[[str], str] | None] = {
+    "AGENT_NETWORKS": None, "UPSTREAM_NETWORKS": None, "BALANCERS": None,
     "ADMIN_NETWORKS": _network, "HOSTNAMES": _host, "ADDRESS": _interface, "GATEWAY": _address,
     "DNS": _address, "NTP_SERVERS": _host,
 }
@@ -142,13 +142,14 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
             continue  # an empty value leaves the image's default
         try:
             if key in LIST_CHECKS:
-                settings[key] = [LIST_CHECKS[key](item) for item in _items(value)]
+                check = LIST_CHECKS[key] or str
+                settings[key] = [check(item) for item in _items(value)]
             elif key == "UPSTREAM_ALLOW_INSECURE":
                 settings[key] = _bool(value)
             elif key == "HOSTNAME":
-                settings[key] = _host(value)
-                if _HOSTNAME.match(value) is None:
+                if _HOSTNAME.match(value) is None or len(value) > 253:
                     raise ValueError(f"{value!r} is not a host name")
+                settings[key] = value
             else:
                 settings[key] = value
         except ValueError as exc:
@@ -158,8 +159,8 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
     return settings
 
 
-def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
-    """Set the seed's config keys in the YAML file (as data); returns the keys set."""
+def seeded_config(path: Path, settings: dict[str, Any]) -> tuple[dict, list[str]]:
+    """The YAML file's data with the seed's config keys set (as data), and the keys set."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     changed = []
     for key, dotted in CONFIG_KEYS.items():
@@ -169,19 +170,28 @@ def apply_config(path: Path, settings: dict[str, Any]) -> list[str]:
         target = data.setdefault(section, {}) if section else data
         target[name] = settings[key]
         changed.append(dotted)
-    st = path.stat()
-    tmp = path.with_name(path.name + ".seed")
-    tmp.write_text(HEADER + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.chown(tmp, st.st_uid, st.st_gid)
-    tmp.chmod(st.st_mode & 0o7777)
-    tmp.replace(path)
-    return changed
+    return data, changed
+
+
+def check_config(data: dict, config_source: str, seed_source: str) -> None:
+    """The seeded configuration through the config's own parser; a problem with a key the
+    seed set names the seed's key. Lenient: the CA files are checked where they are used
+    (first boot's `agent-proxy apply`), after they are installed."""
+    try:
+        configuration.parse(data, config_source, environ={}, lenient=True)
+    except configuration.ConfigError as exc:
+        by_config_key = {dotted: key for key, dotted in CONFIG_KEYS.items()}
+        problems = []
+        for problem in exc.problems:
+            dotted, _, reason = problem.removeprefix(f"{config_source}: ").partition(": ")
+            problems.append(f"{seed_source}: {by_config_key[dotted]}: {reason}" if dotted in by_config_key else problem)
+        raise SeedError(problems) from None
 
 
 def apply_firewall_vars(path: Path, admin_networks: list[str]) -> None:
     data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
     data["admin_networks"] = admin_networks
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    files.replace(path, yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(path, 0o640))
 
 
 def system_files(settings: dict[str, Any], root: Path) -> dict[Path, str]:
@@ -222,35 +232,86 @@ def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list
     done = []
     ca = seed_dir / CA_SEED_FILE
     if ca.exists():
+        settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
+    data, changed = seeded_config(config, settings)
+    check_config(data, str(config), str(env))
+    if ca.exists():
         target = root / CA_INSTALLED.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ca, target)
-        target.chmod(0o644)
-        settings.setdefault("UPSTREAM_CA_FILE", CA_INSTALLED)
+        files.replace(target, ca.read_bytes(), 0o644)
         done.append(f"installed the seed's {CA_SEED_FILE} as {CA_INSTALLED}")
-    changed = apply_config(config, settings)
+    files.replace(config, HEADER + yaml.safe_dump(data, sort_keys=False), *files.keep_owner_and_mode(config, 0o640))
     done.append(f"{config}: set {', '.join(changed) or 'nothing'} from the boot seed")
     if "ADMIN_NETWORKS" in settings:
         apply_firewall_vars(firewall_vars, settings["ADMIN_NETWORKS"])
         done.append(f"{firewall_vars}: admin_networks {' '.join(settings['ADMIN_NETWORKS'])}")
     for path, text in system_files(settings, root).items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        files.replace(path, text, *files.keep_owner_and_mode(path, 0o644))
         done.append(f"wrote {path}")
     return done
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    return "" if value is None else str(value)
+
+
+def seed_values(seed_dir: Path, keys: list[str]) -> list[str]:
+    """The seed's checked value of each key, as first boot uses it ("" when unset)."""
+    unknown = [key for key in keys if key not in KEYS]
+    if unknown:
+        raise SeedError([f"--get: unknown key {key} (known: {', '.join(KEYS)})" for key in unknown])
+    env = seed_dir / "seed.env"
+    values = parse_env(env.read_text(encoding="utf-8"), str(env)) if env.exists() else {}
+    settings = validate(values, str(env))
+    return [_shown(settings.get(key)) for key in keys]
+
+
+def config_values(config: Path, keys: list[str]) -> list[str]:
+    """Each dotted key of the configuration as the workers read it (defaults filled in)."""
+    loaded = configuration.load(config, lenient=True)
+    shown = []
+    for key in keys:
+        value: Any = loaded
+        for name in key.split("."):
+            if not dataclasses.is_dataclass(value) or name not in {f.name for f in dataclasses.fields(value)}:
+                raise SeedError([f"--get-config: {key} is not a configuration key"])
+            value = getattr(value, name)
+        shown.append(_shown(value))
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent_proxy.seed", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed-dir", type=Path, required=True)
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--firewall-vars", type=Path, required=True)
+    parser.add_argument("--seed-dir", type=Path)
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--firewall-vars", type=Path)
     parser.add_argument("--root", type=Path, default=Path("/"))
+    parser.add_argument("--get", nargs="+", metavar="KEY",
+                        help="print the seed's checked value of each KEY, one line each (a list space-separated, "
+                             "empty when unset); with --seed-dir; changes nothing")
+    parser.add_argument("--get-config", nargs="+", metavar="KEY",
+                        help="print each dotted configuration KEY (defaults filled in), one line each; "
+                             "with --config; changes nothing")
     args = parser.parse_args(argv)
+    needed = ["seed_dir"] if args.get else ["config"] if args.get_config else ["seed_dir", "config", "firewall_vars"]
+    missing = [f"--{name.replace('_', '-')}" for name in needed if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
-        for line in apply(args.seed_dir, args.config, args.firewall_vars, args.root):
+        if args.get:
+            lines = seed_values(args.seed_dir, args.get)
+        elif args.get_config:
+            lines = config_values(args.config, args.get_config)
+        else:
+            lines = apply(args.seed_dir, args.config, args.firewall_vars, args.root)
+        for line in lines:
             print(line)
-    except SeedError as exc:
+    except (SeedError, configuration.ConfigError) as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from waitress.task import ErrorTask, WSGITask
 from . import __version__, config as configuration, errors, features, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
+from .hostport import hostport
 from .metrics import Metrics
 from .overload import BoundedDispatcher
 
@@ -326,9 +327,9 @@ def serve(config_path: str, port: int | None = None) -> int:
     # listen_control.port + N.
     control = config.listen_control
     control_port = control.port + (port - config.listen.port) if control else None
-    listen = f"{_hostport(config.listen.host, port)}"
+    listen = f"{hostport(config.listen.host, port)}"
     if control:
-        listen += f" {_hostport(control.host, control_port)}"
+        listen += f" {hostport(control.host, control_port)}"
     # Before the first thread starts (waitress's, the reject thread): they inherit the core.
     cpu = pin_to_cpu(port - config.listen.port) if config.limits.pin_cpu else None
     state, metrics, access_lines = WorkerState(), Metrics(worker=str(port)), logs.LineBatch()
@@ -438,7 +439,7 @@ def _upstream_view(config: configuration.Config) -> tuple:
 def _refresh_registration(config: configuration.Config) -> None:
     """After a reload that changed what the upstream sees: register again, and log how it went."""
     from . import registration
-    from .cli import CommandError
+    from .errors import CommandError
 
     try:
         outcome = registration.register(config, warn=lambda line: logs.event(log, line, logging.WARNING))
@@ -454,9 +455,5 @@ def siblings(config: configuration.Config, port: int) -> list[tuple[str, int]]:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
     index = port - config.listen.port
     return [(host, listener.port + i) for i in range(config.worker_count) if i != index]
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

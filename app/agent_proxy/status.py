@@ -13,12 +13,14 @@ import datetime
 import json
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from . import config as configuration
 from .config import ConfigError
+from .hostport import hostport
 
 STATE_DIR = Path("/var/lib/agent-proxy")
 # One line each, written by first boot and by `agent-proxy register`/`deregister`.
@@ -35,7 +37,7 @@ def record_registration(line: str) -> None:
     try:
         REGISTRATION_RESULT.write_text(f"{stamp}: {line}\n", encoding="utf-8")
     except OSError as exc:
-        print(f"agent-proxy: warning: cannot record the result in {REGISTRATION_RESULT}: {exc.strerror}")
+        print(f"agent-proxy: warning: cannot record the result in {REGISTRATION_RESULT}: {exc.strerror}", file=sys.stderr)
 
 
 def _systemctl(*args: str) -> str:
@@ -58,7 +60,7 @@ def failed_units() -> list[str]:
 def readiness(host: str, port: int) -> str:
     """The worker's own word on the upstream: its /_proxy/ready."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/_proxy/ready", timeout=3) as answer:
+        with urllib.request.urlopen(f"http://{hostport(host, port)}/_proxy/ready", timeout=3) as answer:
             return "ready" if answer.status == 200 else f"not ready ({answer.status})"
     except urllib.error.HTTPError as exc:
         return f"not ready ({exc.code})"
@@ -77,18 +79,15 @@ def addresses() -> str:
 
 
 def certificate(path: str) -> str:
-    from cryptography import x509
-
-    from .tlsutil import fingerprint
+    from .tlsutil import MaterialError, fingerprint, load_cert
 
     try:
         pem = Path(path).read_bytes()
-        cert = x509.load_pem_x509_certificate(pem)
+        expires = load_cert(pem).not_valid_after_utc
     except OSError as exc:
         return f"{path}: cannot read ({exc.strerror})"
-    except ValueError:
+    except MaterialError:
         return f"{path}: not a PEM certificate"
-    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
     days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
     when = f"expires {expires:%Y-%m-%d}" + (f" (in {days} days)" if days >= 0 else " (EXPIRED)")
     return f"SHA-256 {fingerprint(pem)}, {when}"

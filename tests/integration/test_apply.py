@@ -7,14 +7,16 @@ not PID 1 here: packer/test-image.sh drives that part on the booted appliance.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from kit import AGENT_PROXY, start_origin, start_worker, write_config
+from kit import AGENT_PROXY, SECRET, start_origin, start_worker, write_config
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -23,24 +25,36 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def node(tmp_path):
-    """A config with its key material, the firewall folder with its variables, and the
-    files an earlier apply installed."""
+    """A config with its key material, the firewall folder and the front with their
+    variables (as the roles write them), and the files an earlier apply installed."""
     config = write_config(tmp_path / "etc", "http://127.0.0.1:9", front={"workers": 1})
     firewall = tmp_path / "firewall"
     firewall.mkdir()
     (firewall / "vars.yaml").write_text("admin_networks: [10.0.2.2/32, 'fd00::/8']\nssh_port: 22\n")
+    (tmp_path / "front-vars.yaml").write_text("check_inter: 7s\nlog_format: raw\n")
     front = tmp_path / "haproxy.cfg"
-    for path in (firewall / "rules.v4", firewall / "rules.v6", front):
+    for path in (firewall / "rules.v4", firewall / "rules.v6", front, key_map(config)):
         path.write_text("# installed earlier\n")
+    key_map(config).chmod(0o600)
     return config, firewall, front
 
 
+def key_map(config) -> Path:
+    return config.parent / "psk.haproxy-map"
+
+
+def apply_argv(config, firewall, front) -> list[str]:
+    return ["apply", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front),
+            "--front-vars", str(front.parent / "front-vars.yaml")]
+
+
 def apply(config, firewall, front):
-    return run("apply", "--no-reload", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front))
+    return run(*apply_argv(config, firewall, front), "--no-reload")
 
 
 def installed(firewall, front) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted([*firewall.iterdir(), front])}
+    """Every file apply may write: the firewall folder, the front and its signing key map."""
+    return {str(p): p.read_text() for p in sorted([*firewall.iterdir(), front, *front.parent.glob("etc/psk.haproxy-map*")])}
 
 
 def test_apply_checks_renders_tests_and_installs_both_firewalls_and_the_front(node):
@@ -53,6 +67,35 @@ def test_apply_checks_renders_tests_and_installs_both_firewalls_and_the_front(no
     assert "-A INPUT -s fd00::/8 -p tcp -m tcp --dport 22" in v6
     assert "frontend agent_proxy" in front.read_text()
     assert sorted(p.name for p in firewall.iterdir()) == ["rules.v4", "rules.v6", "vars.yaml"]
+    # The front's variables from the node's file, as the role rendered them.
+    assert "default-server check inter 7s " in front.read_text()
+    assert "log stdout format raw local0 info" in front.read_text()
+    assert key_map(config).read_text() == f"key {base64.b64encode(SECRET.encode()).decode()}\n"
+    assert sorted(p.name for p in key_map(config).parent.glob("psk*")) == ["psk", "psk.haproxy-map"]
+
+
+def test_apply_brings_a_rotated_secret_to_the_front_and_makes_a_missing_key_map(node):
+    config, firewall, front = node
+    key_map(config).unlink()
+    assert apply(config, firewall, front).returncode == 0
+    assert key_map(config).stat().st_mode & 0o7777 == 0o600
+    assert key_map(config).read_text() == f"key {base64.b64encode(SECRET.encode()).decode()}\n"
+    rotated = "b" * 40
+    (config.parent / "psk").write_text(rotated + "\n")
+    done = apply(config, firewall, front)
+    assert done.returncode == 0, done.stderr
+    assert key_map(config).read_text() == f"key {base64.b64encode(rotated.encode()).decode()}\n"
+    assert key_map(config).stat().st_mode & 0o7777 == 0o600
+
+
+def test_unreadable_front_variables_change_nothing_and_name_the_file(node):
+    config, firewall, front = node
+    (front.parent / "front-vars.yaml").write_text("- not a mapping\n")
+    before = installed(firewall, front)
+    done = apply(config, firewall, front)
+    assert done.returncode == 2
+    assert done.stderr == f"agent-proxy: {front.parent / 'front-vars.yaml'}: the template variables must be a mapping\n"
+    assert installed(firewall, front) == before
 
 
 def test_a_broken_config_changes_nothing_and_names_the_key(node):
@@ -112,7 +155,7 @@ def test_a_failed_reload_puts_the_previous_files_back(node, tmp_path):
     (bin_dir / "systemctl").chmod(0o755)
     before = installed(firewall, front)
     done = subprocess.run(
-        [AGENT_PROXY, "apply", "-c", str(config), "--firewall-dir", str(firewall), "--front-config", str(front)],
+        [AGENT_PROXY, *apply_argv(config, firewall, front)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert done.returncode == 1
     assert done.stderr.startswith("agent-proxy: reloading the front failed: Job for agent-proxy-front.service failed.")

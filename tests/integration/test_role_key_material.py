@@ -97,7 +97,7 @@ def assert_not_logged(result: subprocess.CompletedProcess, *values: bytes) -> No
 
 
 def test_made_once_on_the_first_host_and_the_same_on_every_host(site):
-    first = play(site)
+    first = play(site, "--diff")  # no task that carries the material shows a diff
     assert first.returncode == 0, first.stdout[-3000:]
     made = material(site, "node1")
     assert all(material(site, host) == made for host in HOSTS)
@@ -123,7 +123,7 @@ def test_other_material_on_a_host_is_reported_and_replaced_only_when_asked(site)
             "Every node of a proxy needs the same; nothing was replaced.") in refused.stdout
     assert recap(refused)["node3"]["failed"] == 1 and recap(refused)["node2"]["failed"] == 0
     assert (site / "node3" / "psk").read_text() == "node3-made-its-own-secret-0123456789abcdef\n"
-    replaced = play(site, "-e", "agent_proxy_replace_key_material=true")
+    replaced = play(site, "--diff", "-e", "agent_proxy_replace_key_material=true")
     assert replaced.returncode == 0, replaced.stdout[-3000:]
     assert material(site, "node3") == group
     assert_not_logged(replaced, group["secret"], group["key"], b"node3-made-its-own-secret-0123456789abcdef")

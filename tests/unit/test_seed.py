@@ -36,10 +36,14 @@ def node(tmp_path):
     return root, config, fw_vars, seed
 
 
-def test_the_example_documents_every_key_and_is_valid():
+def test_the_example_documents_every_key_and_is_valid(node):
     values = parse_env(EXAMPLE.read_text(), str(EXAMPLE))
     assert set(values) == set(KEYS)
     validate(values, str(EXAMPLE))
+    root, config, fw_vars, seed = node
+    (seed / "seed.env").write_text(EXAMPLE.read_text())
+    apply(seed, config, fw_vars, root)
+    assert yaml.safe_load(config.read_text())["networks"] == {"agents": ["10.0.0.0/24"], "upstream": ["8.7.6.5/32"]}
 
 
 def test_a_seed_sets_the_config_firewall_and_node_files(node):
@@ -92,6 +96,12 @@ def test_no_seed_leaves_the_settings_alone(node):
 @pytest.mark.parametrize("line, named", [
     ("UPSTREAM_ULR=https://x", "unknown key UPSTREAM_ULR"),
     ("AGENT_NETWORKS=10.0.0.0/24 10.0.0.300/32", "AGENT_NETWORKS: "),
+    # The config keys go through the config's own parser: what it refuses, the seed refuses.
+    ("AGENT_NETWORKS=10.0.0.1/24", "seed.env: AGENT_NETWORKS: is not a valid CIDR network: 10.0.0.1/24 has host bits set"),
+    ("BALANCERS=4.3.2.1/8", "seed.env: BALANCERS: is not a valid CIDR network: 4.3.2.1/8 has host bits set"),
+    ("UPSTREAM_URL=ftp://upstream", "seed.env: UPSTREAM_URL: must be an http:// or https:// URL with a host"),
+    ("PROXY_ID=site a", "seed.env: PROXY_ID: must match"),
+    ("ADMIN_NETWORKS=192.168.10.1/24", "seed.env: ADMIN_NETWORKS: 192.168.10.1/24 has host bits set"),
     ("ADDRESS=10.0.2.15", "ADDRESS: '10.0.2.15' needs a prefix length"),
     ("UPSTREAM_ALLOW_INSECURE=maybe", "UPSTREAM_ALLOW_INSECURE: must be true or false"),
     ("HOSTNAME=bad_name", "HOSTNAME: "),
@@ -101,10 +111,11 @@ def test_a_bad_seed_is_refused_naming_the_key(node, line, named):
     root, config, fw_vars, seed = node
     (seed / "seed.env").write_text(line + "\n")
     before = config.read_text()
+    fw_before = fw_vars.read_text()
     with pytest.raises(SeedError) as caught:
         apply(seed, config, fw_vars, root)
     assert named in str(caught.value)
-    assert config.read_text() == before
+    assert config.read_text() == before and fw_vars.read_text() == fw_before
 
 
 def test_the_command_says_one_line_and_exits_2(node):
@@ -117,3 +128,31 @@ def test_the_command_says_one_line_and_exits_2(node):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"{seed / 'seed.env'}: DNS: 'not-an-address' does not appear to be an IPv4 or IPv6 address"]
     assert "Traceback" not in done.stderr
+
+
+def seed_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent_proxy.seed", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_first_boot_reads_the_seed_through_the_one_parser(node):
+    root, config, fw_vars, seed = node
+    # Quoting and spacing as seed.env.example allows; the values first boot acts on.
+    (seed / "seed.env").write_text(
+        "HOSTNAME = 'node-c1'\nPUBLIC_URL=\"https://4.3.2.1:2002\"\nHOSTNAMES=proxy.example.net, 4.3.2.1\n"
+        "HOSTNAME=node-c2\n")
+    done = seed_command("--seed-dir", str(seed), "--get", "HOSTNAME", "ADDRESS", "PUBLIC_URL", "HOSTNAMES")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "node-c2\n\nhttps://4.3.2.1:2002\nproxy.example.net 4.3.2.1\n"
+    refused = seed_command("--seed-dir", str(seed), "--get", "HOSTNAM")
+    assert refused.returncode == 2 and refused.stderr.startswith("--get: unknown key HOSTNAM (known: PROXY_ID, ")
+
+
+def test_first_boot_reads_the_configuration_through_the_config_loader(node):
+    root, config, fw_vars, seed = node
+    done = seed_command("--config", str(config), "--get-config",
+                        "proxy_id", "upstream.url", "tls.cert_file", "tls.key_file", "shared_secret_file")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["appliance", "https://upstream.invalid:3302", "/etc/agent-proxy/tls/proxy.crt",
+                                        "/etc/agent-proxy/tls/proxy.key", "/etc/agent-proxy/psk"]
+    refused = seed_command("--config", str(config), "--get-config", "tls.crt_file")
+    assert (refused.returncode, refused.stderr) == (2, "--get-config: tls.crt_file is not a configuration key\n")
