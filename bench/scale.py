@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import re
 import resource
 import ssl
 import threading
@@ -53,12 +52,16 @@ CLIENT_THREADS = 32          # the southbound client's threads (each one keep-al
 # the front's idle connections to the workers, too, are then in the same state.
 SETTLE_SECONDS = 3
 OPENERS = 16                 # threads opening the idle connections
-# The scale node's front: its global maxconn (the frontend's follows it), and how long it
-# keeps an idle client connection (the template's 10 s would close the first idle
-# connections before the last ones are open). Both are edits of the rendered file: the
-# template has no variable for them.
-FRONT_MAXCONN = 12_000
+# The scale node's front: the client connections it accepts (front.max_connections; the
+# global maxconn is 64 more), and how long it keeps an idle client connection (the
+# template's default 10 s would close the first idle connections before the last ones are
+# open). HAProxy asks for 2 x maxconn + ~31 descriptors (a client and a server side for
+# every connection) and by default refuses to start without them; an idle client holds no
+# connection to a worker, so ~1 per connection is what these use: strict_limits=false lets
+# HAProxy start with what the machine allows (a warning in its log).
+FRONT_MAX_CONNECTIONS = 12_000
 HOLD_TIMEOUT = "300s"
+FRONT_RENDER_VARS = ["strict_limits=false", f"client_idle_timeout={HOLD_TIMEOUT}"]
 AGENT_PORT = 2003
 AGENT_NETWORK = ipaddress.ip_network("10.64.0.0/16")
 NODE_LINK, AGENTS_LINK = "192.168.254.1/30", "192.168.254.2/30"
@@ -79,26 +82,6 @@ def raise_descriptor_limit(needed: int) -> tuple[int, int]:
                          f"(raise it: ulimit -Hn {needed}, or LimitNOFILE= for a service)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return before
-
-
-def hold_open(text: str) -> str:
-    """The rendered node front with global maxconn FRONT_MAXCONN and idle timeouts HOLD_TIMEOUT.
-
-    HAProxy asks for 2 x maxconn + ~31 descriptors (a client and a server side for every
-    connection) and by default refuses to start without them; an idle client holds no
-    connection to a worker, so ~1 per connection is what these use. `no strict-limits`
-    lets HAProxy start with what the machine allows (a warning in its log)."""
-    head, found, rest = text.partition("\nglobal\n")
-    if not found:
-        raise RuntimeError("the rendered node front has no global section")
-    section, blank, rest = rest.partition("\n\n")
-    section = "\n".join(line for line in section.split("\n") if line.split()[:1] != ["maxconn"])
-    text = f"{head}\nglobal\n    maxconn {FRONT_MAXCONN}\n    no strict-limits\n{section}\n\n{rest}"
-    for name in ("client", "http-keep-alive", "http-request"):
-        text, count = re.subn(rf"(?m)^([ \t]+timeout {name}) \S+$", rf"\1 {HOLD_TIMEOUT}", text)
-        if not count:
-            raise RuntimeError(f"the rendered node front has no 'timeout {name}' line to raise")
-    return text
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -368,10 +351,11 @@ def run(lab: Lab, size: Size) -> dict:
     before = raise_descriptor_limit(size.idle + max(size.curve) + 1024)
     if lab.origin_port is None:
         lab.origin()
-    scale: dict = {"size": asdict(size), "targets": TARGETS, "front_maxconn": FRONT_MAXCONN,
+    scale: dict = {"size": asdict(size), "targets": TARGETS, "front_max_connections": FRONT_MAX_CONNECTIONS,
                    "front_idle_timeout": HOLD_TIMEOUT, "nofile_before": list(before),
                    "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE))}
-    node = lab.node("scale", f"http://127.0.0.1:{lab.origin_port}", patch=hold_open, max_conn_per_source=0)
+    node = lab.node("scale", f"http://127.0.0.1:{lab.origin_port}", max_conn_per_source=0,
+                    front={"max_connections": FRONT_MAX_CONNECTIONS}, render_vars=FRONT_RENDER_VARS)
     lua = {c: load.script(Workload(f"get-200B-c{c}", "GET", "/small", c), lab.dir)
            for c in {*size.curve, LOAD_CONNECTIONS}}
     load.run(node.url + "/small", Workload("warm", "GET", "/small", LOAD_CONNECTIONS), lua[LOAD_CONNECTIONS], 1)

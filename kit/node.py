@@ -15,7 +15,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import yaml
 
@@ -130,14 +130,14 @@ class NodeFront:
 
 def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str] = (), name: str = "node",
                netns: str | None = None, first_port: int | None = None, front_port: int | None = None,
-               max_conn_per_source: int | None = MAX_CONN_PER_SOURCE, patch: Callable[[str], str] | None = None,
+               max_conn_per_source: int | None = MAX_CONN_PER_SOURCE, render_vars: list[str] = (),
                mode: str = "worker", **overrides) -> NodeFront:
     """Workers and their HAProxy front from one config (``overrides`` laid over the
     defaults), as on an appliance; returns once all workers are UP in HAProxy.
 
     Inside ``netns`` the ports must be given (free ports are looked up on the root
     namespace's loopback). ``max_conn_per_source`` None keeps the product's default.
-    ``patch``, if given, edits the rendered HAProxy configuration before it starts.
+    ``render_vars`` are the template's extra variables (key=value, `agent-proxy render --set`).
     ``mode`` is front.mode; in native mode the front's signing key map is written beside
     the secret, as the role and first boot do.
     """
@@ -167,8 +167,9 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
             key_map.write_text(render("node-haproxy-key", config))
             key_map.chmod(0o600)
         node.metrics_port = free_port()
-        text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}")
-        node.haproxy = start_haproxy(patch(text) if patch else text, directory, f"{name}-haproxy", netns=netns)
+        text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}",
+                      *render_vars)
+        node.haproxy = start_haproxy(text, directory, f"{name}-haproxy", netns=netns)
         wait_for_port(node.host, front_port, proc=node.haproxy)
         wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")
     except BaseException:

@@ -78,6 +78,25 @@ def test_node_haproxy_renders_a_valid_front(tmp_path, capsys, front):
         assert "stick-table" not in text
 
 
+def test_node_haproxy_holds_many_idle_clients_when_asked(tmp_path, capsys):
+    """front.max_connections and the extra variables for a front of mostly idle clients
+    (bench --scale); without them, strict limits and the default timeouts."""
+    cfg = config(tmp_path, max_connections=12000)
+    code, text, err = render(capsys, "node-haproxy", cfg, "--set", "strict_limits=false",
+                             "--set", "client_idle_timeout=300s")
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    assert re.findall(r"^    maxconn (\d+)$", text, re.M) == ["12064", "12000"]
+    assert re.search(r"^global\n(    .*\n)*    no strict-limits$", text, re.M)
+    assert re.findall(r"^    timeout (client|http-request|http-keep-alive) (\S+)$", text, re.M) == [
+        ("client", "300s"), ("http-request", "300s"), ("http-keep-alive", "300s")]
+    code, text, err = render(capsys, "node-haproxy", cfg)
+    assert code == 0, err
+    assert "strict-limits" not in text
+    assert re.findall(r"^    timeout (client|http-request|http-keep-alive) (\S+)$", text, re.M) == [
+        ("client", "80s"), ("http-request", "10s"), ("http-keep-alive", "10s")]
+
+
 def test_node_haproxy_finds_a_key_beside_the_certificate(tmp_path, capsys):
     code, text, _ = render(capsys, "node-haproxy", config(tmp_path))
     assert "ssl-load-extra-del-ext" in text  # proxy.crt + proxy.key, as `agent-proxy init` writes them
