@@ -20,6 +20,7 @@ from typing import Iterator
 import yaml
 
 from .config import AGENT_PROXY, PYTHON, merged, write_config
+from .files import write_private
 from .ports import free_port, free_ports
 from .process import Process, ProcessError
 from .wait import wait_for_port, wait_until
@@ -163,9 +164,7 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
         for port in range(first_port, first_port + workers):
             node.start_worker(port)
         if mode == "native":
-            key_map = directory / "psk.haproxy-map"
-            key_map.write_text(render("node-haproxy-key", config))
-            key_map.chmod(0o600)
+            write_private(directory / "psk.haproxy-map", render("node-haproxy-key", config))
         node.metrics_port = free_port()
         text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}",
                       *render_vars)
