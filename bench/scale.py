@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, NodeFront, netns, stat_rows
+from kit import SECRET, NodeFront, netns, server_stats, stat_rows
 
 from . import load, procstat
 from .load import Workload
@@ -84,33 +84,9 @@ def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     return before
 
 
-def rss_kib(pids: list[int]) -> int:
-    return sum(round(procstat.rss_mib(pid) * 1024) for pid in pids)
-
-
-def descriptors(pids: list[int]) -> int:
-    return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in pids)
-
-
 def agent_connections(pids: list[int]) -> int:
     """The processes' TCP sockets whose far end is an agent (AGENT_NETWORK, AGENT_PORT)."""
-    count = 0
-    for pid in pids:
-        inodes = set()
-        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port = fields[2].split(":")
-            ip = ipaddress.IPv4Address(bytes.fromhex(address)[::-1])   # little-endian on x86
-            if int(port, 16) == AGENT_PORT and ip in AGENT_NETWORK:
-                inodes.add(fields[9])
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = fd.readlink().name
-            except OSError:
-                continue   # closed while we looked
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                count += 1
-    return count
+    return procstat.connections_to(pids, AGENT_NETWORK, AGENT_PORT)
 
 
 def summary(result: dict) -> dict:
@@ -128,8 +104,7 @@ def front_counts(node: NodeFront) -> dict[str, int]:
     """Counters of the node front: 5xx it sent to clients, 5xx the workers answered, times a
     worker was marked DOWN by its health check."""
     front = stat_rows(node.stats_socket, "agent_proxy")["FRONTEND"]
-    workers = stat_rows(node.stats_socket, "workers")
-    servers = [row for name, row in workers.items() if name not in ("FRONTEND", "BACKEND")]
+    servers = server_stats(node.stats_socket, "workers").values()
     return {"5xx_to_clients": int(front["hrsp_5xx"] or 0),
             "5xx_from_workers": sum(int(row["hrsp_5xx"] or 0) for row in servers),
             "workers_marked_down": sum(int(row["chkdown"] or 0) for row in servers)}
@@ -198,18 +173,17 @@ def still_open(connection: http.client.HTTPSConnection) -> bool:
 
 
 def idle_connections(node: NodeFront, lua: Path, size: Size) -> dict:
-    front = procstat.with_children(node.haproxy.pid)
-    workers = [proc.pid for proc in node.workers.values()]
+    front, workers = Lab.front_pids(node), node.worker_pids
     workload = Workload(f"get-200B-c{LOAD_CONNECTIONS}", "GET", "/small", LOAD_CONNECTIONS)
     without = load.run(node.url + "/small", workload, lua, size.seconds)
-    baseline = rss_kib(front + workers)
+    baseline = procstat.rss_kib(front + workers)
     started = time.monotonic()
     opened, failed = open_idle("127.0.0.1", node.port, size.idle)
     took = time.monotonic() - started
     log(f"idle: {len(opened):,} connections open in {took:.1f} s ({len(failed)} failed)")
     try:
         held_load = load.run(node.url + "/small", workload, lua, size.seconds)
-        with_idle = rss_kib(front + workers)
+        with_idle = procstat.rss_kib(front + workers)
         held = sum(still_open(c) for c in opened)
     finally:
         for connection in opened:
@@ -298,20 +272,21 @@ def southbound_agents(lab: Lab, size: Size) -> dict:
     node = lab.node("scale-south", "http://127.0.0.1:9", netns=node_ns, first_port=8002, front_port=2002,
                     networks={"agents": [str(AGENT_NETWORK)], "upstream": ["127.0.0.0/8"]},
                     agents={"ports": [AGENT_PORT], "tls": True, "verify": False})
-    workers = [proc.pid for proc in node.workers.values()]
+    workers = node.worker_pids
     servers = Lab.front_pids(node) + workers
     ok, failed = call_agents(node_ns, node.port, warm)
     if failed:
         raise RuntimeError(f"southbound warm-up: {len(failed)} of {len(warm)} calls failed, e.g. {failed[:3]}")
     time.sleep(SETTLE_SECONDS)
-    rss_before, fds_before, cpu_before = rss_kib(workers), descriptors(workers), procstat.cpu_seconds(servers)
+    rss_before, fds_before, cpu_before = procstat.rss_kib(workers), procstat.descriptors(workers), procstat.cpu_seconds(servers)
     agents_before = agent_connections(workers)
     started = time.monotonic()
     ok, failed = call_agents(node_ns, node.port, measured)
     seconds = time.monotonic() - started
     cpu = procstat.cpu_seconds(servers) - cpu_before
     time.sleep(SETTLE_SECONDS)
-    rss_after, fds_after, agents_after = rss_kib(workers), descriptors(workers), agent_connections(workers)
+    rss_after, fds_after = procstat.rss_kib(workers), procstat.descriptors(workers)
+    agents_after = agent_connections(workers)
     result = {
         "agents": len(measured), "ok": ok, "errors": len(failed), "failures": failed[:5],
         "seconds": round(seconds, 1), "requests_per_s": len(measured) / seconds,

@@ -119,6 +119,10 @@ class NodeFront:
     def url(self) -> str:
         return f"https://{self.host}:{self.port}"
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [proc.pid for proc in self.workers.values()]
+
     def start_worker(self, port: int) -> None:
         self.workers[port] = start_worker(self.config, self.directory, port, name="worker", netns=self.netns)
 

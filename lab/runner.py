@@ -29,7 +29,7 @@ from typing import Callable
 
 import yaml
 
-from kit import AGENT_PROXY, Process, ProcessError, netns, wait_for_port, wait_until, write_private
+from kit import AGENT_PROXY, Process, ProcessError, netns, render, wait_for_port, wait_until, write_private
 
 from . import topology
 from .topology import Host, Site, Topology
@@ -352,12 +352,12 @@ class Lab:
         return next(str(i.address) for i in host.interfaces if i.network == network)
 
     def _render(self, template: str, config_path: Path, variables: dict | None = None, vars_file: Path | None = None) -> str:
-        argv = [AGENT_PROXY, "render", template, "-c", str(config_path)]
-        for key, value in (variables or {}).items():
-            argv += ["--set", f"{key}={json.dumps(value)}"]
-        if vars_file:
-            argv += ["--vars", str(vars_file)]
-        return _check(argv, f"agent-proxy render {template} -c {config_path}")
+        """kit.render with ``variables`` (as JSON, which YAML reads) and ``vars_file``; its failure is the lab's error."""
+        items = [f"{key}={json.dumps(value)}" for key, value in (variables or {}).items()]
+        try:
+            return render(template, config_path, *items, *([str(vars_file)] if vars_file else []))
+        except ProcessError as exc:
+            raise LabError(f"{exc} (config {config_path})") from None
 
     # -- firewalls
 

@@ -13,9 +13,8 @@ import yaml
 
 from agent_proxy.cli import main
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, write_config
+from kit import HAPROXY, NGINX, SECRET, write_config
 
-HAPROXY, NGINX = "/usr/sbin/haproxy", "/usr/sbin/nginx"
 NODES = {"nodes": [{"name": "node1", "address": "10.1.2.11"}, {"name": "node2", "address": "10.1.2.12", "port": 2102}]}
 
 
