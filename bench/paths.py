@@ -247,7 +247,7 @@ class Lab:
         """The node front and its workers from one config; ``mode`` is front.mode."""
         key = "node" if mode == "worker" else f"node-{mode}"
         node = self.node(key, f"http://127.0.0.1:{self.origin_port}", mode=mode)
-        workers = [proc.pid for proc in node.workers.values()]
+        workers = node.worker_pids
         if mode == "native":
             title = f"full node, native front: TLS front relays northbound -> origin ({NODE_WORKERS} workers idle)"
         else:
@@ -268,7 +268,7 @@ class Lab:
         node = self.node("south", "http://127.0.0.1:9", netns=node_ns, first_port=8002, front_port=2002,
                          networks={"agents": ["10.0.0.0/24"], "upstream": ["127.0.0.0/8"]},
                          agents={"ports": [AGENT_PORT], "tls": False})
-        workers = [proc.pid for proc in node.workers.values()]
+        workers = node.worker_pids
         return BenchPath("southbound", f"southbound: TLS front + {NODE_WORKERS} workers -> agent in a namespace",
                          f"{node.url}/_proxy/agents/{AGENT_IP}/{AGENT_PORT}",
                          self.front_pids(node) + workers, agent, workers, netns=node_ns,

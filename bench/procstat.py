@@ -1,7 +1,9 @@
-"""What the kernel says about our server processes: CPU time, memory, children."""
+"""What the kernel says about our server processes: CPU time, memory, children, descriptors
+and connections."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Iterable
@@ -38,6 +40,37 @@ def peak_rss_mib(pid: int) -> float:
 
 def rss_mib(pid: int) -> float:
     return _status_kib(pid, "VmRSS") / 1024
+
+
+def rss_kib(pids: Iterable[int]) -> int:
+    """VmRSS of the processes together."""
+    return sum(_status_kib(pid, "VmRSS") for pid in pids)
+
+
+def descriptors(pids: Iterable[int]) -> int:
+    """Open file descriptors of the processes together."""
+    return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in pids)
+
+
+def connections_to(pids: Iterable[int], network: ipaddress.IPv4Network, port: int) -> int:
+    """The processes' TCP (IPv4) sockets whose far end is ``port`` on an address in ``network``."""
+    count = 0
+    for pid in pids:
+        inodes = set()
+        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, far_port = fields[2].split(":")
+            ip = ipaddress.IPv4Address(bytes.fromhex(address)[::-1])   # little-endian on x86
+            if int(far_port, 16) == port and ip in network:
+                inodes.add(fields[9])
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = fd.readlink().name
+            except OSError:
+                continue   # closed while we looked
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+    return count
 
 
 def with_children(pid: int) -> list[int]:

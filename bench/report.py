@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Iterable
 
 P99_LIMIT_MS = 50.0
 CHECKINS_PER_MINUTE = 1
@@ -43,23 +44,31 @@ def add_ratios(results: dict) -> None:
                 summary[f"ratio_to_{ref}"] = ratio
 
 
+def best_sustainable(points: Iterable[dict], errors_key: str) -> dict | None:
+    """The point with the highest rate among those with p99 under P99_LIMIT_MS and no error
+    (``errors_key``): the rate one node sustains."""
+    sustainable = [p for p in points if p["rps"] and p["p99_ms"] is not None
+                   and p["p99_ms"] < P99_LIMIT_MS and p[errors_key] == 0]
+    return max(sustainable, key=lambda p: p["rps"], default=None)
+
+
+def agents_at(rps: float) -> int:
+    """Agents a rate serves at CHECKINS_PER_MINUTE check-ins a minute each."""
+    return int(rps * 60 / CHECKINS_PER_MINUTE)
+
+
 def headline(results: dict, path_key: str = "node") -> dict | None:
     """Agents one node carries: 60 x its highest small-request rate with p99 under 50 ms."""
     path = results["paths"].get(path_key)
     if not path:
         return None
-    candidates = [
-        (summary["rps"], name, summary["p99_ms"])
-        for name, summary in path["workloads"].items()
-        if name.startswith("get-200B-") and summary["rps"] and summary["p99_ms"] is not None
-        and summary["p99_ms"] < P99_LIMIT_MS and summary["status_errors"] == 0
-    ]
-    measured = sorted((n for n in path["workloads"] if n.startswith("get-200B-")), key=lambda n: int(n.rsplit("-c", 1)[1]))
-    if not candidates:
+    small = {name: summary for name, summary in path["workloads"].items() if name.startswith("get-200B-")}
+    measured = sorted(small, key=lambda n: int(n.rsplit("-c", 1)[1]))
+    best = best_sustainable(({**summary, "name": name} for name, summary in small.items()), "status_errors")
+    if best is None:
         return {"path": path_key, "measured": measured, "sustainable_rps": None, "agents": None}
-    rps, name, p99 = max(candidates)
-    return {"path": path_key, "measured": measured, "workload": name, "sustainable_rps": rps,
-            "p99_ms": p99, "agents": int(rps * 60 / CHECKINS_PER_MINUTE)}
+    return {"path": path_key, "measured": measured, "workload": best["name"], "sustainable_rps": best["rps"],
+            "p99_ms": best["p99_ms"], "agents": agents_at(best["rps"])}
 
 
 def headline_text(head: dict | None) -> str:
@@ -150,12 +159,11 @@ def _paths_markdown(results: dict) -> list[str]:
 
 def sizing(scale: dict) -> dict:
     """What an operator sizes a site with, from the scale measurements of one node."""
-    curve = [p for p in scale.get("connections_curve", []) if p["errors"] == 0 and p["p99_ms"] < P99_LIMIT_MS]
-    best = max(curve, key=lambda p: p["rps"], default=None)
+    best = best_sustainable(scale.get("connections_curve", []), "errors")
     per_idle = (scale.get("idle_connections") or {}).get("rss_kib_per_connection")
     south = scale.get("southbound_agents") or {}
     return {
-        "agents_per_node": int(best["rps"] * 60 / CHECKINS_PER_MINUTE) if best else None,
+        "agents_per_node": agents_at(best["rps"]) if best else None,
         "agents_per_node_from": f"{best['rps']:,.0f} req/s at {best['connections']} connections, p99 "
                                 f"{best['p99_ms']:.1f} ms" if best else None,
         "idle_agents_per_gib": int(2**20 / per_idle) if per_idle and per_idle > 0 else None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import re
 import resource
 import ssl
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, NodeFront, netns, stat_rows
+from kit import SECRET, NodeFront, netns, server_stats, stat_rows
 
 from . import load, procstat
 from .load import Workload
@@ -53,12 +52,16 @@ CLIENT_THREADS = 32          # the southbound client's threads (each one keep-al
 # the front's idle connections to the workers, too, are then in the same state.
 SETTLE_SECONDS = 3
 OPENERS = 16                 # threads opening the idle connections
-# The scale node's front: its global maxconn (the frontend's follows it), and how long it
-# keeps an idle client connection (the template's 10 s would close the first idle
-# connections before the last ones are open). Both are edits of the rendered file: the
-# template has no variable for them.
-FRONT_MAXCONN = 12_000
+# The scale node's front: the client connections it accepts (front.max_connections; the
+# global maxconn is 64 more), and how long it keeps an idle client connection (the
+# template's default 10 s would close the first idle connections before the last ones are
+# open). HAProxy asks for 2 x maxconn + ~31 descriptors (a client and a server side for
+# every connection) and by default refuses to start without them; an idle client holds no
+# connection to a worker, so ~1 per connection is what these use: strict_limits=false lets
+# HAProxy start with what the machine allows (a warning in its log).
+FRONT_MAX_CONNECTIONS = 12_000
 HOLD_TIMEOUT = "300s"
+FRONT_RENDER_VARS = ["strict_limits=false", f"client_idle_timeout={HOLD_TIMEOUT}"]
 AGENT_PORT = 2003
 AGENT_NETWORK = ipaddress.ip_network("10.64.0.0/16")
 NODE_LINK, AGENTS_LINK = "192.168.254.1/30", "192.168.254.2/30"
@@ -81,53 +84,9 @@ def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     return before
 
 
-def hold_open(text: str) -> str:
-    """The rendered node front with global maxconn FRONT_MAXCONN and idle timeouts HOLD_TIMEOUT.
-
-    HAProxy asks for 2 x maxconn + ~31 descriptors (a client and a server side for every
-    connection) and by default refuses to start without them; an idle client holds no
-    connection to a worker, so ~1 per connection is what these use. `no strict-limits`
-    lets HAProxy start with what the machine allows (a warning in its log)."""
-    head, found, rest = text.partition("\nglobal\n")
-    if not found:
-        raise RuntimeError("the rendered node front has no global section")
-    section, blank, rest = rest.partition("\n\n")
-    section = "\n".join(line for line in section.split("\n") if line.split()[:1] != ["maxconn"])
-    text = f"{head}\nglobal\n    maxconn {FRONT_MAXCONN}\n    no strict-limits\n{section}\n\n{rest}"
-    for name in ("client", "http-keep-alive", "http-request"):
-        text, count = re.subn(rf"(?m)^([ \t]+timeout {name}) \S+$", rf"\1 {HOLD_TIMEOUT}", text)
-        if not count:
-            raise RuntimeError(f"the rendered node front has no 'timeout {name}' line to raise")
-    return text
-
-
-def rss_kib(pids: list[int]) -> int:
-    return sum(round(procstat.rss_mib(pid) * 1024) for pid in pids)
-
-
-def descriptors(pids: list[int]) -> int:
-    return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in pids)
-
-
 def agent_connections(pids: list[int]) -> int:
     """The processes' TCP sockets whose far end is an agent (AGENT_NETWORK, AGENT_PORT)."""
-    count = 0
-    for pid in pids:
-        inodes = set()
-        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port = fields[2].split(":")
-            ip = ipaddress.IPv4Address(bytes.fromhex(address)[::-1])   # little-endian on x86
-            if int(port, 16) == AGENT_PORT and ip in AGENT_NETWORK:
-                inodes.add(fields[9])
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = fd.readlink().name
-            except OSError:
-                continue   # closed while we looked
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                count += 1
-    return count
+    return procstat.connections_to(pids, AGENT_NETWORK, AGENT_PORT)
 
 
 def summary(result: dict) -> dict:
@@ -145,8 +104,7 @@ def front_counts(node: NodeFront) -> dict[str, int]:
     """Counters of the node front: 5xx it sent to clients, 5xx the workers answered, times a
     worker was marked DOWN by its health check."""
     front = stat_rows(node.stats_socket, "agent_proxy")["FRONTEND"]
-    workers = stat_rows(node.stats_socket, "workers")
-    servers = [row for name, row in workers.items() if name not in ("FRONTEND", "BACKEND")]
+    servers = server_stats(node.stats_socket, "workers").values()
     return {"5xx_to_clients": int(front["hrsp_5xx"] or 0),
             "5xx_from_workers": sum(int(row["hrsp_5xx"] or 0) for row in servers),
             "workers_marked_down": sum(int(row["chkdown"] or 0) for row in servers)}
@@ -215,18 +173,17 @@ def still_open(connection: http.client.HTTPSConnection) -> bool:
 
 
 def idle_connections(node: NodeFront, lua: Path, size: Size) -> dict:
-    front = procstat.with_children(node.haproxy.pid)
-    workers = [proc.pid for proc in node.workers.values()]
+    front, workers = Lab.front_pids(node), node.worker_pids
     workload = Workload(f"get-200B-c{LOAD_CONNECTIONS}", "GET", "/small", LOAD_CONNECTIONS)
     without = load.run(node.url + "/small", workload, lua, size.seconds)
-    baseline = rss_kib(front + workers)
+    baseline = procstat.rss_kib(front + workers)
     started = time.monotonic()
     opened, failed = open_idle("127.0.0.1", node.port, size.idle)
     took = time.monotonic() - started
     log(f"idle: {len(opened):,} connections open in {took:.1f} s ({len(failed)} failed)")
     try:
         held_load = load.run(node.url + "/small", workload, lua, size.seconds)
-        with_idle = rss_kib(front + workers)
+        with_idle = procstat.rss_kib(front + workers)
         held = sum(still_open(c) for c in opened)
     finally:
         for connection in opened:
@@ -315,20 +272,21 @@ def southbound_agents(lab: Lab, size: Size) -> dict:
     node = lab.node("scale-south", "http://127.0.0.1:9", netns=node_ns, first_port=8002, front_port=2002,
                     networks={"agents": [str(AGENT_NETWORK)], "upstream": ["127.0.0.0/8"]},
                     agents={"ports": [AGENT_PORT], "tls": True, "verify": False})
-    workers = [proc.pid for proc in node.workers.values()]
+    workers = node.worker_pids
     servers = Lab.front_pids(node) + workers
     ok, failed = call_agents(node_ns, node.port, warm)
     if failed:
         raise RuntimeError(f"southbound warm-up: {len(failed)} of {len(warm)} calls failed, e.g. {failed[:3]}")
     time.sleep(SETTLE_SECONDS)
-    rss_before, fds_before, cpu_before = rss_kib(workers), descriptors(workers), procstat.cpu_seconds(servers)
+    rss_before, fds_before, cpu_before = procstat.rss_kib(workers), procstat.descriptors(workers), procstat.cpu_seconds(servers)
     agents_before = agent_connections(workers)
     started = time.monotonic()
     ok, failed = call_agents(node_ns, node.port, measured)
     seconds = time.monotonic() - started
     cpu = procstat.cpu_seconds(servers) - cpu_before
     time.sleep(SETTLE_SECONDS)
-    rss_after, fds_after, agents_after = rss_kib(workers), descriptors(workers), agent_connections(workers)
+    rss_after, fds_after = procstat.rss_kib(workers), procstat.descriptors(workers)
+    agents_after = agent_connections(workers)
     result = {
         "agents": len(measured), "ok": ok, "errors": len(failed), "failures": failed[:5],
         "seconds": round(seconds, 1), "requests_per_s": len(measured) / seconds,
@@ -368,10 +326,11 @@ def run(lab: Lab, size: Size) -> dict:
     before = raise_descriptor_limit(size.idle + max(size.curve) + 1024)
     if lab.origin_port is None:
         lab.origin()
-    scale: dict = {"size": asdict(size), "targets": TARGETS, "front_maxconn": FRONT_MAXCONN,
+    scale: dict = {"size": asdict(size), "targets": TARGETS, "front_max_connections": FRONT_MAX_CONNECTIONS,
                    "front_idle_timeout": HOLD_TIMEOUT, "nofile_before": list(before),
                    "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE))}
-    node = lab.node("scale", f"http://127.0.0.1:{lab.origin_port}", patch=hold_open, max_conn_per_source=0)
+    node = lab.node("scale", f"http://127.0.0.1:{lab.origin_port}", max_conn_per_source=0,
+                    front={"max_connections": FRONT_MAX_CONNECTIONS}, render_vars=FRONT_RENDER_VARS)
     lua = {c: load.script(Workload(f"get-200B-c{c}", "GET", "/small", c), lab.dir)
            for c in {*size.curve, LOAD_CONNECTIONS}}
     load.run(node.url + "/small", Workload("warm", "GET", "/small", LOAD_CONNECTIONS), lua[LOAD_CONNECTIONS], 1)

@@ -4,13 +4,14 @@
     from kit import netns                     # network namespaces by name
 
 One process wrapper (kit.process), one bounded wait (kit.wait), one free-port helper
-(kit.ports), one worker-config builder (kit.config), one node builder: workers behind a
+(kit.ports), one writer of secret files (kit.files), one worker-config builder (kit.config), one node builder: workers behind a
 rendered HAProxy front (kit.node), and the clients tests use against a front (kit.clients).
 """
 
 from . import netns
 from .clients import LoadResult, echo_via, headers_of, proxy_v2_header, run_load
 from .config import AGENT_PROXY, PYTHON, REPO, SECRET, VENV_BIN, merged, write_config
+from .files import write_private
 from .node import (
     AGENT, BALANCER, HAPROXY, LIMITED_AGENT, MAX_CONN_PER_SOURCE, NGINX, NodeFront, all_up, node_with_origin, render,
     server_stats, start_haproxy, start_node, start_origin, start_worker, stat_rows, stats_command,
@@ -24,5 +25,5 @@ __all__ = [
     "SECRET", "VENV_BIN", "LoadResult", "NodeFront", "Process", "ProcessError", "all_up", "connects",
     "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "node_with_origin", "proxy_v2_header", "render",
     "run_load", "server_stats", "start_haproxy", "start_node", "start_origin", "start_worker",
-    "stat_rows", "stats_command", "wait_for_port", "wait_until", "write_config",
+    "stat_rows", "stats_command", "wait_for_port", "wait_until", "write_config", "write_private",
 ]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from .files import write_private
 from .ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,14 +34,12 @@ def write_config(directory: Path, upstream_url: str, **overrides) -> Path:
     from agent_proxy.tlsutil import self_signed   # the product, imported when a config is built
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "psk").write_text(SECRET + "\n")
-    os.chmod(directory / "psk", 0o600)
+    write_private(directory / "psk", SECRET + "\n")
     cert_file, key_file = directory / "proxy.crt", directory / "proxy.key"
     if not cert_file.exists():
         cert, key = self_signed("localhost", ["localhost", "127.0.0.1"])
         cert_file.write_bytes(cert)
-        key_file.write_bytes(key)
-        os.chmod(key_file, 0o600)
+        write_private(key_file, key)
     data = {
         "proxy_id": "site-a",
         "public_url": "https://127.0.0.1:2002",

@@ -15,11 +15,12 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import yaml
 
 from .config import AGENT_PROXY, PYTHON, merged, write_config
+from .files import write_private
 from .ports import free_port, free_ports
 from .process import Process, ProcessError
 from .wait import wait_for_port, wait_until
@@ -118,6 +119,10 @@ class NodeFront:
     def url(self) -> str:
         return f"https://{self.host}:{self.port}"
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [proc.pid for proc in self.workers.values()]
+
     def start_worker(self, port: int) -> None:
         self.workers[port] = start_worker(self.config, self.directory, port, name="worker", netns=self.netns)
 
@@ -130,14 +135,14 @@ class NodeFront:
 
 def start_node(directory: Path, origin_url: str, workers: int, balancers: list[str] = (), name: str = "node",
                netns: str | None = None, first_port: int | None = None, front_port: int | None = None,
-               max_conn_per_source: int | None = MAX_CONN_PER_SOURCE, patch: Callable[[str], str] | None = None,
+               max_conn_per_source: int | None = MAX_CONN_PER_SOURCE, render_vars: list[str] = (),
                mode: str = "worker", **overrides) -> NodeFront:
     """Workers and their HAProxy front from one config (``overrides`` laid over the
     defaults), as on an appliance; returns once all workers are UP in HAProxy.
 
     Inside ``netns`` the ports must be given (free ports are looked up on the root
     namespace's loopback). ``max_conn_per_source`` None keeps the product's default.
-    ``patch``, if given, edits the rendered HAProxy configuration before it starts.
+    ``render_vars`` are the template's extra variables (key=value, `agent-proxy render --set`).
     ``mode`` is front.mode; in native mode the front's signing key map is written beside
     the secret, as the role and first boot do.
     """
@@ -163,12 +168,11 @@ def start_node(directory: Path, origin_url: str, workers: int, balancers: list[s
         for port in range(first_port, first_port + workers):
             node.start_worker(port)
         if mode == "native":
-            key_map = directory / "psk.haproxy-map"
-            key_map.write_text(render("node-haproxy-key", config))
-            key_map.chmod(0o600)
+            write_private(directory / "psk.haproxy-map", render("node-haproxy-key", config))
         node.metrics_port = free_port()
-        text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}")
-        node.haproxy = start_haproxy(patch(text) if patch else text, directory, f"{name}-haproxy", netns=netns)
+        text = render("node-haproxy", config, "log_format=raw", f"metrics_bind=127.0.0.1:{node.metrics_port}",
+                      *render_vars)
+        node.haproxy = start_haproxy(text, directory, f"{name}-haproxy", netns=netns)
         wait_for_port(node.host, front_port, proc=node.haproxy)
         wait_until(lambda: all_up(stats_socket, "workers"), 10, f"{name}: workers UP in HAProxy")
     except BaseException:

@@ -29,7 +29,7 @@ from typing import Callable
 
 import yaml
 
-from kit import AGENT_PROXY, Process, ProcessError, netns, wait_for_port, wait_until
+from kit import AGENT_PROXY, Process, ProcessError, netns, render, wait_for_port, wait_until, write_private
 
 from . import topology
 from .topology import Host, Site, Topology
@@ -242,7 +242,7 @@ class Lab:
         # 127.0.0.1 too: the operator API is called from inside the upstream's namespace.
         cert, key = self_signed("upstream", [topo.upstream_address, "127.0.0.1"])
         (up_dir / "upstream.crt").write_bytes(cert)
-        _write_private(up_dir / "upstream.key", key)
+        write_private(up_dir / "upstream.key", key)
 
         for site in topo.sites.values():
             site_dir = self.workdir / "sites" / site.name
@@ -295,9 +295,7 @@ class Lab:
         config_path.write_text(yaml.safe_dump(self._node_config(site, directory, directory / "haproxy.sock"), sort_keys=False))
         _check([AGENT_PROXY, "check-config", "-c", str(config_path)], f"check-config for {host.name}")
         if site.front_mode == "native":  # the front's signing key, as the role installs it
-            key_map = directory / "psk.haproxy-map"
-            key_map.write_text(self._render("node-haproxy-key", config_path, {}))
-            key_map.chmod(0o600)
+            write_private(directory / "psk.haproxy-map", self._render("node-haproxy-key", config_path, {}))
         haproxy_cfg = directory / "haproxy.cfg"
         haproxy_cfg.write_text(self._render("node-haproxy", config_path, {"log_format": "raw"}))
         _check(["haproxy", "-c", "-q", "-f", str(haproxy_cfg)], f"haproxy -c for {host.name}")
@@ -354,12 +352,12 @@ class Lab:
         return next(str(i.address) for i in host.interfaces if i.network == network)
 
     def _render(self, template: str, config_path: Path, variables: dict | None = None, vars_file: Path | None = None) -> str:
-        argv = [AGENT_PROXY, "render", template, "-c", str(config_path)]
-        for key, value in (variables or {}).items():
-            argv += ["--set", f"{key}={json.dumps(value)}"]
-        if vars_file:
-            argv += ["--vars", str(vars_file)]
-        return _check(argv, f"agent-proxy render {template} -c {config_path}")
+        """kit.render with ``variables`` (as JSON, which YAML reads) and ``vars_file``; its failure is the lab's error."""
+        items = [f"{key}={json.dumps(value)}" for key, value in (variables or {}).items()]
+        try:
+            return render(template, config_path, *items, *([str(vars_file)] if vars_file else []))
+        except ProcessError as exc:
+            raise LabError(f"{exc} (config {config_path})") from None
 
     # -- firewalls
 
@@ -679,9 +677,3 @@ def _check(argv: list[str], what: str, timeout: float = 60) -> str:
     if result.returncode != 0:
         raise LabError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
     return result.stdout
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)

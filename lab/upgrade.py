@@ -16,7 +16,6 @@ Per node, one after the other:
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +55,7 @@ def upgrade_node(lab: Lab, name: str, say: Callable[[str], None] = print, timeou
     front = lab.processes[f"{name}/front"]
     if not front.alive():
         raise LabError(f"{name}'s front (pid {front.pid}) is not running")
-    os.kill(front.pid, signal.SIGUSR2)
+    front.signal(signal.SIGUSR2)
     step("front reloaded (SIGUSR2): its old process closes each connection after its answer")
     on_every("wait-idle", timeout)
     for port in node.worker_ports:

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from agent_proxy.tlsutil import self_signed
-from kit import AGENT_PROXY, REPO, Process, netns, wait_for_port
+from kit import AGENT_PROXY, REPO, Process, netns, wait_for_port, write_private
 
 NODE_IP, UPSTREAM_IP = "10.1.2.3", "8.7.6.5"
 UPSTREAM_PORT, FRONT_PORT, FIRST_WORKER, WORKERS = 3302, 2002, 8002, 2
@@ -86,9 +86,7 @@ class LabNode:
         self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))  # keeps init's 0640
         shutil.chown(self.config_path, "root", SERVICE_GROUP)
         shutil.chown(self.config_dir / "psk", SERVICE_USER, SERVICE_GROUP)
-        key_map = self.config_dir / "psk.haproxy-map"
-        key_map.write_text(self._render("node-haproxy-key"))
-        key_map.chmod(0o600)
+        write_private(self.config_dir / "psk.haproxy-map", self._render("node-haproxy-key"))
 
     def _start(self, name: str, argv: list[str], port: int, host: str) -> Process:
         proc = Process(name, argv, self.root / f"{name}.log", netns=self.namespace).start()

@@ -1,66 +1,30 @@
 """Requests whose framing is ambiguous, or whose target carries control bytes, never reach an origin.
 
-Raw sockets against a real `agent-proxy serve`; the upstream is a TCP listener that keeps
-every byte it receives, so "nothing was forwarded" is checked at the byte level.
+Raw sockets against a real `agent-proxy serve`; the upstream is a ScriptedOrigin, which
+records every request and connection it gets, so "nothing was forwarded" means neither.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 
 import pytest
 import yaml
 
 from kit import start_worker, write_config
+from tests.origin import ScriptedOrigin
 
 
-class RecordingOrigin:
-    """Accepts connections, keeps every byte, answers each request head with a 200."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.received: list[bytes] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            pending = b""
-            while data := conn.recv(65536):
-                with self.lock:
-                    self.received.append(data)
-                pending += data
-                while b"\r\n\r\n" in pending:
-                    _, _, pending = pending.partition(b"\r\n\r\n")
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    def bytes(self) -> bytes:
-        with self.lock:
-            return b"".join(self.received)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.received.clear()
-
-    def close(self) -> None:
-        self.listener.close()
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.fixture(scope="module")
 def origin():
-    origin = RecordingOrigin()
+    # Two answers: the well-framed requests'. A refused request that got through would be
+    # recorded all the same (and left unanswered).
+    origin = ScriptedOrigin([OK, OK])
     yield origin
     origin.close()
 
@@ -116,8 +80,8 @@ CONTROL_TARGETS = {
 }
 
 
-def assert_refused(port: int, origin: RecordingOrigin, request: bytes) -> None:
-    origin.clear()
+def assert_refused(port: int, origin: ScriptedOrigin, request: bytes) -> None:
+    connections = origin.connections
     answer, closed = exchange(port, request)
     head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     assert re.match(r"HTTP/1\.[01] 400 ", head), answer
@@ -125,7 +89,7 @@ def assert_refused(port: int, origin: RecordingOrigin, request: bytes) -> None:
     assert answer.count(b"HTTP/1.") == 1, "a second answer: the rest was read as a request"
     assert closed, "the connection stayed open"
     time.sleep(0.2)  # a relayed request would have reached the origin by now
-    assert origin.bytes() == b""
+    assert origin.requests == [] and origin.connections == connections
 
 
 @pytest.mark.parametrize("request_bytes", BAD_FRAMING.values(), ids=BAD_FRAMING.keys())
@@ -145,13 +109,12 @@ def test_a_tab_after_the_version_is_400(worker, origin):
 def test_well_framed_requests_still_pass_on_one_connection(worker, origin):
     # The refusals above must not come from refusing everything: a chunked POST and a GET
     # on the same connection both reach the origin and both are answered.
-    origin.clear()
     request = (
         b"POST /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         b"GET /agent/v1/next?a=%00 HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
     )
     answer, closed = exchange(worker, request)
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
-    received = origin.bytes()
+    received = b"".join(origin.requests)
     assert b"POST /agent/v1/checkin HTTP/1.1\r\n" in received and b"\r\n\r\nhello" in received
     assert b"GET /agent/v1/next?a=%00 HTTP/1.1\r\n" in received

@@ -1,5 +1,6 @@
 """The test kit's promises: bounded stops that take the whole process group, waits that
-fail fast with the process's output, and records that never match a reused PID."""
+fail fast with the process's output, records that never match a reused PID, and secret
+files that are never readable by others."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from kit import Process, ProcessError, free_ports, wait_for_port, wait_until
+from kit import Process, ProcessError, free_ports, wait_for_port, wait_until, write_private
 
 # Ignores SIGTERM, starts a child that does too, prints the child's PID, then sleeps.
 STUBBORN = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -86,3 +87,13 @@ def test_free_ports_are_consecutive_and_bindable():
     with socket.socket() as a, socket.socket() as b:
         a.bind(("127.0.0.1", ports[0]))
         b.bind(("127.0.0.1", ports[2]))
+
+
+def test_write_private_leaves_a_new_or_an_old_file_readable_by_its_owner_only(tmp_path):
+    new, old = tmp_path / "new.key", tmp_path / "old.key"
+    old.write_text("an earlier, longer secret\n")
+    old.chmod(0o644)
+    write_private(new, b"secret\n")
+    write_private(old, "rotated\n")
+    assert (new.read_bytes(), old.read_text()) == (b"secret\n", "rotated\n")
+    assert [oct(path.stat().st_mode & 0o777) for path in (new, old)] == ["0o600", "0o600"]

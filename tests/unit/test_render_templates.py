@@ -13,9 +13,8 @@ import yaml
 
 from agent_proxy.cli import main
 from agent_proxy.tlsutil import self_signed
-from kit import SECRET, write_config
+from kit import HAPROXY, NGINX, SECRET, write_config
 
-HAPROXY, NGINX = "/usr/sbin/haproxy", "/usr/sbin/nginx"
 NODES = {"nodes": [{"name": "node1", "address": "10.1.2.11"}, {"name": "node2", "address": "10.1.2.12", "port": 2102}]}
 
 
@@ -76,6 +75,59 @@ def test_node_haproxy_renders_a_valid_front(tmp_path, capsys, front):
     else:
         assert "expect-proxy" not in text and "accept-proxy" not in text
         assert "stick-table" not in text
+
+
+def test_node_haproxy_holds_many_idle_clients_when_asked(tmp_path, capsys):
+    """front.max_connections and the extra variables for a front of mostly idle clients
+    (bench --scale); without them, strict limits and the default timeouts."""
+    cfg = config(tmp_path, max_connections=12000)
+    code, text, err = render(capsys, "node-haproxy", cfg, "--set", "strict_limits=false",
+                             "--set", "client_idle_timeout=300s")
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    assert re.findall(r"^    maxconn (\d+)$", text, re.M) == ["12064", "12000"]
+    assert re.search(r"^global\n(    .*\n)*    no strict-limits$", text, re.M)
+    assert re.findall(r"^    timeout (client|http-request|http-keep-alive) (\S+)$", text, re.M) == [
+        ("client", "300s"), ("http-request", "300s"), ("http-keep-alive", "300s")]
+    code, text, err = render(capsys, "node-haproxy", cfg)
+    assert code == 0, err
+    assert "strict-limits" not in text
+    assert re.findall(r"^    timeout (client|http-request|http-keep-alive) (\S+)$", text, re.M) == [
+        ("client", "80s"), ("http-request", "10s"), ("http-keep-alive", "10s")]
+
+
+def sections(text: str) -> dict[str, list[str]]:
+    """The rendered HAProxy file's sections ("frontend agent_proxy", ...) and their lines."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            current = found.setdefault(line, [])
+        elif line.startswith("    ") and not line.lstrip().startswith("#"):
+            current.append(line.strip())
+    return found
+
+
+def test_node_haproxy_control_apart_scrubs_and_pools_as_the_agent_side(tmp_path, capsys):
+    cfg = write_config(tmp_path, "https://8.7.6.5:3302", listen={"host": "127.0.0.1", "port": 8002},
+                       listen_control={"host": "127.0.0.1", "port": 9002},
+                       front={"workers": 2, "stats_socket": str(tmp_path / "haproxy.sock")})
+    code, text, err = render(capsys, "node-haproxy", cfg)
+    assert code == 0, err
+    haproxy_check(tmp_path, text)
+    found = sections(text)
+    scrub = ["http-request del-header Forwarded", "http-request del-header X-Real-IP",
+             "http-request del-header X-Forwarded- -m beg", "http-request del-header X-Agent-Proxy- -m beg",
+             "http-request set-header X-Forwarded-Proto https"]
+    for frontend in ("frontend agent_proxy", "frontend agent_proxy_control"):
+        assert all(line in found[frontend] for line in scrub), found[frontend]
+    workers, control = found["backend workers"], found["backend control_workers"]
+    default_server = [line for line in workers if line.startswith("default-server ")]
+    assert default_server == [line for line in control if line.startswith("default-server ")]
+    assert re.search(r" maxconn \d+ pool-max-conn 64$", default_server[0])
+    assert [line for line in workers if not line.startswith(("server ", "http-check send "))] == \
+        [line for line in control if not line.startswith(("server ", "http-check send "))]
+    assert [line for line in control if line.startswith("server ")] == [
+        "server control8002 127.0.0.1:9002", "server control8003 127.0.0.1:9003"]
 
 
 def test_node_haproxy_finds_a_key_beside_the_certificate(tmp_path, capsys):
