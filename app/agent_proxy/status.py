@@ -107,7 +107,9 @@ def collect(config_path: str) -> tuple[list[tuple[str, str]], bool]:
     rows: list[tuple[str, str]] = []
     serving = True
     try:
-        config = configuration.load(config_path)
+        # As the worker loads it: a feature whose prerequisite fails is a failed feature on
+        # a serving node, not an invalid file.
+        config = configuration.load(config_path, lenient=True)
         problems: list[str] = []
     except ConfigError as exc:
         config, problems = None, exc.problems
@@ -123,6 +125,10 @@ def collect(config_path: str) -> tuple[list[tuple[str, str]], bool]:
         rows.append(("upstream", f"{config.upstream.url} ({ready}/{len(states)} workers ready)"))
         rows.append(("public url", config.public_url or "not set"))
         rows.append(("certificate", certificate(config.tls.cert_file)))
+        failed_features = config.failed_features
+        serving &= not failed_features
+        rows.append(("features", "; ".join(f"{name} FAILED: {reason}" for name, reason in failed_features.items())
+                     or "all configured features running"))
         for port, ready_state in states.items():
             unit = f"agent-proxy@{port}.service"
             state = unit_state(unit)

@@ -132,14 +132,34 @@ def test_status_reports_every_field(tmp_path):
         origin.stop()
     shown = json.loads(done.stdout)
     port = yaml.safe_load(config.read_text())["listen"]["port"]
-    for label in ("host", "addresses", "proxy id", "upstream", "public url", "certificate", f"worker {port}",
-                  "front", "failed units", "first boot", "registration"):
+    for label in ("host", "addresses", "proxy id", "upstream", "public url", "certificate", "features",
+                  f"worker {port}", "front", "failed units", "first boot", "registration"):
         assert shown.get(label), f"status has no {label!r}: {shown}"
     assert shown["proxy id"] == "site-a"
+    assert shown["features"] == "all configured features running"
     assert shown["upstream"] == f"{origin_url} (1/1 workers ready)"
     assert shown["certificate"].startswith("SHA-256 ") and "expires " in shown["certificate"]
     assert shown[f"worker {port}"].endswith(", ready")
     # systemd is not PID 1 here, so the units' state is unknown: not serving.
+    assert done.returncode == 1 and shown["serving"] is False
+
+
+def test_status_names_a_failed_feature_on_a_serving_node(tmp_path):
+    # The worker starts with southbound failed (its CA file is missing): status shows the
+    # node as the worker runs it, with the feature and the reason, not the file as invalid.
+    origin, origin_url = start_origin(tmp_path)
+    missing = tmp_path / "no-such-ca.pem"
+    config = write_config(tmp_path / "etc", origin_url, front={"workers": 1}, agents={"ca_file": str(missing)})
+    worker = start_worker(config, tmp_path)
+    try:
+        done = run("status", "--json", "-c", str(config))
+    finally:
+        worker.stop()
+        origin.stop()
+    shown = json.loads(done.stdout)
+    assert "config" not in shown, shown
+    assert shown["features"] == f"southbound FAILED: agents.ca_file: cannot read file {missing}"
+    assert shown["upstream"] == f"{origin_url} (1/1 workers ready)"
     assert done.returncode == 1 and shown["serving"] is False
 
 
