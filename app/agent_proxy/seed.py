@@ -44,6 +44,7 @@ CONFIG_KEYS = {
     "AGENT_NETWORKS": "networks.agents",
     "UPSTREAM_NETWORKS": "networks.upstream",
     "BALANCERS": "front.balancers",
+    "FRONT_MODE": "front.mode",
 }
 # Keys for the node around the proxy (appliance/seed.env.example says what each sets).
 NODE_KEYS = ("ADMIN_NETWORKS", "HOSTNAMES", "HOSTNAME", "ADDRESS", "GATEWAY", "DNS", "NTP_SERVERS")

@@ -50,7 +50,7 @@ def test_a_seed_sets_the_config_firewall_and_node_files(node):
     root, config, fw_vars, seed = node
     (seed / "seed.env").write_text(
         "# a comment\nPROXY_ID=site-b\nUPSTREAM_URL=http://10.0.2.2:8080\nUPSTREAM_ALLOW_INSECURE=true\n"
-        "AGENT_NETWORKS=10.0.2.2/32, 10.9.0.0/16\nADMIN_NETWORKS=10.0.2.2/32\nHOSTNAME=node-b1\n"
+        "AGENT_NETWORKS=10.0.2.2/32, 10.9.0.0/16\nFRONT_MODE=native\nADMIN_NETWORKS=10.0.2.2/32\nHOSTNAME=node-b1\n"
         "ADDRESS=10.0.2.15/24 fd00::15/64\nGATEWAY=10.0.2.2\nDNS=10.0.2.3\nNTP_SERVERS=10.0.2.2 ntp.example\n")
     (seed / "upstream-ca.pem").write_text("CA")
     lines = apply(seed, config, fw_vars, root)
@@ -61,7 +61,7 @@ def test_a_seed_sets_the_config_firewall_and_node_files(node):
     assert data["upstream"] == {"url": "http://10.0.2.2:8080", "allow_insecure": True,
                                 "ca_file": "/etc/agent-proxy/tls/upstream-ca.pem"}
     assert data["networks"]["agents"] == ["10.0.2.2/32", "10.9.0.0/16"]
-    assert data["front"] == {"workers": 2}
+    assert data["front"] == {"workers": 2, "mode": "native"}
     assert (root / "etc/agent-proxy/tls/upstream-ca.pem").read_text() == "CA"
     assert yaml.safe_load(fw_vars.read_text()) == {"admin_networks": ["10.0.2.2/32"], "ssh_port": 22}
     assert (root / "etc/hostname").read_text() == "node-b1\n"
@@ -101,6 +101,7 @@ def test_no_seed_leaves_the_settings_alone(node):
     ("BALANCERS=4.3.2.1/8", "seed.env: BALANCERS: is not a valid CIDR network: 4.3.2.1/8 has host bits set"),
     ("UPSTREAM_URL=ftp://upstream", "seed.env: UPSTREAM_URL: must be an http:// or https:// URL with a host"),
     ("PROXY_ID=site a", "seed.env: PROXY_ID: must match"),
+    ("FRONT_MODE=fast", "seed.env: FRONT_MODE: "),
     ("ADMIN_NETWORKS=192.168.10.1/24", "seed.env: ADMIN_NETWORKS: 192.168.10.1/24 has host bits set"),
     ("ADDRESS=10.0.2.15", "ADDRESS: '10.0.2.15' needs a prefix length"),
     ("UPSTREAM_ALLOW_INSECURE=maybe", "UPSTREAM_ALLOW_INSECURE: must be true or false"),
