@@ -121,16 +121,22 @@ def test_rules_that_fail_iptables_restore_test_change_nothing(node):
     assert installed(firewall, front) == before
 
 
-def test_status_reports_every_field(tmp_path):
+def status_of_a_serving_worker(tmp_path, **overrides):
+    """`status --json` while one worker serves the config: (the command, its rows, the
+    config file, the origin's URL)."""
     origin, origin_url = start_origin(tmp_path)
-    config = write_config(tmp_path / "etc", origin_url, front={"workers": 1})
+    config = write_config(tmp_path / "etc", origin_url, front={"workers": 1}, **overrides)
     worker = start_worker(config, tmp_path)
     try:
         done = run("status", "--json", "-c", str(config))
     finally:
         worker.stop()
         origin.stop()
-    shown = json.loads(done.stdout)
+    return done, json.loads(done.stdout), config, origin_url
+
+
+def test_status_reports_every_field(tmp_path):
+    done, shown, config, origin_url = status_of_a_serving_worker(tmp_path)
     port = yaml.safe_load(config.read_text())["listen"]["port"]
     for label in ("host", "addresses", "proxy id", "upstream", "public url", "certificate", "features",
                   f"worker {port}", "front", "failed units", "first boot", "registration"):
@@ -147,16 +153,8 @@ def test_status_reports_every_field(tmp_path):
 def test_status_names_a_failed_feature_on_a_serving_node(tmp_path):
     # The worker starts with southbound failed (its CA file is missing): status shows the
     # node as the worker runs it, with the feature and the reason, not the file as invalid.
-    origin, origin_url = start_origin(tmp_path)
     missing = tmp_path / "no-such-ca.pem"
-    config = write_config(tmp_path / "etc", origin_url, front={"workers": 1}, agents={"ca_file": str(missing)})
-    worker = start_worker(config, tmp_path)
-    try:
-        done = run("status", "--json", "-c", str(config))
-    finally:
-        worker.stop()
-        origin.stop()
-    shown = json.loads(done.stdout)
+    done, shown, _, origin_url = status_of_a_serving_worker(tmp_path, agents={"ca_file": str(missing)})
     assert "config" not in shown, shown
     assert shown["features"] == f"southbound FAILED: agents.ca_file: cannot read file {missing}"
     assert shown["upstream"] == f"{origin_url} (1/1 workers ready)"
