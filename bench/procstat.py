@@ -54,14 +54,33 @@ def descriptors(pids: Iterable[int]) -> int:
 
 def connections_to(pids: Iterable[int], network: ipaddress.IPv4Network, port: int) -> int:
     """The processes' TCP (IPv4) sockets whose far end is ``port`` on an address in ``network``."""
+    def far_end(local: tuple[ipaddress.IPv4Address, int], far: tuple[ipaddress.IPv4Address, int]) -> bool:
+        return far[1] == port and far[0] in network
+    return _sockets(pids, far_end)
+
+
+def connections_on(pids: Iterable[int], ports: Iterable[int]) -> int:
+    """The processes' TCP (IPv4) connections accepted on one of ``ports`` (their listening
+    sockets left out): for a worker, the front's connections to it."""
+    ports = set(ports)
+    def accepted(local: tuple[ipaddress.IPv4Address, int], far: tuple[ipaddress.IPv4Address, int]) -> bool:
+        return local[1] in ports and far[1] != 0
+    return _sockets(pids, accepted)
+
+
+def _endpoint(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    address, port = text.split(":")
+    return ipaddress.IPv4Address(bytes.fromhex(address)[::-1]), int(port, 16)   # little-endian on x86
+
+
+def _sockets(pids: Iterable[int], wanted) -> int:
+    """The processes' descriptors that are TCP (IPv4) sockets ``wanted(local, far)`` picks."""
     count = 0
     for pid in pids:
         inodes = set()
         for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
             fields = line.split()
-            address, far_port = fields[2].split(":")
-            ip = ipaddress.IPv4Address(bytes.fromhex(address)[::-1])   # little-endian on x86
-            if int(far_port, 16) == port and ip in network:
+            if wanted(_endpoint(fields[1]), _endpoint(fields[2])):
                 inodes.add(fields[9])
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             try:

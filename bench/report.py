@@ -227,12 +227,13 @@ def scale_markdown(scale: dict) -> list[str]:
                   f"(TLS) after {south['warm_agents']} warm-up calls. {verdict('southbound_agents')}", ""]
         columns = ["agents", "errors", "seconds", "calls/s", "CPU µs/call (front+workers)",
                    "worker RSS MiB before / after", "growth MiB", "worker fds before / after",
-                   "of them to agents"]
+                   "of them to agents", "of them from the front", "fds growth (others)"]
         lines += _table(columns, [[
             f"{south['agents']:,}", str(south["errors"]), str(south["seconds"]), _fmt(south["requests_per_s"]),
             _fmt(south["cpu_us_per_request"]), f"{south['rss_before_mib']:.1f} / {south['rss_after_mib']:.1f}",
             f"{south['rss_growth_mib']:.1f}", f"{south['fds_before']} / {south['fds_after']}",
-            f"{south['agent_connections_before']} / {south['agent_connections_after']}"]])
+            f"{south['agent_connections_before']} / {south['agent_connections_after']}",
+            f"{south['front_connections_before']} / {south['front_connections_after']}", f"{south['fds_growth']:+d}"]])
         if south["failures"]:
             lines += ["", "First failures: " + "; ".join(south["failures"])]
     lines += ["", sizing_text(scale), ""]

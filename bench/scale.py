@@ -278,28 +278,35 @@ def southbound_agents(lab: Lab, size: Size) -> dict:
     if failed:
         raise RuntimeError(f"southbound warm-up: {len(failed)} of {len(warm)} calls failed, e.g. {failed[:3]}")
     time.sleep(SETTLE_SECONDS)
+    worker_ports = list(node.workers)
     rss_before, fds_before, cpu_before = procstat.rss_kib(workers), procstat.descriptors(workers), procstat.cpu_seconds(servers)
-    agents_before = agent_connections(workers)
+    agents_before, front_before = agent_connections(workers), procstat.connections_on(workers, worker_ports)
     started = time.monotonic()
     ok, failed = call_agents(node_ns, node.port, measured)
     seconds = time.monotonic() - started
     cpu = procstat.cpu_seconds(servers) - cpu_before
     time.sleep(SETTLE_SECONDS)
     rss_after, fds_after = procstat.rss_kib(workers), procstat.descriptors(workers)
-    agents_after = agent_connections(workers)
+    agents_after, front_after = agent_connections(workers), procstat.connections_on(workers, worker_ports)
     result = {
         "agents": len(measured), "ok": ok, "errors": len(failed), "failures": failed[:5],
         "seconds": round(seconds, 1), "requests_per_s": len(measured) / seconds,
         "cpu_us_per_request": cpu / max(1, len(measured)) * 1e6,
         "rss_before_mib": rss_before / 1024, "rss_after_mib": rss_after / 1024,
         "rss_growth_mib": (rss_after - rss_before) / 1024,
-        "fds_before": fds_before, "fds_after": fds_after, "fds_growth": fds_after - fds_before,
+        "fds_before": fds_before, "fds_after": fds_after,
+        # The front's pooled keep-alive connections to the workers (at most pool-max-conn,
+        # their number set by the front's own timers) are counted apart: what is judged is
+        # every other descriptor, those that distinct agents could leave behind.
+        "front_connections_before": front_before, "front_connections_after": front_after,
+        "fds_growth": (fds_after - front_after) - (fds_before - front_before),
         "agent_connections_before": agents_before, "agent_connections_after": agents_after,
         "warm_agents": len(warm), "client_threads": CLIENT_THREADS,
     }
     log(f"southbound: {ok:,}/{len(measured):,} agents in {seconds:.1f} s ({result['requests_per_s']:,.0f}/s, "
         f"{result['cpu_us_per_request']:.0f} µs/req), worker RSS +{result['rss_growth_mib']:.1f} MiB, "
-        f"descriptors {fds_before} -> {fds_after} (to agents {agents_before} -> {agents_after})")
+        f"descriptors {fds_before} -> {fds_after} (to agents {agents_before} -> {agents_after}, "
+        f"from the front {front_before} -> {front_after})")
     return result
 
 
