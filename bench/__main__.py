@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="every path for ~1 s, one workload, and a small scale run: checks the harness, asserts no performance")
     mode.add_argument("--scale", action="store_true", help="how cost grows: the knee up to 1,024 connections, 10,000 idle agents held, 20,000 agents called southbound (a few minutes)")
     mode.add_argument("--profile", action="store_true", help="py-spy on one worker under load; prints the top functions by own time")
-    parser.add_argument("--seconds", type=float, help="per measurement (default 4; smoke 1; profile 10)")
+    mode.add_argument("--costs", action="store_true", help="where the native front's CPU goes: it as rendered and without client TLS, "
+                      "the access line or the signature, beside HAProxy alone")
+    parser.add_argument("--seconds", type=float, help="per measurement (default 4; smoke 1; profile 10; costs 3)")
     parser.add_argument("--rounds", type=int, help="rounds of all paths and workloads (default 3; smoke 1)")
     parser.add_argument("--paths", default="direct,haproxy,worker,node,node-native,southbound",
                         help="comma-separated, in this order (default: the six paths; also worker-unpinned)")
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from . import run, scale  # after argument parsing: --help needs nothing installed
+    from .costs import costs
 
     keys = [k.strip() for k in args.paths.split(",") if k.strip()]
     unknown = [k for k in keys if k not in run.PATH_KEYS]
@@ -43,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--paths: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(run.PATH_KEYS)}")
     if os.geteuid() != 0:
         parser.error("run as root: nginx and HAProxy bind as root and the southbound path creates network namespaces")
-    if args.seconds is not None and not 0.5 <= args.seconds <= 60:
-        parser.error("--seconds must be between 0.5 and 60")
+    if args.seconds is not None and not (1 <= args.seconds <= 60 and args.seconds == int(args.seconds)):
+        parser.error("--seconds must be a whole number from 1 to 60 (wrk counts whole seconds)")
     if args.rounds is not None and not 1 <= args.rounds <= 9:
         parser.error("--rounds must be between 1 and 9")
 
@@ -59,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         with_chart = importlib.util.find_spec("matplotlib") is not None
         if not with_chart:  # `make bench` installs it (the bench extra); the smoke does without
             print("[bench] matplotlib missing: no chart (pip install -e 'app[bench]')")
+        if args.costs:
+            return costs(work_dir, args.results, args.seconds or 3, args.rounds or 3, time.strftime("bench-%Y%m%d-%H%M%S-costs"))
         if args.smoke:
-            return run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
-                           seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
-                           with_chart=with_chart, stem="smoke", scale_size=scale.SMOKE)
+            status = run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
+                             seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
+                             with_chart=with_chart, stem="smoke", scale_size=scale.SMOKE)
+            return status or costs(work_dir / "costs", args.results, 1, 1, "smoke-costs")
         if args.scale:
             return run.run(args.results, work_dir, keys=[], workloads=[], seconds=0, rounds=0, warmup=0,
                            big_bytes=0, with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S-scale"),
