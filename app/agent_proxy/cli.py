@@ -12,6 +12,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -122,10 +123,16 @@ def cmd_init(args: argparse.Namespace) -> int:
               "(agents' calls reach the upstream unencrypted)", file=sys.stderr)
     secret, cert_pem, key_pem = _given_material(args, hostnames)
 
-    from .tlsutil import fingerprint, self_signed
+    from .tlsutil import cert_names, fingerprint, load_cert, names_host, self_signed
 
+    # The upstream calls public_url back and verifies the certificate against its host.
+    public_host = urlsplit(public_url).hostname
     if cert_pem is None:
-        cert_pem, key_pem = self_signed(hostnames[0], hostnames)
+        names = hostnames + ([public_host] if not names_host(hostnames, public_host) else [])
+        cert_pem, key_pem = self_signed(hostnames[0], names)
+    elif not names_host(cert_names(load_cert(cert_pem)), public_host):
+        print(f"agent-proxy: warning: --tls-cert {args.tls_cert} does not name {public_host}, the host of public_url: "
+              "the upstream's handshake with this proxy will fail to verify it", file=sys.stderr)
     generated_secret = secret is None
     if generated_secret:
         secret = (secrets.token_hex(32) + "\n").encode()
@@ -154,7 +161,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"Hand these to the upstream for proxy_id {proxy_id}:")
     # A secret that was given is already known to whoever gave it: it is not repeated.
     print(f"shared secret: {secret.decode().strip()}" if generated_secret else f"shared secret: the one in {args.secret_file}")
-    print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)}")
+    print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)} (names: {', '.join(cert_names(load_cert(cert_pem)))})")
     print(cert_pem.decode().rstrip())
     return EXIT_OK
 

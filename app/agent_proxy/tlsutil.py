@@ -85,6 +85,12 @@ def cert_names(cert: x509.Certificate) -> list[str]:
     return [str(name.value) for name in san if isinstance(name, (x509.DNSName, x509.IPAddress))]
 
 
+def names_host(names: list[str], host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is among ``names``, compared as
+    certificate names are: case-insensitively, IPv6 in any notation."""
+    return _canonical(host) in {_canonical(n) for n in names}
+
+
 def check_pair(cert_pem: bytes, key_pem: bytes, hostnames: list[str], now: datetime.datetime | None = None) -> None:
     """Raise MaterialError unless the key belongs to the certificate, the certificate is
     valid at ``now`` and it names every one of ``hostnames``."""
@@ -99,8 +105,7 @@ def check_pair(cert_pem: bytes, key_pem: bytes, hostnames: list[str], now: datet
             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now"
         )
     names = cert_names(cert)
-    canonical = {_canonical(n) for n in names}
-    missing = [h for h in hostnames if _canonical(h) not in canonical]
+    missing = [h for h in hostnames if not names_host(names, h)]
     if missing:
         raise MaterialError(f"the certificate does not name {', '.join(missing)} (it names {', '.join(names) or 'nothing'})")
 

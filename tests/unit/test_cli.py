@@ -35,8 +35,31 @@ def test_init_writes_config_certificate_key_and_secret(tmp_path):
     san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tmp_path / "tls" / "proxy.crt")],
                          capture_output=True, text=True, check=True).stdout
     assert "IP Address:10.1.2.3" in san and "DNS:proxy.lan" in san
+    assert "(names: 10.1.2.3, proxy.lan)" in result.stdout
     check = run("check-config", "-c", str(tmp_path / "agent-proxy.yaml"))
     assert check.returncode == 0, check.stderr
+
+
+def test_init_names_the_public_urls_host_in_the_certificate(tmp_path):
+    # The upstream calls public_url back (registration) and verifies the certificate
+    # against its host: README's example gives --hostname 10.1.2.3 and a public URL at 4.3.2.1.
+    result = run("init", "--config-dir", str(tmp_path), "--proxy-id", "site-a", "--upstream-url", "https://8.7.6.5:3302",
+                 "--hostname", "10.1.2.3", "--public-url", "https://4.3.2.1:2002")
+    assert result.returncode == 0, result.stderr
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tmp_path / "tls" / "proxy.crt")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "IP Address:10.1.2.3" in san and "IP Address:4.3.2.1" in san
+    assert "(names: 10.1.2.3, 4.3.2.1)" in result.stdout
+
+
+def test_init_warns_when_a_given_certificate_does_not_name_the_public_url(tmp_path):
+    secret, cert, key = _material(tmp_path, "lb.site-a.example")
+    node = tmp_path / "node"
+    result = _init(node, *_given(secret, cert, key), "--public-url", "https://4.3.2.1:2002")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"agent-proxy: warning: --tls-cert {cert} does not name 4.3.2.1, the host of public_url: "
+        "the upstream's handshake with this proxy will fail to verify it"]
 
 
 def test_init_with_plain_http_upstream_writes_what_check_config_accepts(tmp_path):
