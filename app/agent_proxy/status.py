@@ -141,7 +141,8 @@ def collect(config_path: str) -> tuple[list[tuple[str, str]], bool]:
     serving &= not failed
     rows.append(("failed units", ", ".join(failed) or "none"))
     rows.append(("first boot", _result(FIRSTBOOT_RESULT, "no result recorded")))
-    rows.append(("registration", _result(REGISTRATION_RESULT, "never run (sudo agent-proxy register)")))
+    rows.append(("registration", _result(REGISTRATION_RESULT, "never run (sudo agent-proxy register)") if STATE_DIR.is_dir()
+                 else f"not recorded on this host (no {STATE_DIR}; the image and the role make it)"))
     return rows, serving
 
 
