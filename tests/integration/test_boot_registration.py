@@ -8,32 +8,21 @@ Each run must print one line and exit 0: a boot never fails for registration.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kit import REPO, SECRET, VENV_BIN, Process, free_port, start_node, wait_for_port
+from kit import REPO, VENV_BIN, free_port, start_node, start_upstream
 
 SCRIPT = REPO / "appliance" / "firstboot" / "agent-proxy-register"
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("upstream")
-    (tmp / "site-a.psk").write_text(SECRET + "\n")
-    port = free_port()
-    proc = Process("upstream", [
-        sys.executable, "-m", "agent_proxy.reference.upstream", "--listen", f"127.0.0.1:{port}",
-        "--self-signed", "127.0.0.1", "--write-cert", str(tmp / "upstream.crt"),
-        "--proxy", f"site-a={tmp / 'site-a.psk'}", "--insecure-proxy-tls",
-    ], tmp / "upstream.log", env={"PYTHONPATH": str(REPO / "app")}).start()
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc)
-        yield {"url": f"https://127.0.0.1:{port}", "ca": str(tmp / "upstream.crt"), "proc": proc}
-    finally:
-        proc.stop()
+    proc, url, ca = start_upstream(tmp_path_factory.mktemp("upstream"), "--insecure-proxy-tls")
+    yield {"url": url, "ca": ca}
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
