@@ -14,7 +14,7 @@ from .config import AGENT_PROXY, PYTHON, REPO, SECRET, VENV_BIN, merged, write_c
 from .files import write_private
 from .node import (
     AGENT, BALANCER, HAPROXY, LIMITED_AGENT, MAX_CONN_PER_SOURCE, NGINX, NodeFront, all_up, node_with_origin, render,
-    server_stats, start_haproxy, start_node, start_origin, start_worker, stat_rows, stats_command,
+    server_stats, start_haproxy, start_node, start_origin, start_upstream, start_worker, stat_rows, stats_command,
 )
 from .ports import free_port, free_ports
 from .process import Process, ProcessError
@@ -24,6 +24,6 @@ __all__ = [
     "AGENT", "AGENT_PROXY", "BALANCER", "HAPROXY", "LIMITED_AGENT", "MAX_CONN_PER_SOURCE", "NGINX", "PYTHON", "REPO",
     "SECRET", "VENV_BIN", "LoadResult", "NodeFront", "Process", "ProcessError", "all_up", "connects",
     "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "node_with_origin", "proxy_v2_header", "render",
-    "run_load", "server_stats", "start_haproxy", "start_node", "start_origin", "start_worker",
+    "run_load", "server_stats", "start_haproxy", "start_node", "start_origin", "start_upstream", "start_worker",
     "stat_rows", "stats_command", "wait_for_port", "wait_until", "write_config", "write_private",
 ]

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import yaml
 
-from .config import AGENT_PROXY, PYTHON, merged, write_config
+from .config import AGENT_PROXY, PYTHON, SECRET, merged, write_config
 from .files import write_private
 from .ports import free_port, free_ports
 from .process import Process, ProcessError
@@ -91,6 +91,21 @@ def all_up(socket_path: str, backend: str) -> bool:
         return all(row["status"] == "UP" for row in server_stats(socket_path, backend).values())
     except OSError:
         return False
+
+
+def start_upstream(directory: Path, *extra: str, secret: str = SECRET) -> tuple[Process, str, str]:
+    """The reference control plane on a free loopback port, HTTPS with a self-signed
+    certificate, holding ``secret`` for site-a; ``extra`` are more of its options.
+    Returns the process, its URL and its certificate (the CA file a proxy trusts it with)."""
+    port = free_port()
+    write_private(directory / "site-a.psk", secret + "\n")
+    proc = Process("upstream", [
+        PYTHON, "-m", "agent_proxy.reference.upstream", "--listen", f"127.0.0.1:{port}",
+        "--self-signed", "127.0.0.1", "--write-cert", str(directory / "upstream.crt"),
+        "--proxy", f"site-a={directory / 'site-a.psk'}", *extra,
+    ], directory / "upstream.log").start()
+    wait_for_port("127.0.0.1", port, proc=proc)
+    return proc, f"https://127.0.0.1:{port}", str(directory / "upstream.crt")
 
 
 def start_origin(directory: Path) -> tuple[Process, str]:

@@ -161,8 +161,9 @@ def served_by(lab: Lab, site_name: str, offset: int = 0) -> list[str]:
     with open(balancer_log(lab, site_name), "rb") as log:
         log.seek(offset)
         lines = log.read().decode(errors="replace").splitlines()
+    # The upstream's connections: on the control frontend and backend (listen_control), else on the main ones.
     return [m.group(1) for line in lines if line.startswith(f"{upstream}:")
-            for m in [re.search(r" agent_proxy nodes/(\S+) ", line)] if m]
+            for m in [re.search(r" agent_proxy(?:_control control_nodes| nodes)/(\S+) ", line)] if m]
 
 
 def wait_served(lab: Lab, site_name: str, offset: int, count: int, timeout: float = 5) -> list[str]:
@@ -245,6 +246,42 @@ def gateway_admits_only_upstream(lab: Lab, site_name: str = "site-a") -> str:
     return f"{dropped}\n{lab.topology.upstream_address} -> {site.public_address}:{port}: connected in {took * 1000:.1f} ms"
 
 
+CONTROL_PATH = "/_proxy/v2/features"
+
+
+def control_apart(lab: Lab, site_name: str) -> str:
+    """The upstream's paths are served on the control port only: an agent with a valid
+    signature is refused them on the client port and cannot reach the control port; the
+    upstream, through the gateway, is served (listen_control, front.control_port)."""
+    from agent_proxy import signing
+
+    topo, site = lab.topology, lab.topology.sites[site_name]
+    agent = site.agents[0]
+    secret = (lab.workdir / "sites" / site.name / "psk").read_text().strip().encode()
+
+    def signed() -> dict[str, str]:
+        return {"Authorization": signing.authorization(secret, site.proxy_id, "GET", CONTROL_PATH)}
+
+    status, body = lab.http(agent, site.site_address, topo.proxy_port, "GET", CONTROL_PATH, tls=True, headers=signed())
+    expect(status == 404 and b"control listener only" in body,
+           f"{agent} -> {site.site_address}:{topo.proxy_port}{CONTROL_PATH}, signed: {status} {body[:200]!r}; expected 404")
+    refused = f"{agent} -> {site.site_address}:{topo.proxy_port} (client port): signed {CONTROL_PATH} 404 {json.loads(body)['description']}"
+    try:
+        status, body = lab.http(agent, site.site_address, topo.control_port, "GET", CONTROL_PATH, tls=True,
+                                headers=signed(), timeout=PROBE_TIMEOUT)
+    except OSError as exc:
+        shut = f"{agent} -> {site.site_address}:{topo.control_port} (control port): no answer ({exc.__class__.__name__})"
+    else:
+        raise StepFailed(f"{agent} reached the control port {site.site_address}:{topo.control_port}: {status} {body[:200]!r}")
+    status, body = lab.http(topo.upstream_host, site.public_address, topo.proxy_port, "GET", CONTROL_PATH, tls=True,
+                            headers=signed())
+    expect(status == 200, f"upstream -> {site.public_address}:{topo.proxy_port}{CONTROL_PATH}, signed: {status} {body[:200]!r}")
+    served = (f"{topo.upstream_address} -> {site.public_address}:{topo.proxy_port} -> {site.site_address}:"
+              f"{topo.control_port} (gateway DNAT to the control port): signed {CONTROL_PATH} 200, "
+              f"features {', '.join(sorted(json.loads(body)))}")
+    return f"{refused}\n{shut}\n{served}"
+
+
 def root_veths() -> set[str]:
     """veth interfaces in the root namespace (the lab must never add one)."""
     out = netns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
@@ -299,6 +336,8 @@ def run(lab: Lab, say: Callable[[str], None] = print) -> bool:
          lambda: balancer_failover(lab, "site-a")),
         (f"gateway {site_a.public_address}:{topo.proxy_port} drops a stranger, admits the upstream",
          lambda: gateway_admits_only_upstream(lab)),
+        (f"control traffic apart: the upstream's paths on port {topo.control_port} only, refused to a signed agent on "
+         f"{topo.proxy_port}", lambda: "\n".join(control_apart(lab, name) for name in topo.sites)),
     ]
     try:
         for title, action in steps:

@@ -274,14 +274,17 @@ class Lab:
             "upstream": {"url": self.upstream_url, "ca_file": str(self.host_dir(topo.upstream_host) / "upstream.crt"),
                          "connect_timeout": 3, "read_timeout": 15},
             "listen": {"host": "127.0.0.1", "port": topo.worker_port},
+            # The upstream's paths on their own listener and front port (the upstream is
+            # let in there only: node firewall, gateway, balancer).
+            "listen_control": {"host": "127.0.0.1", "port": topo.control_worker_port},
             "tls": {"cert_file": str(directory / "tls" / "proxy.crt"), "key_file": str(directory / "tls" / "proxy.key")},
             "shared_secret_file": str(directory / "psk"),
             "trusted_proxies": ["127.0.0.1"],
             "networks": {"agents": [str(topo.networks[site.agent_network].cidr)],
                          "upstream": [f"{topo.upstream_address}/32"]},
             "agents": {"ports": [topo.agent_port], "tls": True, "verify": False},
-            "front": {"bind": "0.0.0.0", "port": topo.proxy_port, "workers": topo.workers,
-                      "balancers": balancers, "stats_socket": str(stats_socket), "mode": site.front_mode},
+            "front": {"bind": "0.0.0.0", "port": topo.proxy_port, "control_port": topo.control_port,
+                      "workers": topo.workers, "balancers": balancers, "stats_socket": str(stats_socket), "mode": site.front_mode},
             "logging": {"level": "info", "format": "json"},
         }
 
@@ -590,7 +593,7 @@ class Lab:
             raise LabError(f"{what}: GET {path} on {address}:{port} in {self.ns(host)} did not answer 200 within {timeout:g} s (last: {last})") from None
 
     def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
-             timeout: float = 10) -> tuple[int, bytes]:
+             timeout: float = 10, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """One HTTP(S) request from ``host``'s namespace (certificates not verified: lab probes)."""
 
         def call():
@@ -599,7 +602,7 @@ class Lab:
             else:
                 conn = http.client.HTTPConnection(address, port, timeout=timeout)
             try:
-                conn.request(method, path)
+                conn.request(method, path, headers=headers or {})
                 answer = conn.getresponse()
                 return answer.status, answer.read()
             finally:

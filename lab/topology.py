@@ -84,6 +84,8 @@ class Topology:
     proxy_port: int
     worker_port: int
     workers: int
+    control_port: int          # front.control_port: where the upstream's calls go
+    control_worker_port: int   # listen_control.port of the first worker
     networks: dict[str, Network]
     hosts: dict[str, Host]
     sites: dict[str, Site] = field(default_factory=dict)
@@ -158,5 +160,6 @@ def _parse(data: dict) -> Topology:
         upstream_host=upstream["host"], upstream_address=str(ipaddress.IPv4Address(upstream["address"])),
         upstream_port=int(upstream["port"]), agent_port=int(data["agents"]["port"]),
         proxy_port=int(data["proxy"]["port"]), worker_port=int(data["proxy"]["worker_port"]),
-        workers=int(data["proxy"]["workers"]), networks=networks, hosts=hosts, sites=sites,
+        workers=int(data["proxy"]["workers"]), control_port=int(data["proxy"]["control_port"]),
+        control_worker_port=int(data["proxy"]["control_worker_port"]), networks=networks, hosts=hosts, sites=sites,
     )

@@ -26,19 +26,17 @@ from kit import ProcessError, netns
 
 from .runner import AGENT_PROXY, Lab, LabError
 
-LB_BACKEND = "nodes"
-
-
 def lb(lab: Lab, balancer: str, action: str, server: str, timeout: float = 30) -> str:
-    """`agent-proxy lb ACTION` inside the balancer's namespace; its one-line answer."""
+    """`agent-proxy lb ACTION` inside the balancer's namespace, on every backend that has the
+    node (`nodes`, and `control_nodes` with control traffic apart); its answer, one line per backend."""
     socket = str(Path(lab.nodes[balancer].directory) / "haproxy.sock")
-    argv = [AGENT_PROXY, "lb", action, "--socket", socket, "--backend", LB_BACKEND, "--server", server,
+    argv = [AGENT_PROXY, "lb", action, "--socket", socket, "--server", server,
             "--timeout", str(timeout)]
     result = netns.ns_run(lab.ns(balancer), argv, check=False, timeout=timeout + 30)
     if result.returncode != 0:
         raise LabError(f"{balancer}: agent-proxy lb {action} --server {server} failed (exit {result.returncode}): "
                        f"{result.stderr.strip()}")
-    return result.stdout.strip()
+    return "; ".join(result.stdout.splitlines())
 
 
 def upgrade_node(lab: Lab, name: str, say: Callable[[str], None] = print, timeout: float = 30) -> float:

@@ -7,7 +7,9 @@
 #      network, a static address, hostname and NTP server. Asserted: first boot OK, the
 #      secret in no log, the compliance suite over SSH, a relay through :2002 with no
 #      manual step, the front's log without the query string, `agent-proxy status` with
-#      every row and no failed unit (and the same on /etc/issue and at login),
+#      every row and no failed unit (and the same on /etc/issue and at login), the
+#      registration at boot (its one line on the console, in the journal and in `status`),
+#      control traffic apart (a signed control request refused on :2002, served on :2004),
 #      `systemctl reload agent-proxy.target`, a broken config edit refused by
 #      `agent-proxy apply` with the old config still serving, the good edit applied
 #      (workers and front reloaded), power-off;
@@ -47,6 +49,7 @@ rm -rf "$T"
 mkdir -p "$T"
 ssh_port=$(free_port)
 front_port=$(free_port)
+control_port=$(free_port)
 origin_port=$(free_port)
 
 # The origin the appliance relays to: host loopback, 10.0.2.2 from the guest.
@@ -62,6 +65,7 @@ UPSTREAM_ALLOW_INSECURE=true
 PUBLIC_URL=https://127.0.0.1:2002
 HOSTNAMES=image-test1 127.0.0.1
 AGENT_NETWORKS=10.0.2.2/32
+UPSTREAM_NETWORKS=10.0.2.2/32
 ADMIN_NETWORKS=10.0.2.2/32
 HOSTNAME=image-test1
 ADDRESS=10.0.2.15/24
@@ -86,7 +90,7 @@ boot() {
   QEMU_PID=$!
 }
 
-boot node "$T/seed.env" ",hostfwd=tcp:127.0.0.1:$ssh_port-:22,hostfwd=tcp:127.0.0.1:$front_port-:2002"
+boot node "$T/seed.env" ",hostfwd=tcp:127.0.0.1:$ssh_port-:22,hostfwd=tcp:127.0.0.1:$front_port-:2002,hostfwd=tcp:127.0.0.1:$control_port-:2004"
 deadline=$((SECONDS + BOOT_TIMEOUT))
 until guest true 2>/dev/null; do
   kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited: $(cat "$T/node.qemu.log")"
@@ -155,11 +159,45 @@ wait_for 10 "the front's journal has no line for GET /echo/image-test" front_log
 if [[ $(front_log) == *image-test-query* ]]; then fail "the front's log holds the query string"; fi
 step "relay through :2002 with no manual step, signed, from 10.0.2.2; the front's log without the query"
 
+# Control traffic apart (the image sets listen_control): the host, 10.0.2.2, is an agent
+# and the upstream in this seed; a request signed as the upstream signs is refused on the
+# client port :2002 and served on the control port :2004. The secret goes in on stdin.
+features() {  # features PORT: the status of a signed GET /_proxy/v2/features through PORT
+  local auth
+  auth=$(printf '%s' "$secret" | .venv/bin/python -c 'import sys
+from agent_proxy import signing
+print(signing.authorization(sys.stdin.read().encode(), "image-test", "GET", "/_proxy/v2/features"))')
+  curl -sSk --max-time 10 -o "$T/features-$1.json" -w '%{http_code}' -H "Authorization: $auth" \
+    "https://127.0.0.1:$1/_proxy/v2/features"
+}
+client_status=$(features "$front_port")
+[[ $client_status == 404 ]] || fail "a signed /_proxy/v2/features on the client port answered $client_status: $(cat "$T/features-$front_port.json")"
+control_status=$(features "$control_port")
+[[ $control_status == 200 ]] || fail "a signed /_proxy/v2/features on the control port answered $control_status: $(cat "$T/features-$control_port.json")"
+guest sudo iptables -S INPUT > "$T/input.rules"
+grep -q -- '-s 10.0.2.2/32 -p tcp -m tcp --dport 2004 .*-j ACCEPT' "$T/input.rules" \
+  || fail "the firewall does not admit UPSTREAM_NETWORKS on 2004: $(cat "$T/input.rules")"
+step "control traffic apart: signed /_proxy/v2/features 404 on :2002, 200 on :2004 (firewall: 2004 from 10.0.2.2 only)"
+
+# Registration at boot (agent-proxy-register.service, after the workers and the front).
+# This seed's upstream is the scripted echo origin, which answers the registration 200:
+# what is checked here is the wiring (one line on the console, in the journal and in
+# `status`, the boot still running); tests/integration/test_boot_registration.py runs
+# the script against the reference upstream.
+guest journalctl -b -o cat -u agent-proxy-register > "$T/register.log"
+[[ $(grep -c '^agent-proxy-register: ' "$T/register.log") == 1 ]] || fail "registration at boot did not say one line: $(cat "$T/register.log")"
+register_line=$(grep '^agent-proxy-register: ' "$T/register.log")
+[[ $register_line == "agent-proxy-register: OK: image-test "*" with http://10.0.2.2:$origin_port; the upstream reached this proxy at https://127.0.0.1:2002"* ]] \
+  || fail "registration at boot said: $register_line"
+grep -qaF "$register_line" "$T/node.serial.log" || fail "the console does not show the registration line"
+guest test -f /var/lib/agent-proxy/registered-at-boot || fail "registration at boot left no mark"
+step "registration at boot: ${register_line#agent-proxy-register: }"
+
 guest agent-proxy status > "$T/status.txt" || fail "agent-proxy status says the node does not serve: $(cat "$T/status.txt")"
 for row in 'host +image-test1' 'addresses +10\.0\.2\.15/24 \(eth0\)' 'proxy id +image-test' \
     "upstream +http://10\.0\.2\.2:$origin_port \(([0-9]+)/\1 workers ready\)" 'public url +https://127\.0\.0\.1:2002' \
     'certificate +SHA-256 [0-9A-F:]{95}, expires ' 'worker [0-9]+ +active, ready' 'front +active' \
-    'failed units +none' 'first boot +.*OK: proxy image-test' 'registration +never run'; do
+    'failed units +none' 'first boot +.*OK: proxy image-test' "registration +.*: image-test .* with http://10\.0\.2\.2:$origin_port;"; do
   grep -Eq "^  $row" "$T/status.txt" || fail "agent-proxy status has no row /$row/: $(cat "$T/status.txt")"
 done
 guest sudo systemctl start agent-proxy-issue.service

@@ -5,7 +5,8 @@
 # written here, and a balancer in front of them. Then, with the reference upstream on the
 # host: `agent-proxy register` through the balancer, signed agent calls through each node,
 # one certificate fingerprint seen by the upstream from both, the compliance suite on both,
-# the site playbook again (no change), rolling-upgrade.yml under a bounded load, and one
+# the site playbook again with agent_proxy_register (no change; the role's register task
+# refreshes the registration from each node, as the upstream's log shows), rolling-upgrade.yml under a bounded load, and one
 # node powered off under that load: no failed request.
 #
 # The balancer is HAProxy on the host's loopback, rendered from the same template
@@ -258,11 +259,23 @@ compliance_hosts=$(printf 'ssh://%s,' "${NODES[@]}")
 tail -n 1 "$T/compliance.log" | sed 's/^/test-multinode: compliance: /'
 step "compliance suite on ${NODES[*]}"
 
-playbook site-2 site.yml --limit proxies -e site_rolling_batch=2
+# The second run registers too (agent_proxy_register: the role's register task against the
+# reference upstream, on each node): the proxy is registered already, so each node's
+# registration is a refresh, which the upstream logs and the role does not count as a change.
+registrations() { awk '/"event": "registered"/ { n++ } END { print n + 0 }' "$T/upstream.log"; }
+registered_before=$(registrations)
+playbook site-2 site.yml --limit proxies -e site_rolling_batch=2 -e agent_proxy_register=true
 if sed -n '/^PLAY RECAP/,$p' "$T/site-2.log" | grep -qE 'changed=[1-9]'; then
   fail "the second run of site.yml changed something ($T/site-2.log)"
 fi
-step "site.yml, second run (changed nothing)"
+register_task=$(sed -n '/^TASK \[agent_proxy : Register the proxy with its upstream\]/,/^$/p' "$T/site-2.log")
+for node in "${NODES[@]}"; do
+  [[ $register_task == *"ok: [$node]"* ]] || fail "the role's register task did not run ok on $node: ${register_task:-no such task in $T/site-2.log}"
+done
+registered_after=$(registrations)
+((registered_after - registered_before == ${#NODES[@]})) \
+  || fail "the upstream logged $((registered_after - registered_before)) registrations during site.yml, expected ${#NODES[@]} ($T/upstream.log)"
+step "site.yml, second run (changed nothing; the register task refreshed the registration from each node)"
 
 # -- under a bounded load through the balancer: the rolling upgrade, then a node powered off
 # start_load NAME SECONDS: GETs through the balancer, paced, ended by SIGTERM or at SECONDS.

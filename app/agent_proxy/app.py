@@ -586,10 +586,23 @@ class Worker:
         self.proxy = proxy
         self.table = table
 
-    def _open(self, path: str) -> bool:
-        """Open routes (health, ready) are answered even past limits.max_in_flight."""
-        route = self.table.find(path)
-        return route is not None and route.policy is Policy.OPEN
+    def _refuse_overload(self, env, info, started, start_response) -> list[bytes] | None:
+        """Past limits.max_in_flight: 503 at once, logged like any answer. Open routes
+        (health, ready) are still answered: None."""
+        route = self.table.find(env.get("PATH_INFO", ""))
+        if route is not None and route.policy is Policy.OPEN:
+            return None
+        self.proxy.metrics.rejected.labels("overload").inc()
+        try:
+            info["client_ip"] = self.proxy.client_ip(env)
+        except ProxyError:
+            pass  # a bad X-Forwarded-For: the line names the peer; the answer is 503 either way
+        info.update(direction=route.direction if route else "local", error="overloaded", outcome="refused")
+        status, headers, data = wsgi_answer(
+            ProxyError("overloaded", "limits.max_in_flight requests are in flight", {"Retry-After": "1"}))
+        start_response(status, headers)
+        self._finish(env, info, [status], started, len(data))
+        return [data]
 
     def __call__(self, env, start_response):
         proxy, state = self.proxy, self.proxy.state
@@ -597,13 +610,8 @@ class Worker:
         info = env["agent_proxy.log"] = {"direction": "local", "client_ip": env.get("REMOTE_ADDR", ""), "bytes_in": 0}
         with state.lock:
             state.in_flight += 1
-        if rejecting() and not self._open(env.get("PATH_INFO", "")):
-            self._leave()
-            proxy.metrics.rejected.labels("overload").inc()
-            status, headers, data = wsgi_answer(
-                ProxyError("overloaded", "limits.max_in_flight requests are in flight", {"Retry-After": "1"}))
-            start_response(status, headers)
-            return [data]
+        if rejecting() and (refused := self._refuse_overload(env, info, started, start_response)) is not None:
+            return refused
         status_holder = []
 
         def recording_start_response(status, headers, exc_info=None):

@@ -287,19 +287,21 @@ def cmd_lb(args: argparse.Namespace) -> int:
 
     sock = lbctl.StatsSocket(args.socket)
     try:
+        backends = args.backend or sock.backends_with(args.server)
         if args.action == "status":
-            state = sock.state(args.backend, args.server)
+            states = sock.states(backends, args.server)
         elif args.action == "drain":
-            state = lbctl.drain(sock, args.backend, args.server)
+            states = lbctl.drain(sock, backends, args.server)
         elif args.action == "ready":
-            state = lbctl.ready(sock, args.backend, args.server, args.timeout)
+            states = lbctl.ready(sock, backends, args.server, args.timeout)
         else:
-            state = lbctl.wait_idle(sock, args.backend, args.server, args.timeout)
+            states = lbctl.wait_idle(sock, backends, args.server, args.timeout)
     except lbctl.UnknownServer as exc:
         return _fail(f"lb {args.action}: {exc}", EXIT_USAGE)
     except lbctl.LbError as exc:
         return _fail(f"lb {args.action}: {exc}", EXIT_FAILURE)
-    print(state.line())
+    for state in states:
+        print(state.line())
     return EXIT_OK
 
 
@@ -366,14 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reload", action="store_true", help="install the checked files but reload nothing")
     p.set_defaults(func=cmd_apply)
 
-    from .lbctl import DEFAULT_BACKEND, DEFAULT_SOCKET
+    from .lbctl import DEFAULT_SOCKET
 
     p = sub.add_parser("lb", help="drain a server on a balancer, wait until idle, put it back (HAProxy stats socket)")
     p.add_argument("action", choices=["drain", "ready", "wait-idle", "status"],
                    help="drain: no new connections; wait-idle: until it carries none; ready: back in, waits until UP")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="HAProxy stats socket, level admin (default: %(default)s)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, help="backend (default: %(default)s)")
-    p.add_argument("--server", required=True, help="server name in that backend, e.g. node1")
+    p.add_argument("--backend", action="append",
+                   help="a backend, may be repeated (default: every backend with a server of that name)")
+    p.add_argument("--server", required=True, help="server name, e.g. node1")
     p.add_argument("--timeout", type=float, default=60, help="seconds wait-idle and ready wait (default: %(default)s)")
     p.set_defaults(func=cmd_lb)
 

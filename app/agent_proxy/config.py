@@ -357,6 +357,12 @@ class Config:
     def worker_ports(self) -> list[int]:
         return [self.listen.port + i for i in range(self.worker_count)]
 
+    def control_port_of(self, port: int) -> int | None:
+        """The control listener of the worker on ``port``: worker N (listen.port + N) has
+        it on listen_control.port + N; None without listen_control."""
+        control = self.listen_control
+        return control.port + (port - self.listen.port) if control else None
+
     def read_secret(self) -> bytes:
         """The shared secret's bytes (the file's text, surrounding white space removed)."""
         try:

@@ -5,6 +5,11 @@ A rolling upgrade does, per node and on every balancer:
 carries no connection), the upgrade, then ``ready`` (back in rotation; waits until the
 health checks say UP). ``status`` prints where a server stands.
 
+Each action applies to the server in every backend named, or, when none is named, in
+every backend that has a server of that name: on a balancer with control traffic apart
+a node is server ``node1`` of both ``nodes`` and ``control_nodes`` (lb-haproxy), and a
+node drained from one only would still take the other's connections.
+
 HAProxy's runtime API is used as documented: ``set server B/S state drain|ready`` and
 ``show stat`` (CSV; ``status`` and ``scur`` per server). The socket needs ``level admin``
 (the lb-haproxy and node-haproxy templates set it).
@@ -19,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 DEFAULT_SOCKET = "/run/haproxy/agent-proxy.sock"
-DEFAULT_BACKEND = "nodes"
 POLL_SECONDS = 0.2
 
 
@@ -61,49 +65,65 @@ class StatsSocket:
             raise LbError(f"cannot use the HAProxy stats socket {self.path}: {exc.strerror or exc}") from None
         return b"".join(chunks).decode(errors="replace")
 
-    def state(self, backend: str, server: str) -> ServerState:
+    def _rows(self) -> list[dict]:
         answer = self.command("show stat")
         if not answer.startswith("# pxname,"):
             raise LbError(f"{self.path}: unexpected answer to `show stat`: {answer.strip()[:200]!r}")
-        rows = csv.DictReader(io.StringIO(answer[2:]))
-        backends = set()
-        for row in rows:
-            backends.add(row["pxname"])
-            if row["pxname"] == backend and row["svname"] == server:
-                return ServerState(backend, server, row["status"], int(row["scur"] or 0), row.get("check_status", ""))
-        if backend not in backends:
-            raise UnknownServer(f"{self.path}: no backend {backend!r} (backends: {', '.join(sorted(backends))})")
-        raise UnknownServer(f"{self.path}: backend {backend!r} has no server {server!r}")
+        return list(csv.DictReader(io.StringIO(answer[2:])))
 
-    def set_state(self, backend: str, server: str, state: str) -> ServerState:
-        self.state(backend, server)  # names checked first, for a clear error
-        answer = self.command(f"set server {backend}/{server} state {state}").strip()
-        if answer:
-            raise LbError(f"{self.path}: set server {backend}/{server} state {state}: {answer}")
-        return self.state(backend, server)
+    def backends_with(self, server: str) -> list[str]:
+        """Every backend that has a server named ``server``, in the config's order."""
+        found = [row["pxname"] for row in self._rows() if row["svname"] == server]
+        if not found:
+            raise UnknownServer(f"{self.path}: no backend has a server {server!r}")
+        return found
+
+    def states(self, backends: list[str], server: str) -> list[ServerState]:
+        """The server in each backend, from one `show stat`."""
+        rows = {(row["pxname"], row["svname"]): row for row in self._rows()}
+        known = {backend for backend, _ in rows}
+        found = []
+        for backend in backends:
+            row = rows.get((backend, server))
+            if row is None:
+                if backend not in known:
+                    raise UnknownServer(f"{self.path}: no backend {backend!r} (backends: {', '.join(sorted(known))})")
+                raise UnknownServer(f"{self.path}: backend {backend!r} has no server {server!r}")
+            found.append(ServerState(backend, server, row["status"], int(row["scur"] or 0), row.get("check_status", "")))
+        return found
+
+    def set_state(self, backends: list[str], server: str, state: str) -> list[ServerState]:
+        self.states(backends, server)  # names checked first, for a clear error
+        for backend in backends:
+            answer = self.command(f"set server {backend}/{server} state {state}").strip()
+            if answer:
+                raise LbError(f"{self.path}: set server {backend}/{server} state {state}: {answer}")
+        return self.states(backends, server)
 
 
-def drain(sock: StatsSocket, backend: str, server: str) -> ServerState:
-    return sock.set_state(backend, server, "drain")
+def drain(sock: StatsSocket, backends: list[str], server: str) -> list[ServerState]:
+    return sock.set_state(backends, server, "drain")
 
 
-def ready(sock: StatsSocket, backend: str, server: str, timeout: float) -> ServerState:
-    """Back in rotation; waits until the health checks have it UP."""
-    sock.set_state(backend, server, "ready")
-    return _wait(sock, backend, server, timeout, lambda s: s.status == "UP", "UP")
+def ready(sock: StatsSocket, backends: list[str], server: str, timeout: float) -> list[ServerState]:
+    """Back in rotation; waits until the health checks have it UP in every backend."""
+    sock.set_state(backends, server, "ready")
+    return _wait(sock, backends, server, timeout, lambda s: s.status == "UP", "UP")
 
 
-def wait_idle(sock: StatsSocket, backend: str, server: str, timeout: float) -> ServerState:
-    return _wait(sock, backend, server, timeout, lambda s: s.sessions == 0, "idle (no connection)")
+def wait_idle(sock: StatsSocket, backends: list[str], server: str, timeout: float) -> list[ServerState]:
+    return _wait(sock, backends, server, timeout, lambda s: s.sessions == 0, "idle (no connection)")
 
 
-def _wait(sock: StatsSocket, backend: str, server: str, timeout: float, done, what: str) -> ServerState:
+def _wait(sock: StatsSocket, backends: list[str], server: str, timeout: float, done, what: str) -> list[ServerState]:
     deadline = time.monotonic() + timeout
     while True:
-        state = sock.state(backend, server)
-        if done(state):
-            return state
+        states = sock.states(backends, server)
+        waiting = [state for state in states if not done(state)]
+        if not waiting:
+            return states
         if time.monotonic() >= deadline:
-            raise LbError(f"{backend}/{server} not {what} within {timeout:g} s; now {state.status} "
+            state = waiting[0]
+            raise LbError(f"{state.backend}/{server} not {what} within {timeout:g} s; now {state.status} "
                           f"with {state.sessions} connection(s)")
         time.sleep(POLL_SECONDS)

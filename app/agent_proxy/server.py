@@ -323,10 +323,8 @@ def serve(config_path: str, port: int | None = None) -> int:
     port = port or config.listen.port
     _log_settings(config, port)
 
-    # With listen_control, worker N (on listen.port + N) has its control listener on
-    # listen_control.port + N.
     control = config.listen_control
-    control_port = control.port + (port - config.listen.port) if control else None
+    control_port = config.control_port_of(port)
     listen = f"{hostport(config.listen.host, port)}"
     if control:
         listen += f" {hostport(control.host, control_port)}"

@@ -5,9 +5,11 @@ compliance suite to audit (and to break on purpose).
     upstream, a reference origin with TLS); no link leaves the namespace
     files from `agent-proxy init` in a temporary folder, modes as on a real node:
         config 0640 root:nogroup, key 0600 root, secret 0600 nobody
-    2 workers (`agent-proxy serve`) as nobody on 127.0.0.1:8002-8003
-    HAProxy from `agent-proxy render node-haproxy` on 10.1.2.3:2002, front.mode native (its
-    signing key from `render node-haproxy-key`, 0600 root)
+    2 workers (`agent-proxy serve`) as nobody on 127.0.0.1:8002-8003, their control
+    listeners (listen_control) on 127.0.0.1:9002-9003
+    HAProxy from `agent-proxy render node-haproxy` on 10.1.2.3:2002, and the upstream's
+    control-only port 10.1.2.3:2004; front.mode native (its signing key from
+    `render node-haproxy-key`, 0600 root)
     iptables and ip6tables rules from `agent-proxy render firewall-node[6]`
 
 Everything it starts is stopped by PID; the namespace it created is deleted by name.
@@ -30,6 +32,7 @@ from kit import AGENT_PROXY, REPO, Process, netns, wait_for_port, write_private
 
 NODE_IP, UPSTREAM_IP = "10.1.2.3", "8.7.6.5"
 UPSTREAM_PORT, FRONT_PORT, FIRST_WORKER, WORKERS = 3302, 2002, 8002, 2
+CONTROL_PORT, FIRST_CONTROL = 2004, 9002
 SERVICE_USER, SERVICE_GROUP = "nobody", "nogroup"
 
 
@@ -79,9 +82,10 @@ class LabNode:
         data = yaml.safe_load(self.config_path.read_text())
         data["upstream"]["ca_file"] = str(self.root / "upstream.crt")
         data["listen"] = {"host": "127.0.0.1", "port": FIRST_WORKER}
+        data["listen_control"] = {"host": "127.0.0.1", "port": FIRST_CONTROL}
         data["networks"] = {"agents": ["10.0.0.0/24"], "upstream": [f"{UPSTREAM_IP}/32"]}
         # Native mode: the front relays northbound itself and holds the signing key.
-        data["front"] = {"bind": NODE_IP, "port": FRONT_PORT, "workers": WORKERS, "mode": "native",
+        data["front"] = {"bind": NODE_IP, "port": FRONT_PORT, "control_port": CONTROL_PORT, "workers": WORKERS, "mode": "native",
                          "stats_socket": str(self.root / "haproxy.sock")}
         self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))  # keeps init's 0640
         shutil.chown(self.config_path, "root", SERVICE_GROUP)
@@ -99,9 +103,9 @@ class LabNode:
                                  str(self.root / "upstream.crt"), str(self.root / "upstream.key")],
                     UPSTREAM_PORT, UPSTREAM_IP)
 
-    def _start_worker(self, port: int) -> None:
+    def _start_worker(self, port: int, config_path: Path | None = None) -> None:
         self._start(f"worker-{port}", ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_GROUP}",
-                                       "--clear-groups", AGENT_PROXY, "serve", "-c", str(self.config_path),
+                                       "--clear-groups", AGENT_PROXY, "serve", "-c", str(config_path or self.config_path),
                                        "--port", str(port)], port, "127.0.0.1")
 
     def start_front(self) -> None:
@@ -153,6 +157,20 @@ class LabNode:
         other = self.root / "worker-mode.yaml"
         other.write_text(yaml.safe_dump(data, sort_keys=False))
         self.front_config.write_text(_run([AGENT_PROXY, "render", "node-haproxy", "-c", str(other), "--set", "log_format=raw"]))
+
+    def restart_workers_without_control_listener(self) -> None:
+        """The workers restarted from a copy of the config without listen_control: they
+        serve the upstream's paths on their one listener, so through the client port too."""
+        data = yaml.safe_load(self.config_path.read_text())
+        del data["listen_control"]
+        other = self.root / "no-control.yaml"
+        other.write_text(yaml.safe_dump(data, sort_keys=False))
+        other.chmod(0o644)
+        for proc in [p for p in self.procs if p.name.startswith("worker-")]:
+            proc.stop()
+            self.procs.remove(proc)
+        for port in range(FIRST_WORKER, FIRST_WORKER + WORKERS):
+            self._start_worker(port, other)
 
     def enable_tls10(self) -> None:
         """Let the front's bind line accept TLS 1.0 (and so 1.1), then restart HAProxy."""

@@ -1,12 +1,16 @@
 """Endpoints: every worker answers health and ready, and reports all its features running
-to a signed upstream request; the front answers health over TLS. The requests run on the
-host: curl, or python3 where curl is missing (a minimal image)."""
+to a signed upstream request (on its control listener with listen_control); the front
+answers health over TLS, and with listen_control refuses the upstream's paths on the
+client port even when signed. The requests run on the host: curl, or python3 where curl
+is missing (a minimal image)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import shlex
+
+import pytest
 
 from agent_proxy import signing
 
@@ -74,19 +78,34 @@ def upstream_source_headers(node) -> list[str]:
     return [f"X-Forwarded-For: {next(iter(networks[0].hosts()), networks[0].network_address)}"]
 
 
-def test_AP_EP_03_features_running(host, node, control, worker_port):
+def signed_features(node) -> str:
     config = node.config
-    authorization = signing.authorization(node.read_secret(), config.proxy_id, "GET", FEATURES_PATH)
-    status, body = http_get(host, worker_url(node, worker_port, FEATURES_PATH), f"Authorization: {authorization}",
-                        *upstream_source_headers(node))
-    assert status == 200, f"signed {FEATURES_PATH} on {worker_port} answered {status}: {body[:200]}"
+    return f"Authorization: {signing.authorization(node.read_secret(), config.proxy_id, 'GET', FEATURES_PATH)}"
+
+
+def test_AP_EP_03_features_running(host, node, control, worker_port):
+    # With listen_control the upstream's paths are on the worker's control listener.
+    port = node.config.control_port_of(worker_port) or worker_port
+    status, body = http_get(host, worker_url(node, port, FEATURES_PATH), signed_features(node),
+                            *upstream_source_headers(node))
+    assert status == 200, f"signed {FEATURES_PATH} on {port} answered {status}: {body[:200]}"
     features = json.loads(body)
     not_running = {name: f.get("state") for name, f in features.items() if f.get("state") != "running"}
     assert features and not not_running, f"features not running: {not_running or 'none reported'}"
-    control.note(f"running: {', '.join(sorted(features))}")
+    control.note(f"running: {', '.join(sorted(features))}" + (f" (control listener {port})" if port != worker_port else ""))
 
 
 def test_AP_EP_04_front_health(host, node, control):
     status, body = http_get(host, node.front_url("/_proxy/health"), insecure=True)
     assert status == 200, f"/_proxy/health through the front answered {status}: {body[:200]}"
     control.note(f"200 through {node.front_url('')}")
+
+
+def test_AP_EP_05_control_paths_refused_on_the_client_port(host, node, control):
+    """With listen_control, an agent holding a valid signature still cannot call the
+    upstream's paths through front.port: the workers answer them on their control listener only."""
+    if node.config.listen_control is None:
+        pytest.skip("listen_control is not set: the upstream's paths share front.port")
+    status, body = http_get(host, node.front_url(FEATURES_PATH), signed_features(node), insecure=True)
+    assert status == 404, f"signed {FEATURES_PATH} through the client port {node.front_target} answered {status}: {body[:200]}"
+    control.note(f"signed {FEATURES_PATH} through {node.front_target}: 404")

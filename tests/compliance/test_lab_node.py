@@ -63,6 +63,7 @@ def test_a_broken_node_fails_exactly_the_matching_controls(lab_node):
     lab_node.loosen_key()
     lab_node.open_firewall()
     lab_node.render_front_as_worker_mode()
+    lab_node.restart_workers_without_control_listener()
     lab_node.enable_tls10()  # restarts the front, which then serves the new certificate and mode
     run, junit = lab_node.audit("broken")
     results = outcomes(junit)
@@ -73,6 +74,9 @@ def test_a_broken_node_fails_exactly_the_matching_controls(lab_node):
         ("AP-FW-01", "-"),       # INPUT policy ACCEPT
         ("AP-FW-02", "-"),       # :2002 open to anyone
         ("AP-FW-05", "-"),       # front.control_port open to anyone
+        ("AP-EP-05", "-"),       # the client port serves the upstream's paths (403 to a stranger, not 404)
+        ("AP-EP-03", "8002"),    # no control listener to ask for the features
+        ("AP-EP-03", "8003"),
         ("AP-TLS-01", "-"),      # TLS 1.0 served
         ("AP-TLS-02", "-"),      # ssl-min-ver TLSv1.0 serves 1.1 as well
     }, run.stdout[-4000:]

@@ -4,6 +4,7 @@ health checks left out unless asked for. A real worker, a real origin, urllib3."
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import urllib3
@@ -25,8 +26,8 @@ def access_lines(proc) -> list[dict]:
     return [line for line in lines if line["logger"] == "agent_proxy.access"]
 
 
-def serve(tmp_path, upstream_url: str, **logging):
-    config = write_config(tmp_path, upstream_url, logging={"level": "info", "format": "json", **logging})
+def serve(tmp_path, upstream_url: str, limits: dict | None = None, **logging):
+    config = write_config(tmp_path, upstream_url, logging={"level": "info", "format": "json", **logging}, limits=limits or {})
     proc = start_worker(config, tmp_path)
     return proc, f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
 
@@ -56,6 +57,27 @@ def test_a_proxy_made_error_logs_its_code(tmp_path):
         unreachable, not_found = access_lines(proc)
         assert unreachable["error"] == "upstream-unreachable" and unreachable["origin_ms"] >= 0
         assert not_found["error"] == "not-found" and "origin_ms" not in not_found
+    finally:
+        proc.stop()
+
+
+def test_an_overload_refusal_logs_its_code_and_outcome(origin, tmp_path):
+    proc, url = serve(tmp_path, origin.url, limits={"threads": 2, "max_in_flight": 2})
+    try:
+        slow = [threading.Thread(target=urllib3.request, args=("GET", url + "/slow?s=1")) for _ in range(2)]
+        for thread in slow:
+            thread.start()
+        wait_until(lambda: sum(r["target"].startswith("/slow") for r in origin.received) >= 2, 5, "both slow requests reach the origin")
+        answer = urllib3.request("GET", url + "/agent/checkin", retries=False)
+        assert answer.status == 503 and answer.headers["X-Agent-Proxy-Error"] == "overloaded"
+        for thread in slow:
+            thread.join(10)
+        wait_until(lambda: len(access_lines(proc)) == 3, 5, "three access lines")
+        refused = next(line for line in access_lines(proc) if line["status"] == 503)
+        assert refused["error"] == "overloaded" and refused["outcome"] == "refused"
+        assert refused["direction"] == "northbound" and refused["target"] == "/agent/checkin"
+        assert refused["client_ip"] == "127.0.0.1" and refused["bytes_out"] == len(answer.data)
+        assert [line["outcome"] for line in access_lines(proc) if line["status"] == 200] == ["complete", "complete"]
     finally:
         proc.stop()
 

@@ -2,18 +2,25 @@
 
 The HAProxy is a node front (kit/node.py: backend `workers`, servers `worker<port>`)
 before two real workers and the test origin; it has the same runtime API as the balancer.
+The last test drives a real balancer (lb-haproxy with control traffic apart) instead.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import urllib3
+import yaml
 
-from kit import AGENT_PROXY, server_stats, start_node, start_origin, wait_until
+from kit import (
+    AGENT_PROXY, REPO, VENV_BIN, all_up, free_port, free_ports, render, server_stats, start_haproxy, start_node, start_origin,
+    wait_for_port, wait_until, write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,10 @@ def node(tmp_path_factory):
     proc.stop()
 
 
-def lb(node, action: str, server: str, *extra: str, backend: str = "workers", socket: str | None = None):
-    argv = [AGENT_PROXY, "lb", action, "--socket", socket or node.stats_socket, "--backend", backend, "--server", server, *extra]
+def lb(node, action: str, server: str, *extra: str, backend: str | None = "workers", socket: str | None = None):
+    """`agent-proxy lb`; ``backend`` None names none (the command finds every backend with the server)."""
+    argv = [AGENT_PROXY, "lb", action, "--socket", socket or node.stats_socket, "--server", server, *extra]
+    argv += ["--backend", backend] if backend else []
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -83,6 +92,7 @@ def test_wait_idle_waits_for_the_request_in_flight_and_times_out_before_it_ends(
 @pytest.mark.parametrize("backend, server, message", [
     ("workers", "worker1", "backend 'workers' has no server 'worker1'"),
     ("nodes", "worker1", "no backend 'nodes' (backends: "),
+    (None, "worker1", "no backend has a server 'worker1'"),
 ])
 def test_an_unknown_name_is_a_usage_error(node, backend, server, message):
     done = lb(node, "drain", server, backend=backend)
@@ -109,3 +119,97 @@ def test_ready_fails_when_the_server_never_comes_up(node, tmp_path):
     finally:
         node.start_worker(port)
         wait_until(lambda: server_stats(node.stats_socket, "workers")[first]["status"] == "UP", 10, f"{first} UP again")
+
+
+
+@dataclass
+class Balancer:
+    socket: str
+    node: object
+
+
+@pytest.fixture(scope="module")
+def balancer(tmp_path_factory):
+    """A real balancer (lb-haproxy) with control traffic apart before one real node, node1:
+    the node is a server of both `nodes` and `control_nodes`."""
+    tmp_path = tmp_path_factory.mktemp("site")
+    origin, origin_url = start_origin(tmp_path)
+    control_port = free_port()
+    node = start_node(tmp_path / "node", origin_url, workers=1, balancers=["127.0.0.1/32"], name="node1",
+                      listen_control={"host": "127.0.0.1", "port": free_ports(1)[0]},
+                      front={"control_port": control_port}, networks={"agents": ["127.0.0.0/8"], "upstream": ["127.0.0.1/32"]})
+    proc = None
+    try:
+        directory = tmp_path / "balancer"
+        directory.mkdir()
+        socket = str(directory / "haproxy.sock")
+        port = free_port()
+        config = write_config(directory, origin_url, listen_control={"host": "127.0.0.1", "port": free_port()},
+                              front={"bind": "127.0.0.1", "port": port, "control_port": free_port(), "stats_socket": socket})
+        variables = directory / "nodes.yaml"
+        variables.write_text(yaml.safe_dump({"nodes": [
+            {"name": "node1", "address": "127.0.0.1", "port": node.port, "control_port": control_port}]}))
+        proc = start_haproxy(render("lb-haproxy", config, str(variables), f"monitor_port={free_port()}", "check_inter=200ms"),
+                             directory, "balancer")
+        wait_for_port("127.0.0.1", port, proc=proc)
+        wait_until(lambda: all_up(socket, "nodes") and all_up(socket, "control_nodes"), 10, "node1 UP in both backends")
+        yield Balancer(socket, node)
+    finally:
+        if proc is not None:
+            proc.stop()
+        node.stop()
+        origin.stop()
+
+
+def node1(balancer: Balancer) -> dict[str, str]:
+    return {backend: server_stats(balancer.socket, backend)["node1"]["status"] for backend in ("nodes", "control_nodes")}
+
+
+def test_a_node_is_drained_and_put_back_in_every_backend_of_a_balancer(balancer):
+    """Named no backend, `lb` acts on node1 in `nodes` and `control_nodes`."""
+    socket, node = balancer.socket, balancer.node
+    drained = lb(node, "drain", "node1", backend=None, socket=socket)
+    assert drained.returncode == 0, drained.stderr
+    assert [line.split(", ")[0] for line in drained.stdout.splitlines()] == ["nodes/node1: DRAIN", "control_nodes/node1: DRAIN"]
+    assert node1(balancer) == {"nodes": "DRAIN", "control_nodes": "DRAIN"}
+    one = lb(node, "ready", "node1", "--timeout", "10", backend="nodes", socket=socket)
+    assert one.returncode == 0 and one.stdout.startswith("nodes/node1: UP,") and one.stdout.count("\n") == 1
+    assert node1(balancer) == {"nodes": "UP", "control_nodes": "DRAIN"}
+    back = lb(node, "ready", "node1", "--timeout", "10", backend=None, socket=socket)
+    assert back.returncode == 0, back.stderr
+    assert [line.split(", ")[0] for line in back.stdout.splitlines()] == ["nodes/node1: UP", "control_nodes/node1: UP"]
+    assert lb(node, "status", "node1", backend=None, socket=socket).stdout == back.stdout
+
+
+ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
+
+
+def rolling_upgrade(tmp_path, balancer: Balancer, tags: str) -> subprocess.CompletedProcess:
+    """ansible/playbooks/rolling-upgrade.yml, only its balancer steps (``tags``), for proxy
+    node1 and one balancer, both this machine (local connections)."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": str(VENV_BIN / "python"), "ansible_become": False}
+    inventory = {"all": {"vars": local, "children": {
+        "proxies": {"hosts": {"node1": {}}}, "balancers": {"hosts": {"lb": {}}},
+    }}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
+           "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")}
+    return subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), str(REPO / "ansible" / "playbooks" / "rolling-upgrade.yml"),
+         "--tags", tags, "-e", f"rolling_agent_proxy={AGENT_PROXY} rolling_lb_socket={balancer.socket} rolling_up_timeout=10"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO / "ansible")
+
+
+@pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core is not in .venv: run ansible/lint.sh")
+def test_the_rolling_upgrade_playbook_takes_a_node_out_of_every_backend_and_back(balancer, tmp_path):
+    out = rolling_upgrade(tmp_path, balancer, "lb_drain,lb_wait_idle")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert node1(balancer) == {"nodes": "DRAIN", "control_nodes": "DRAIN"}
+    # Back in `nodes` only: the playbook's check must see control_nodes still out.
+    assert lb(balancer.node, "ready", "node1", "--timeout", "10", backend="nodes", socket=balancer.socket).returncode == 0
+    half = rolling_upgrade(tmp_path, balancer, "lb_status")
+    assert half.returncode == 2, half.stdout
+    assert "control_nodes/node1: DRAIN" in half.stdout and "Check that every balancer has the node UP" in half.stdout
+    back = rolling_upgrade(tmp_path, balancer, "lb_ready")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert node1(balancer) == {"nodes": "UP", "control_nodes": "UP"}

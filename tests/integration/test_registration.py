@@ -11,30 +11,19 @@ import http.client
 import json
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kit import AGENT_PROXY, REPO, SECRET, Process, free_port, start_worker, wait_for_port, write_config
+from kit import AGENT_PROXY, free_port, start_upstream, start_worker, write_config
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("upstream")
-    (tmp / "site-a.psk").write_text(SECRET + "\n")
-    port = free_port()
-    proc = Process("upstream", [
-        sys.executable, "-m", "agent_proxy.reference.upstream", "--listen", f"127.0.0.1:{port}",
-        "--self-signed", "127.0.0.1", "--write-cert", str(tmp / "upstream.crt"),
-        "--proxy", f"site-a={tmp / 'site-a.psk'}",
-    ], tmp / "upstream.log", env={"PYTHONPATH": str(REPO / "app")}).start()
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc)
-        yield {"url": f"https://127.0.0.1:{port}", "ca": str(tmp / "upstream.crt"), "proc": proc}
-    finally:
-        proc.stop()
+    proc, url, ca = start_upstream(tmp_path_factory.mktemp("upstream"))
+    yield {"url": url, "ca": ca, "proc": proc}
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +155,9 @@ def test_ca_file_without_a_certificate(upstream, worker, tmp_path):
 
 
 def test_register_warns_about_features_the_upstream_expects_and_the_proxy_lacks(tmp_path):
-    (tmp_path / "site-a.psk").write_text(SECRET + "\n")
-    port = free_port()
-    peer = Process("expecting-upstream", [
-        sys.executable, "-m", "agent_proxy.reference.upstream", "--listen", f"127.0.0.1:{port}",
-        "--self-signed", "127.0.0.1", "--write-cert", str(tmp_path / "upstream.crt"),
-        "--proxy", f"site-a={tmp_path / 'site-a.psk'}", "--expect-feature", "southbound", "--expect-feature", "dhcp",
-    ], tmp_path / "upstream.log", env={"PYTHONPATH": str(REPO / "app")}).start()
+    peer, url, ca = start_upstream(tmp_path, "--expect-feature", "southbound", "--expect-feature", "dhcp")
     try:
-        wait_for_port("127.0.0.1", port, proc=peer)
-        up = {"url": f"https://127.0.0.1:{port}", "ca": str(tmp_path / "upstream.crt")}
+        up = {"url": url, "ca": ca}
         node = tmp_path / "node"
         listen = free_port()
         config = write_config(node, up["url"], upstream={"ca_file": up["ca"]}, agents={"ports": []},

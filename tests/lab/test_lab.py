@@ -103,6 +103,26 @@ def test_gateway_drops_a_stranger_and_admits_the_upstream(lab):
     assert lab.connect("upstream", "4.3.2.1", 2002, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
 
 
+@pytest.mark.parametrize("site", ["site-a", "site-b"])
+def test_control_paths_only_on_the_control_port_even_signed(lab, site):
+    """An agent holding a valid signature is refused the upstream's paths on the client
+    port (404) and cannot reach the control port; the upstream is served through its gateway."""
+    seen = demo.control_apart(lab, site)
+    assert "(client port): signed /_proxy/v2/features 404" in seen
+    assert "(control port): no answer" in seen
+    assert "signed /_proxy/v2/features 200" in seen
+
+
+def test_node_firewall_admits_the_upstream_on_the_control_port_only(lab, topo):
+    node = lab.nodes["node-b"]  # site B has no balancer: the gateway forwards to the node itself
+    with pytest.raises(socket.timeout):
+        lab.connect("agent-b", node.address, topo.control_port, demo.PROBE_TIMEOUT)
+    assert lab.connect("upstream", "4.3.3.1", topo.proxy_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
+    rules = open(node.firewall_rules).read()
+    assert f"-A INPUT -s 8.7.6.5/32 -p tcp -m tcp --dport {topo.control_port} " in rules
+    assert f"-A INPUT -s 8.7.6.5/32 -p tcp -m tcp --dport {topo.proxy_port} " not in rules
+
+
 def test_node_firewall_drops_a_source_it_does_not_list(lab):
     # The site router (10.1.2.254) is neither an agent, a balancer nor the upstream.
     with pytest.raises(socket.timeout):

@@ -1,0 +1,99 @@
+"""Registration at boot (appliance/firstboot/agent-proxy-register, the image's
+agent-proxy-register.service): the real script against a real node (workers behind the
+HAProxy front rendered from the template) and the reference upstream, on loopback. The
+script's paths point into the test's folders (REGISTER_CONFIG, REGISTER_VENV, REGISTER_STATE_DIR).
+Each run must print one line and exit 0: a boot never fails for registration.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kit import REPO, VENV_BIN, free_port, start_node, start_upstream
+
+SCRIPT = REPO / "appliance" / "firstboot" / "agent-proxy-register"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    proc, url, ca = start_upstream(tmp_path_factory.mktemp("upstream"), "--insecure-proxy-tls")
+    yield {"url": url, "ca": ca}
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def node(upstream, tmp_path_factory):
+    front_port = free_port()
+    node = start_node(tmp_path_factory.mktemp("node"), upstream["url"], workers=1, front_port=front_port,
+                      public_url=f"https://127.0.0.1:{front_port}", upstream={"ca_file": upstream["ca"]})
+    yield node
+    node.stop()
+
+
+def boot_registration(config: Path, state: Path, front_wait: int = 10) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "REGISTER_CONFIG": str(config), "REGISTER_VENV": str(VENV_BIN.parent),
+           "REGISTER_STATE_DIR": str(state), "REGISTER_FRONT_WAIT": str(front_wait)}
+    return subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def one_line(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stderr == "" and run.stdout.count("\n") == 1, run.stdout + run.stderr
+    return run.stdout.strip()
+
+
+def registered(upstream) -> list[tuple[str, str]]:
+    result = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", upstream["ca"],
+                             upstream["url"] + "/operator/v1/proxies"], capture_output=True, text=True, timeout=30)
+    return [(p["proxy_id"], p["url"]) for p in yaml.safe_load(result.stdout)]
+
+
+def variant(node, tmp_path: Path, **changes) -> Path:
+    """The node's config with ``changes`` (dotted keys), written beside the test."""
+    data = yaml.safe_load(node.config.read_text())
+    for dotted, value in changes.items():
+        *path, last = dotted.split(".")
+        section = data
+        for key in path:
+            section = section.setdefault(key, {})
+        section[last] = value
+    other = tmp_path / "agent-proxy.yaml"
+    other.write_text(yaml.safe_dump(data))
+    return other
+
+
+def test_registers_once_then_skips_at_later_boots(node, upstream, tmp_path):
+    first = one_line(boot_registration(node.config, tmp_path / "state"))
+    assert first == (f"agent-proxy-register: OK: site-a registered with {upstream['url']}; the upstream reached "
+                     f"this proxy at {node.url} (features: northbound, southbound, registration, metrics)")
+    assert registered(upstream) == [("site-a", node.url)]
+    mark = (tmp_path / "state" / "registered-at-boot").read_text()
+    assert mark.endswith(f"UTC: {first.removeprefix('agent-proxy-register: OK: ')}\n")
+
+    again = one_line(boot_registration(node.config, tmp_path / "state"))
+    assert again == f"agent-proxy-register: SKIPPED: registered at an earlier boot ({mark.strip()})"
+
+
+def test_an_unreachable_upstream_is_one_failed_line_and_no_mark(node, tmp_path):
+    closed = f"https://127.0.0.1:{free_port()}"
+    line = one_line(boot_registration(variant(node, tmp_path, **{"upstream.url": closed}), tmp_path / "state"))
+    assert line.startswith(f"agent-proxy-register: FAILED: cannot reach the upstream {closed}")
+    assert line.endswith("(the proxy serves unregistered; when the upstream can reach it: sudo agent-proxy register)")
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_image_placeholder_upstream_is_skipped(node, tmp_path):
+    config = variant(node, tmp_path, **{"upstream.url": "https://upstream.invalid:3302"})
+    line = one_line(boot_registration(config, tmp_path / "state"))
+    assert line == (f"agent-proxy-register: SKIPPED: no upstream configured (upstream.url is https://upstream.invalid:3302); "
+                    f"set it in {config}, then: sudo agent-proxy register")
+
+
+def test_a_front_that_does_not_answer_is_one_failed_line(node, tmp_path):
+    port = free_port()
+    line = one_line(boot_registration(variant(node, tmp_path, **{"front.port": port}), tmp_path / "state", front_wait=1))
+    assert line.startswith(f"agent-proxy-register: FAILED: the front did not answer https://127.0.0.1:{port}/_proxy/health within 1 s")
