@@ -605,7 +605,7 @@ class Worker:
         return [data]
 
     def __call__(self, env, start_response):
-        proxy, state = self.proxy, self.proxy.state
+        state = self.proxy.state
         started = time.perf_counter()
         info = env["agent_proxy.log"] = {"direction": "local", "client_ip": env.get("REMOTE_ADDR", ""), "bytes_in": 0}
         with state.lock:
