@@ -7,6 +7,7 @@ Each run must print one line and exit 0: a boot never fails for registration.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,8 +35,17 @@ def node(upstream, tmp_path_factory):
     node.stop()
 
 
+# What the script may find on PATH: what a minimal Debian (the image) has. No curl there.
+IMAGE_TOOLS = ("tr", "sed", "date", "install", "mktemp", "rm", "sleep")
+
+
 def boot_registration(config: Path, state: Path, front_wait: int = 10) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "REGISTER_CONFIG": str(config), "REGISTER_VENV": str(VENV_BIN.parent),
+    tools = state.parent / "image-bin"
+    if not tools.exists():
+        tools.mkdir()
+        for tool in IMAGE_TOOLS:
+            (tools / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(tools), "REGISTER_CONFIG": str(config), "REGISTER_VENV": str(VENV_BIN.parent),
            "REGISTER_STATE_DIR": str(state), "REGISTER_FRONT_WAIT": str(front_wait)}
     return subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
 
