@@ -87,6 +87,7 @@ class Topology:
     networks: dict[str, Network]
     hosts: dict[str, Host]
     sites: dict[str, Site] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)   # role -> Ansible group (the Vagrant lab)
 
     def by_role(self, role: str) -> list[Host]:
         return [h for h in self.hosts.values() if h.role == role]
@@ -151,6 +152,10 @@ def _parse(data: dict) -> Topology:
             if ref not in hosts:
                 raise ValueError(f"site {site.name}: unknown host {ref!r}")
         sites[site.name] = site
+    groups = {str(role): str(group) for role, group in (data.get("groups") or {}).items()}
+    if set(groups) != ROLES:
+        raise ValueError(f"groups: needs exactly one group per role; missing {sorted(ROLES - set(groups))}, "
+                         f"unknown {sorted(set(groups) - ROLES)}")
     upstream = data["upstream"]
     if upstream["host"] not in hosts:
         raise ValueError(f"upstream: unknown host {upstream['host']!r}")
@@ -158,5 +163,5 @@ def _parse(data: dict) -> Topology:
         upstream_host=upstream["host"], upstream_address=str(ipaddress.IPv4Address(upstream["address"])),
         upstream_port=int(upstream["port"]), agent_port=int(data["agents"]["port"]),
         proxy_port=int(data["proxy"]["port"]), worker_port=int(data["proxy"]["worker_port"]),
-        workers=int(data["proxy"]["workers"]), networks=networks, hosts=hosts, sites=sites,
+        workers=int(data["proxy"]["workers"]), networks=networks, hosts=hosts, sites=sites, groups=groups,
     )
