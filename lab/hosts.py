@@ -65,6 +65,7 @@ class Hosts(ABC):
     """A lab as the scenario sees it: the topology, the hosts that are up, and ``run`` on each."""
 
     topology: Topology
+    agents_timeout: float = 30   # seconds for every agent to handshake (a VM under TCG needs longer)
 
     # -- the host access: the one thing a lab must provide
 
@@ -192,9 +193,10 @@ class Hosts(ABC):
             raise LabError(f"{site.site_address} is on {holders or 'no balancer'} after {timeout:g} s"
                            f"{f', expected it to leave {away_from}' if away_from else ''}\n{logs}") from None
 
-    def wait_for_agents(self, timeout: float = 30) -> list[dict]:
+    def wait_for_agents(self, timeout: float | None = None) -> list[dict]:
         """Until the upstream lists every agent of the sites that are up under its site's proxy_id."""
         topo = self.topology
+        timeout = timeout or self.agents_timeout
         wanted = {(site.proxy_id, topo.hosts[a].address, a) for site in self.sites_up for a in site.agents}
         seen: set = set()
 

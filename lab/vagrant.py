@@ -41,6 +41,7 @@ PROVISION_TIMEOUT = 3600
 
 
 class VagrantLab(Hosts):
+    agents_timeout = 180
     def __init__(self, workdir: Path | str, hosts: Sequence[str] = (), topology_file: Path | str = topology.TOPOLOGY_FILE):
         self.workdir = Path(workdir)
         self.topology: Topology = topology.load(Path(topology_file))
