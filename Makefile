@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab clean
+.PHONY: help deps venv test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab vagrant-demo clean
 
 help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
@@ -21,6 +21,7 @@ help:
 	@echo "make compliance HOSTS=ssh://node   audit a node"
 	@echo "make image       build the appliance qcow2 and Vagrant box into out/"
 	@echo "make vagrant-lab vagrant up the balancer and one node from the box (slow under TCG)"
+	@echo "make vagrant-demo  the demo's scenario on VMs (LAB_HOSTS=... for a part; see lab/README.md)"
 
 # Debian packages, from tools/apt-packages (comments and blank lines ignored).
 deps:
@@ -88,6 +89,11 @@ image: deps venv
 
 vagrant-lab: image
 	packer/vagrant-lab.sh
+
+# ansible/lint.sh installs the ansible-playbook that `vagrant provision` runs.
+vagrant-demo: image
+	ansible/lint.sh
+	packer/vagrant-demo.sh
 
 clean:
 	rm -rf $(VENV) out build

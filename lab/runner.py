@@ -18,11 +18,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +30,7 @@ import yaml
 from kit import AGENT_PROXY, Process, ProcessError, netns, render, wait_for_port, wait_until, write_private
 
 from . import topology
+from .hosts import Hosts, LabError
 from .topology import Host, Site, Topology
 
 DEFAULT_WORKDIR = Path("/run/agent-proxy-lab")
@@ -40,10 +39,6 @@ STATE_FILE = "state.json"
 MARKER = ".agent-proxy-lab"
 LB_MONITOR_PORT = 8404
 REQUIRED_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "haproxy", "keepalived", "curl")
-
-
-class LabError(Exception):
-    """Something in the lab did not come up or did not behave; the message names it."""
 
 
 @dataclass
@@ -71,7 +66,9 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-class Lab:
+class Lab(Hosts):
+    control_apart = True
+
     def __init__(self, workdir: Path | str = DEFAULT_WORKDIR, prefix: str = DEFAULT_PREFIX,
                  topology_file: Path | str = topology.TOPOLOGY_FILE, say: Callable[[str], None] = _say):
         self.workdir = Path(workdir)
@@ -257,13 +254,6 @@ class Lab:
                 self._write_balancer(site, topo.hosts[name])
         (self.workdir / "proxy-certs.pem").write_bytes(
             b"".join((self.workdir / "sites" / s / "tls" / "proxy.crt").read_bytes() for s in topo.sites))
-
-    @property
-    def upstream_url(self) -> str:
-        return f"https://{self.topology.upstream_address}:{self.topology.upstream_port}"
-
-    def public_url(self, site: Site) -> str:
-        return f"https://{site.public_address}:{self.topology.proxy_port}"
 
     def _node_config(self, site: Site, directory: Path, stats_socket: Path) -> dict:
         topo = self.topology
@@ -462,43 +452,6 @@ class Lab:
     def _running(self, process: str) -> bool:
         return process in self.processes and self.processes[process].alive()
 
-    def site_address_holders(self, site_name: str) -> list[str]:
-        """The balancers of a site that have its site address on an interface now."""
-        site = self.topology.sites[site_name]
-        holders = []
-        for name in site.balancers:
-            out = netns.run(["ip", "-n", self.ns(name), "-o", "-4", "addr", "show"], timeout=5).stdout
-            if any(line.split()[3].split("/")[0] == site.site_address for line in out.splitlines()):
-                holders.append(name)
-        return holders
-
-    def wait_site_address(self, site_name: str, away_from: str | None = None, timeout: float = 15) -> str:
-        """Until exactly one balancer (not ``away_from``) holds the site address; returns its name."""
-        site = self.topology.sites[site_name]
-        holders: list[str] = []
-
-        def one_holder() -> str | None:
-            holders[:] = self.site_address_holders(site_name)
-            return holders[0] if len(holders) == 1 and holders[0] != away_from else None
-
-        try:
-            return wait_until(one_holder, timeout, f"{site.site_address} on one balancer")
-        except TimeoutError:
-            logs = "\n".join(f"{n}/keepalived:\n{self.processes[f'{n}/keepalived'].output(5)}"
-                             for n in site.balancers if f"{n}/keepalived" in self.processes)
-            raise LabError(f"{site.site_address} is on {holders or 'no balancer'} after {timeout:g} s"
-                           f"{f', expected it to leave {away_from}' if away_from else ''}\n{logs}") from None
-
-    def register(self, site_name: str) -> str:
-        """`agent-proxy register` from the site's first node; the upstream handshakes back."""
-        site = self.topology.sites[site_name]
-        node = self.nodes[site.nodes[0]]
-        result = netns.ns_run(node.namespace, [AGENT_PROXY, "register", "-c", node.config_path], check=False, timeout=60)
-        if result.returncode != 0:
-            raise LabError(f"register {site.proxy_id} from {node.name} failed (exit {result.returncode}): "
-                           f"{(result.stderr or result.stdout).strip()}")
-        return result.stdout.strip()
-
     def start_agents(self) -> None:
         topo = self.topology
         for site in topo.sites.values():
@@ -518,55 +471,38 @@ class Lab:
                 host = topo.hosts[name]
                 self.wait_port(name, host.address, topo.agent_port, f"agent {name}", self.processes[name])
 
-    def wait_for_agents(self, timeout: float = 30) -> list[dict]:
-        """Until the upstream lists every agent of the topology under its site's proxy_id."""
-        topo = self.topology
-        wanted = {(site.proxy_id, topo.hosts[a].address, a) for site in topo.sites.values() for a in site.agents}
-        seen: set = set()
+    # -- the host access (lab/hosts.py): a host is a namespace, a service a recorded process
 
-        def all_listed() -> list[dict] | None:
-            status, body = self.operator("GET", "/operator/v1/agents")
-            if status != 200:
-                return None
-            agents = json.loads(body)
-            seen.update((a["proxy_id"], a["ip"], a["instance_id"]) for a in agents)
-            return agents if wanted <= seen else None
+    def run(self, host: str, argv, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(netns.prefix(self.ns(host)) + list(argv), capture_output=True, text=True,
+                              timeout=timeout, input=input)
 
-        try:
-            return wait_until(all_listed, timeout, "the agents listed by the upstream", interval=0.2)
-        except TimeoutError:
-            missing = ", ".join(f"{i} ({p} {ip})" for p, ip, i in sorted(wanted - seen))
-            raise LabError(f"agents did not handshake with the upstream within {timeout:g} s: {missing}") from None
+    @property
+    def hosts_up(self) -> set[str]:
+        return set(self.topology.hosts)
+
+    def python(self, host: str) -> str:
+        return sys.executable
+
+    def agent_proxy(self, host: str) -> str:
+        return AGENT_PROXY
+
+    def node_config(self, host: str) -> str:
+        return self.nodes[host].config_path
+
+    @property
+    def upstream_ca_file(self) -> str:
+        return str(self.host_dir(self.topology.upstream_host) / "upstream.crt")
+
+    def log_lines(self, service: str) -> list[str]:
+        return self.processes[service].log_path.read_text(errors="replace").splitlines()
+
+    def kill(self, service: str) -> str:
+        proc = self.processes[service]
+        proc.signal(signal.SIGKILL)
+        return f"pid {proc.pid}"
 
     # -- talking to things inside the lab
-
-    def operator(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
-        """A call to the upstream's operator API, from inside the upstream's namespace."""
-        topo = self.topology
-        cafile = str(self.host_dir(topo.upstream_host) / "upstream.crt")
-
-        def call():
-            context = ssl.create_default_context(cafile=cafile)
-            conn = http.client.HTTPSConnection("127.0.0.1", topo.upstream_port, timeout=timeout, context=context)
-            try:
-                data = json.dumps(body).encode() if body is not None else None
-                conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-                answer = conn.getresponse()
-                return answer.status, answer.read()
-            finally:
-                conn.close()
-
-        return netns.call_in(self.ns(topo.upstream_host), call, timeout=timeout + 5)
-
-    def connect(self, host: str, address: str, port: int, timeout: float) -> float:
-        """Open a TCP connection from ``host``'s namespace; returns the seconds it took (raises OSError)."""
-
-        def attempt():
-            started = time.monotonic()
-            socket.create_connection((address, port), timeout).close()
-            return time.monotonic() - started
-
-        return netns.call_in(self.ns(host), attempt, timeout=timeout + 5)
 
     def wait_port(self, host: str, address: str, port: int, what: str, proc: Process | None = None, timeout: float = 20) -> None:
         try:
@@ -591,6 +527,10 @@ class Lab:
             wait_until(answers_200, timeout, f"GET {path}", interval=0.1)
         except TimeoutError:
             raise LabError(f"{what}: GET {path} on {address}:{port} in {self.ns(host)} did not answer 200 within {timeout:g} s (last: {last})") from None
+
+    def site_secret(self, site_name: str) -> bytes:
+        """The site's shared secret (one per proxy_id, copied to each of its nodes)."""
+        return (self.workdir / "sites" / site_name / "psk").read_text().strip().encode()
 
     def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
              timeout: float = 10, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -89,6 +89,7 @@ class Topology:
     networks: dict[str, Network]
     hosts: dict[str, Host]
     sites: dict[str, Site] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)   # role -> Ansible group (the Vagrant lab)
 
     def by_role(self, role: str) -> list[Host]:
         return [h for h in self.hosts.values() if h.role == role]
@@ -153,6 +154,10 @@ def _parse(data: dict) -> Topology:
             if ref not in hosts:
                 raise ValueError(f"site {site.name}: unknown host {ref!r}")
         sites[site.name] = site
+    groups = {str(role): str(group) for role, group in (data.get("groups") or {}).items()}
+    if set(groups) != ROLES:
+        raise ValueError(f"groups: needs exactly one group per role; missing {sorted(ROLES - set(groups))}, "
+                         f"unknown {sorted(set(groups) - ROLES)}")
     upstream = data["upstream"]
     if upstream["host"] not in hosts:
         raise ValueError(f"upstream: unknown host {upstream['host']!r}")
@@ -162,4 +167,5 @@ def _parse(data: dict) -> Topology:
         proxy_port=int(data["proxy"]["port"]), worker_port=int(data["proxy"]["worker_port"]),
         workers=int(data["proxy"]["workers"]), control_port=int(data["proxy"]["control_port"]),
         control_worker_port=int(data["proxy"]["control_worker_port"]), networks=networks, hosts=hosts, sites=sites,
+        groups=groups,
     )

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from lab import demo
+from lab import demo, scenario
 from lab.runner import Lab, LabError
 from kit import REPO, netns
 
@@ -69,15 +69,15 @@ def test_no_route_leads_off_the_machine(lab, topo):
 
 
 def test_site_a_registers_through_its_gateway(lab):
-    assert "https://4.3.2.1:2002" in demo.registered(lab, "site-a")
+    assert "https://4.3.2.1:2002" in scenario.registered(lab, "site-a")
 
 
 def test_site_b_registers_through_its_own_gateway(lab):
-    assert "https://4.3.3.1:2002" in demo.registered(lab, "site-b")
+    assert "https://4.3.3.1:2002" in scenario.registered(lab, "site-b")
 
 
 def test_both_agents_at_the_same_address_are_told_apart_by_proxy(lab):
-    demo.agents_handshaken(lab)
+    scenario.agents_handshaken(lab)
     status, body = lab.operator("GET", "/operator/v1/agents")
     assert status == 200
     seen = sorted((a["proxy_id"], a["ip"], a["instance_id"]) for a in json.loads(body))
@@ -85,29 +85,29 @@ def test_both_agents_at_the_same_address_are_told_apart_by_proxy(lab):
 
 
 def test_command_for_site_a_reaches_agent_a_and_not_agent_b(lab):
-    before_b = len(demo.commands_seen(lab, "agent-b"))
-    answer = demo.send_command(lab, "site-a", "10.0.0.2", {"probe": "a"})
+    before_b = len(scenario.commands_seen(lab, "agent-b"))
+    answer = scenario.send_command(lab, "site-a", "10.0.0.2", {"probe": "a"})
     assert answer["agent_body"]["instance_id"] == "agent-a"
     assert answer["agent_body"]["result"] == {"probe": "a"}
-    assert len(demo.commands_seen(lab, "agent-b")) == before_b
+    assert len(scenario.commands_seen(lab, "agent-b")) == before_b
 
 
 def test_command_for_site_b_reaches_agent_b(lab):
-    answer = demo.send_command(lab, "site-b", "10.0.0.2", {"probe": "b"})
+    answer = scenario.send_command(lab, "site-b", "10.0.0.2", {"probe": "b"})
     assert answer["agent_body"]["instance_id"] == "agent-b"
 
 
 def test_gateway_drops_a_stranger_and_admits_the_upstream(lab):
     with pytest.raises(socket.timeout):
-        lab.connect("outsider", "4.3.2.1", 2002, demo.PROBE_TIMEOUT)
-    assert lab.connect("upstream", "4.3.2.1", 2002, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
+        lab.connect("outsider", "4.3.2.1", 2002, scenario.PROBE_TIMEOUT)
+    assert lab.connect("upstream", "4.3.2.1", 2002, scenario.PROBE_TIMEOUT) < scenario.PROBE_TIMEOUT
 
 
 @pytest.mark.parametrize("site", ["site-a", "site-b"])
 def test_control_paths_only_on_the_control_port_even_signed(lab, site):
     """An agent holding a valid signature is refused the upstream's paths on the client
     port (404) and cannot reach the control port; the upstream is served through its gateway."""
-    seen = demo.control_apart(lab, site)
+    seen = scenario.control_apart(lab, site)
     assert "(client port): signed /_proxy/v2/features 404" in seen
     assert "(control port): no answer" in seen
     assert "signed /_proxy/v2/features 200" in seen
@@ -116,8 +116,8 @@ def test_control_paths_only_on_the_control_port_even_signed(lab, site):
 def test_node_firewall_admits_the_upstream_on_the_control_port_only(lab, topo):
     node = lab.nodes["node-b"]  # site B has no balancer: the gateway forwards to the node itself
     with pytest.raises(socket.timeout):
-        lab.connect("agent-b", node.address, topo.control_port, demo.PROBE_TIMEOUT)
-    assert lab.connect("upstream", "4.3.3.1", topo.proxy_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
+        lab.connect("agent-b", node.address, topo.control_port, scenario.PROBE_TIMEOUT)
+    assert lab.connect("upstream", "4.3.3.1", topo.proxy_port, scenario.PROBE_TIMEOUT) < scenario.PROBE_TIMEOUT
     rules = open(node.firewall_rules).read()
     assert f"-A INPUT -s 8.7.6.5/32 -p tcp -m tcp --dport {topo.control_port} " in rules
     assert f"-A INPUT -s 8.7.6.5/32 -p tcp -m tcp --dport {topo.proxy_port} " not in rules
@@ -126,13 +126,13 @@ def test_node_firewall_admits_the_upstream_on_the_control_port_only(lab, topo):
 def test_node_firewall_drops_a_source_it_does_not_list(lab):
     # The site router (10.1.2.254) is neither an agent, a balancer nor the upstream.
     with pytest.raises(socket.timeout):
-        lab.connect("router-a", lab.nodes["node2"].address, 2002, demo.PROBE_TIMEOUT)
+        lab.connect("router-a", lab.nodes["node2"].address, 2002, scenario.PROBE_TIMEOUT)
 
 
 def test_node_firewall_admits_the_balancer_and_the_agents(lab):
     node = lab.nodes["node2"]
-    assert lab.connect("lb1", node.address, node.front_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
-    assert lab.connect("agent-a", node.address, node.front_port, demo.PROBE_TIMEOUT) < demo.PROBE_TIMEOUT
+    assert lab.connect("lb1", node.address, node.front_port, scenario.PROBE_TIMEOUT) < scenario.PROBE_TIMEOUT
+    assert lab.connect("agent-a", node.address, node.front_port, scenario.PROBE_TIMEOUT) < scenario.PROBE_TIMEOUT
 
 
 def test_node_firewall_as_applied_is_the_rendered_file(lab):
@@ -154,7 +154,7 @@ def test_applied_rules_pass_restore_test(lab, name):
 def test_losing_a_node_does_not_stop_commands(lab):
     node1 = lab.nodes["node1"]
     pids = dict(node1.pids)
-    demo.failover(lab, "node1", count=5)
+    scenario.failover(lab, "node1", count=5)
     assert not netns.pids(node1.namespace)
     assert not any(lab.processes[f"node1/{key}"].alive() for key in pids)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -34,11 +36,12 @@ def test_only_the_internet_router_has_no_default_route_and_it_joins_no_outside_n
     (lambda d: d["sites"][0].update(gateway="nowhere"), "site site-a: unknown host 'nowhere'"),
     (lambda d: d["sites"][0].update(front_mode="fast"), "site site-a: front_mode must be worker or native, got 'fast'"),
     (lambda d: d["hosts"][0]["interfaces"][0].update(network="lan"), "host upstream: unknown network 'lan'"),
+    (lambda d: d["groups"].pop("agent"), "groups: needs exactly one group per role; missing ['agent'], unknown []"),
 ])
 def test_a_bad_entry_is_named(tmp_path, change, message):
     data = yaml.safe_load(topology.TOPOLOGY_FILE.read_text())
     change(data)
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(TopologyError, match=message.replace("(", r"\(")):
+    with pytest.raises(TopologyError, match=re.escape(message)):
         topology.load(path)

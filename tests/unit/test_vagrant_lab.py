@@ -1,0 +1,121 @@
+"""The Vagrant lab without booting it: the Vagrantfile as Vagrant reads it (every host, or
+LAB_HOSTS), the seed each VM's first boot gets, a play for every topology role, and the
+scenario's plan for a lab of a few hosts. `make vagrant-demo` boots it (lab/README.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from agent_proxy.seed import apply
+from kit import REPO
+from lab import scenario, topology
+from lab.runner import Lab
+from lab.vagrant import VagrantLab
+
+SITE_B_PATH = ["upstream", "internet", "gateway-b", "node-b", "agent-b"]
+IMAGE_CONFIG = "proxy_id: appliance\nupstream:\n  url: https://upstream.invalid:3302\nfront:\n  workers: 2\n"
+
+
+def vagrant_validate(tmp_path, lab_hosts: str | None = None) -> subprocess.CompletedProcess:
+    """`vagrant validate -p` (provider settings ignored: no libvirt needed) with its own dotfile folder."""
+    env = {**os.environ, "VAGRANT_DOTFILE_PATH": str(tmp_path / "dotfile"), "VAGRANT_HOME": str(tmp_path / "home")}
+    env.pop("LAB_HOSTS", None)
+    if lab_hosts is not None:
+        env["LAB_HOSTS"] = lab_hosts
+    return subprocess.run(["vagrant", "validate", "-p"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def machines(output: str) -> set[str]:
+    return set(re.findall(r"^==> (\S+): Ignoring provider config for validation", output, re.M))
+
+
+def test_the_vagrantfile_defines_every_host_of_the_topology(tmp_path):
+    result = vagrant_validate(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert machines(result.stdout) == set(topology.load().hosts)
+
+
+def test_lab_hosts_defines_only_the_hosts_named(tmp_path):
+    result = vagrant_validate(tmp_path, " ".join(SITE_B_PATH))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert machines(result.stdout) == set(SITE_B_PATH)
+
+
+def test_an_unknown_lab_host_is_named_in_one_line(tmp_path):
+    result = vagrant_validate(tmp_path, "node-b nowhere")
+    assert result.returncode != 0
+    assert "LAB_HOSTS: not in lab/topology.yaml: nowhere" in result.stderr
+    assert "Traceback" not in result.stderr and ".rb:" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """The seed.env the Vagrantfile gives each VM (through QEMU fw_cfg)."""
+    tmp = tmp_path_factory.mktemp("vagrant")
+    result = vagrant_validate(tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp / "dotfile" / "agent-proxy-lab-seed"
+
+
+@pytest.mark.parametrize("host", sorted(topology.load().hosts))
+def test_every_vm_gets_a_seed_on_which_first_boot_makes_a_valid_config(seeds, tmp_path, host):
+    # What first boot does with the seed (agent_proxy.seed.apply), then the config's own check:
+    # a seed without the lab's upstream leaves the image's placeholder and first boot fails.
+    root = tmp_path / "root"
+    config = root / "etc/agent-proxy/agent-proxy.yaml"
+    (root / "etc/chrony").mkdir(parents=True)
+    (root / "etc/chrony/chrony.conf").write_text("pool 2.debian.pool.ntp.org iburst\n")
+    (root / "etc/hosts").write_text("127.0.1.1 agent-proxy\n")
+    config.parent.mkdir(parents=True)
+    config.write_text(IMAGE_CONFIG)
+    apply(seeds / host, config, root / "etc/agent-proxy/firewall/vars.yaml", root)
+    data = yaml.safe_load(config.read_text())
+    topo = topology.load()
+    entry = topo.hosts[host]
+    assert data["upstream"]["url"] == f"https://{topo.upstream_address}:{topo.upstream_port}"
+    assert (root / "etc/hostname").read_text() == f"{host}\n"
+    if entry.role == "proxy-node":
+        site = topo.sites[entry.site]
+        assert data["proxy_id"] == site.proxy_id
+        assert data["public_url"] == f"https://{site.public_address}:{topo.proxy_port}"
+        assert data["networks"]["agents"] == [str(topo.networks[site.agent_network].cidr)]
+        assert data["front"].get("balancers", []) == [f"{topo.hosts[b].address}/32" for b in site.balancers]
+
+
+def test_every_topology_role_has_a_play_and_every_play_a_group():
+    topo = topology.load()
+    plays = yaml.safe_load((REPO / "ansible/playbooks/lab.yml").read_text())
+    play_hosts = {play["hosts"] for play in plays}
+    groups = {topo.groups[host.role] for host in topo.hosts.values()}
+    assert groups <= play_hosts, f"roles without a play: {sorted(groups - play_hosts)}"
+    assert play_hosts - groups == {"all"}, f"plays for no topology role: {sorted(play_hosts - groups - {'all'})}"
+
+
+def test_the_namespace_lab_runs_every_step_of_the_scenario(tmp_path):
+    lab = Lab(tmp_path / "work", "unused-")
+    assert all(step.needs <= lab.hosts_up for step in scenario.steps(lab))
+
+
+def test_a_lab_of_one_sites_path_skips_the_steps_of_the_other_site(tmp_path):
+    lab = VagrantLab(tmp_path, SITE_B_PATH)
+    assert [s.name for s in lab.sites_up] == ["site-b"]
+    runs = [step.title for step in scenario.steps(lab) if step.needs <= lab.hosts_up]
+    assert runs == ["register site-b: its own gateway, 4.3.3.1:2002",
+                    "agent-b (at 10.0.0.2) handshakes through its proxy",
+                    "a command for site-b's 10.0.0.2 reaches site B's agent"]
+    with_outsider = VagrantLab(tmp_path, SITE_B_PATH + ["outsider"])
+    assert [step.title for step in scenario.steps(with_outsider) if step.needs <= with_outsider.hosts_up][-1] == \
+        "gateway 4.3.3.1:2002 drops a stranger, admits the upstream"
+
+
+def test_the_vagrant_demo_names_an_unknown_host_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lab.vagrant", "--workdir", str(tmp_path), "--hosts", "node-b nowhere"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["vagrant-demo: LAB_HOSTS: not in lab/topology.yaml: nowhere"]
