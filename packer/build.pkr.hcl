@@ -28,7 +28,8 @@ build {
   provisioner "shell" {
     execute_command = "sudo sh -eu '{{ .Path }}'"
     inline = [
-      "install -m 0755 /tmp/agent-proxy-firstboot /tmp/agent-proxy-issue /usr/local/sbin/",
+      "install -D -m 0755 /tmp/agent-proxy-firstboot /usr/libexec/agent-proxy/agent-proxy-firstboot",
+      "install -m 0755 /tmp/agent-proxy-issue /usr/local/sbin/",
       "install -m 0644 /tmp/agent-proxy-firstboot.service /tmp/agent-proxy-issue.service /tmp/agent-proxy-issue.timer /etc/systemd/system/",
       "install -m 0644 /tmp/motd /etc/motd",
       "install -m 0755 /tmp/50-agent-proxy /etc/update-motd.d/",
