@@ -14,7 +14,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
-OUT=$REPO/out
+OUT=${DEB_OUT:-$REPO/out}   # DEB_OUT: another output folder (the tests build into their own)
 LOCK=app/requirements.lock
 PYTHON=/usr/bin/python3
 started=$SECONDS
@@ -106,7 +106,9 @@ install -m 0755 deb/postinst deb/prerm deb/postrm "$ROOT/DEBIAN/"
 (cd "$ROOT" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | xargs -0 md5sum) > "$ROOT/DEBIAN/md5sums"
 chmod 0644 "$ROOT/DEBIAN/md5sums" "$ROOT/DEBIAN/conffiles" "$ROOT/DEBIAN/control"
 
+# One package in OUT, the one just built: the role installs "the" package found there.
 mkdir -p "$OUT"
+rm -f "$OUT"/agent-proxy_*_amd64.deb "$OUT"/agent-proxy_*_amd64.buildinfo
 SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s) \
   dpkg-deb --root-owner-group -Zxz --build "$ROOT" "$deb" > /dev/null
 seconds=$((SECONDS - started))
