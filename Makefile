@@ -20,6 +20,7 @@ help:
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
 	@echo "make deb         build the Debian package out/agent-proxy_VERSION_amd64.deb (and its .buildinfo)"
+	@echo "make apt-repo    the package in a signed flat apt repository, out/apt-repo/"
 	@echo "make lock        refresh app/requirements.lock, the package's pinned dependencies"
 	@echo "make image       build the appliance qcow2 and Vagrant box into out/"
 	@echo "make vagrant-lab vagrant up the balancer and one node from the box (slow under TCG)"
@@ -94,6 +95,10 @@ lock: venv
 # The one artifact: out/agent-proxy_VERSION_amd64.deb, checked by lintian (deb/build.sh).
 deb: deps venv
 	deb/build.sh
+
+# out/apt-repo/: a flat apt repository with that package, signed with its own key (deb/apt-repo.sh).
+apt-repo: deb
+	deb/apt-repo.sh
 
 image: deps venv
 	packer/build-image.sh

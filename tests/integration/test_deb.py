@@ -142,3 +142,39 @@ def test_every_lintian_override_says_why(built):
             while above >= 0 and lines[above].startswith("agent-proxy:"):
                 above -= 1
             assert above >= 0 and lines[above].startswith("#"), f"no reason given for: {line}"
+
+
+def apt_sandbox(root: Path, repo: Path, keyring: Path) -> list[str]:
+    """apt's options for a private apt tree under ROOT whose only source is REPO, trusted with KEYRING."""
+    for folder in ["etc/apt/preferences.d", "etc/apt/apt.conf.d", "etc/apt/trusted.gpg.d", "var/lib/apt/lists/partial",
+                   "var/cache/apt/archives/partial", "var/lib/dpkg", "var/log/apt"]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/dpkg/status").touch()
+    (root / "etc/apt/sources.list").write_text(f"deb [signed-by={keyring}] file:{repo}/ ./\n")
+    return ["-o", f"Dir={root}", "-o", f"Dir::State::status={root}/var/lib/dpkg/status",
+            "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=1"]
+
+
+def test_make_apt_repo_serves_the_package_signed_and_apt_refuses_it_with_another_key(built, tmp_path):
+    said = run(str(ROOT / "deb" / "apt-repo.sh"), env={**os.environ, "DEB_OUT": str(built["out"])}).stdout
+    repo = built["out"] / "apt-repo"
+    assert said.startswith(f"apt-repo: {repo} holds {built['deb'].name}, signed by ")
+    options = apt_sandbox(tmp_path / "node", repo, repo / "agent-proxy-archive.gpg")
+    run("apt-get", *options, "update")
+    policy = run("apt-cache", *options, "policy", "agent-proxy").stdout
+    assert f"Candidate: {field(built['deb'], 'Version')}" in policy
+    run("apt-get", *options, "download", "agent-proxy", cwd=tmp_path)
+    fetched, = tmp_path.glob("agent-proxy_*.deb")
+    assert fetched.read_bytes() == built["deb"].read_bytes()
+
+    # A node that trusts another key gets nothing from the repository.
+    other = tmp_path / "other-gnupg"
+    other.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--quiet", "--homedir", str(other)]
+    run(*gpg, "--pinentry-mode", "loopback", "--passphrase", "", "--quick-generate-key", "other <other@localhost>",
+        "ed25519", "sign", "never")
+    (tmp_path / "other.gpg").write_bytes(subprocess.run([*gpg, "--export"], capture_output=True, check=True).stdout)
+    options = apt_sandbox(tmp_path / "stranger", repo, tmp_path / "other.gpg")
+    refused = subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
+    assert field(built["deb"], "Version") not in run("apt-cache", *options, "policy", "agent-proxy").stdout
