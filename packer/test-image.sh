@@ -64,7 +64,7 @@ deb=$(echo "$OUT"/agent-proxy_*_amd64.deb)
 [[ -f $deb ]] || { deb/build.sh > "$T/deb.log" 2>&1 || fail "make deb failed: $(tail -n 20 "$T/deb.log")"; deb=$(echo "$OUT"/agent-proxy_*_amd64.deb); }
 version=$(dpkg-deb -f "$deb" Version)
 next_version=$version+lifecycle1
-printf '\n# image-test: a default changed in the next package\nnet.ipv4.tcp_keepalive_time = 600\n' > "$T/changed-default.conf"
+printf '\n# image-test-changed-default: a default changed in the next package\nnet.ipv4.tcp_keepalive_time = 600\n' > "$T/changed-default.conf"
 DEB_OUT=$T/next DEB_VERSION=$next_version DEB_CHANGE=$T/changed-default.conf deb/build.sh > "$T/next-deb.log" 2>&1 &
 NEXT_PID=$!
 
@@ -241,7 +241,7 @@ kept=(/etc/agent-proxy/agent-proxy.yaml /etc/agent-proxy/psk /etc/agent-proxy/tl
 kept_sums() { guest sudo md5sum "${kept[@]}"; }
 sums_before=$(kept_sums)
 SYSCTL=/etc/sysctl.d/60-agent-proxy.conf
-guest "printf '# image-test: a setting of the operator\nnet.ipv4.tcp_keepalive_intvl = 30\n' | sudo tee -a $SYSCTL > /dev/null"
+guest "printf '# image-test-operator-setting\nnet.ipv4.tcp_keepalive_intvl = 30\n' | sudo tee -a $SYSCTL > /dev/null"
 ports=$(guest systemctl list-units --plain --no-legend --state=active 'agent-proxy@*.service' | sed -n 's/^agent-proxy@\([0-9]*\)\.service.*/\1/p')
 (($(wc -w <<< "$ports") >= 2)) || fail "fewer than two workers run ($ports): a rolling restart cannot be shown"
 main_pids() { for port in $ports; do guest systemctl show -p MainPID --value "agent-proxy@$port.service"; done; }
@@ -266,9 +266,9 @@ for port in $ports; do
   previous_back=$(guest systemctl show -p ActiveEnterTimestampMonotonic --value "agent-proxy@$port.service")
 done
 [[ $(kept_sums) == "$sums_before" ]] || fail "the upgrade changed the config or the key material"
-guest grep -q "a setting of the operator" "$SYSCTL" || fail "the upgrade replaced the operator's $SYSCTL"
-if guest grep -q 'a default changed' "$SYSCTL"; then fail "the upgrade forced its changed default onto the operator's $SYSCTL"; fi
-guest grep -q 'a default changed' "$SYSCTL.dpkg-dist" || fail "the new default is not beside it as $SYSCTL.dpkg-dist"
+guest grep -q image-test-operator-setting "$SYSCTL" || fail "the upgrade replaced the operator's $SYSCTL"
+if guest grep -q image-test-changed-default "$SYSCTL"; then fail "the upgrade forced its changed default onto the operator's $SYSCTL"; fi
+guest grep -q image-test-changed-default "$SYSCTL.dpkg-dist" || fail "the new default is not beside it as $SYSCTL.dpkg-dist"
 [[ $(relay /echo/after-upgrade) == /applied/echo/after-upgrade ]] || fail "after the upgrade the node does not relay"
 step "upgrade $version -> $next_version under load: workers restarted one at a time, config, keys and the edited conffile kept"
 
@@ -287,7 +287,9 @@ wait_for 90 "after the reinstall the front did not answer" curl -sfk -o /dev/nul
 step "reinstall after dpkg -r: the node serves again with its config and keys"
 
 guest sudo dpkg --purge agent-proxy > "$T/purge.log" 2>&1 || fail "dpkg --purge failed: $(cat "$T/purge.log")"
-left=$(guest sudo sh -c "ls -d /etc/agent-proxy /var/lib/agent-proxy $SYSCTL* /etc/systemd/system/agent-proxy@.service.d 2>/dev/null; find /etc/systemd/system -name 'agent-proxy@*.service' -o -name agent-proxy.target -o -name agent-proxy-front.service -o -name agent-proxy-firstboot.service")
+# (One string for the guest's shell: ls names what is left, find the enablement links.)
+left=$(guest "sudo ls -d /etc/agent-proxy /var/lib/agent-proxy $SYSCTL $SYSCTL.dpkg-dist /etc/systemd/system/agent-proxy@.service.d 2>/dev/null;
+  sudo find /etc/systemd/system -name 'agent-proxy@*.service' -o -name agent-proxy.target -o -name agent-proxy-front.service -o -name agent-proxy-firstboot.service")
 [[ -z $left ]] || fail "dpkg --purge left: $left"
 guest sudo dpkg -i "/tmp/$(basename "$deb")" > "$T/reinstall-purged.log" 2>&1 || fail "the reinstall after purge failed: $(cat "$T/reinstall-purged.log")"
 [[ $(installed_version) == "ii $version" ]] || fail "after the reinstall dpkg says '$(installed_version)'"
