@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab vagrant-demo clean
+.PHONY: help deps venv lock deb apt-repo test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab vagrant-demo clean
 
 help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
@@ -19,6 +19,9 @@ help:
 	@echo "make lab-up      build the lab and leave it running;  make lab-down  tears it down"
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
+	@echo "make deb         build the Debian package out/agent-proxy_VERSION_amd64.deb (and its .buildinfo)"
+	@echo "make apt-repo    the package in a signed flat apt repository, out/apt-repo/"
+	@echo "make lock        refresh app/requirements.lock, the package's pinned dependencies"
 	@echo "make image       build the appliance qcow2 and Vagrant box into out/"
 	@echo "make vagrant-lab vagrant up the balancer and one node from the box (slow under TCG)"
 	@echo "make vagrant-demo  the demo's scenario on VMs (LAB_HOSTS=... for a part; see lab/README.md)"
@@ -83,6 +86,20 @@ HOSTS ?= local://
 # COMPLIANCE_ARGS: more options, e.g. "--sudo --ssh-config=FILE" or "--ap-config=PATH".
 compliance: venv
 	$(PYTEST) tests/compliance --hosts='$(HOSTS)' $(COMPLIANCE_ARGS) --junitxml=out/compliance.xml
+
+# The Python dependencies the package installs, pinned with hashes (tools/lock.sh):
+# the newest releases app/pyproject.toml allows; LOCK_UPGRADE="cryptography" moves only those.
+lock: venv
+	$(VENV)/bin/pip install -q -e 'app[lock]'
+	tools/lock.sh
+
+# The one artifact: out/agent-proxy_VERSION_amd64.deb, checked by lintian (deb/build.sh).
+deb: deps venv
+	deb/build.sh
+
+# out/apt-repo/: a flat apt repository with that package, signed with its own key (deb/apt-repo.sh).
+apt-repo: deb
+	deb/apt-repo.sh
 
 image: deps venv
 	packer/build-image.sh

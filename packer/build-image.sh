@@ -30,18 +30,14 @@ if [[ ${REBUILD:-0} != 1 && -f $OUT/agent-proxy.qcow2 && -f $OUT/agent-proxy.box
   exit 0
 fi
 rm -rf "$BUILD"
-mkdir -p "$BUILD/www" "$BUILD/ssh" "$OUT/wheels"
+mkdir -p "$BUILD/www" "$BUILD/ssh"
 
 base_disk=$(packer/base-disk.sh | tail -1)
 step "base disk"
 
-rm -f "$OUT"/wheels/*.whl
-if ! .venv/bin/pip wheel --quiet ./app --wheel-dir "$OUT/wheels" > "$BUILD/wheels.log" 2>&1; then
-  cat "$BUILD/wheels.log" >&2
-  echo "image: pip wheel ./app failed" >&2
-  exit 1
-fi
-step "wheels ($(ls "$OUT"/wheels | wc -l) files)"
+# The package the role installs in the image (out/agent-proxy_VERSION_amd64.deb).
+deb/build.sh
+step "package"
 
 # The build's local apt repository, on loopback only; the guest sees it at 10.0.2.2.
 ln -s "$OUT/cache/apt" "$BUILD/www/apt"

@@ -13,15 +13,14 @@ build {
     ]
   }
 
-  # First-boot setup, registration at boot, console banner, login message, journal limits,
-  # the seed example: image-only, so they are not part of the roles.
+  # Console banner, login message, journal limits: image-only, so they are not part of
+  # the package or the roles (first boot and registration at boot come with the package;
+  # the image enables them).
   provisioner "file" {
     sources = [
-      "appliance/firstboot/agent-proxy-firstboot", "appliance/firstboot/agent-proxy-firstboot.service",
-      "appliance/firstboot/agent-proxy-register", "appliance/firstboot/agent-proxy-register.service",
       "appliance/console/agent-proxy-issue", "appliance/console/agent-proxy-issue.service",
       "appliance/console/agent-proxy-issue.timer", "appliance/console/50-agent-proxy", "appliance/motd",
-      "appliance/journald/60-agent-proxy.conf", "appliance/seed.env.example",
+      "appliance/journald/60-agent-proxy.conf",
     ]
     destination = "/tmp/"
   }
@@ -29,14 +28,12 @@ build {
   provisioner "shell" {
     execute_command = "sudo sh -eu '{{ .Path }}'"
     inline = [
-      "install -m 0755 /tmp/agent-proxy-firstboot /tmp/agent-proxy-register /tmp/agent-proxy-issue /usr/local/sbin/",
-      "install -m 0644 /tmp/agent-proxy-firstboot.service /tmp/agent-proxy-register.service /tmp/agent-proxy-issue.service /tmp/agent-proxy-issue.timer /etc/systemd/system/",
+      "install -m 0755 /tmp/agent-proxy-issue /usr/local/sbin/",
+      "install -m 0644 /tmp/agent-proxy-issue.service /tmp/agent-proxy-issue.timer /etc/systemd/system/",
       "install -m 0644 /tmp/motd /etc/motd",
       "install -m 0755 /tmp/50-agent-proxy /etc/update-motd.d/",
       "install -D -m 0644 /tmp/60-agent-proxy.conf /etc/systemd/journald.conf.d/60-agent-proxy.conf",
-      "install -D -m 0644 /tmp/seed.env.example /usr/share/doc/agent-proxy/seed.env.example",
-      "ln -sfn /opt/agent-proxy/bin/agent-proxy /usr/local/bin/agent-proxy",
-      "systemctl enable --quiet agent-proxy-firstboot.service agent-proxy-register.service agent-proxy-issue.service agent-proxy-issue.timer",
+      "systemctl enable --quiet agent-proxy-issue.service agent-proxy-issue.timer",
     ]
   }
 
@@ -65,6 +62,8 @@ build {
   provisioner "shell" {
     execute_command = "sudo sh -eu '{{ .Path }}'"
     inline = [
+      # First boot (from the package, which the playbook installed) runs on every copy's first boot.
+      "systemctl enable --quiet agent-proxy-firstboot.service agent-proxy-register.service",
       # The operator reads the config (no secret in it) for `agent-proxy status` without sudo.
       "usermod -a -G agent-proxy ${var.ssh_username}",
       "rm -f /etc/apt/sources.list.d/build-local.list",

@@ -6,7 +6,7 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
-find packer appliance ansible app haproxy firewall -type f \
+find packer appliance ansible app haproxy firewall deb -type f \
     ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.pyc' ! -name '*.md' \
     ! -path packer/check.sh ! -path packer/test-image.sh ! -path packer/test-multinode.sh \
     ! -path packer/test-helpers.sh ! -path 'packer/vagrant-*.sh' \

@@ -25,9 +25,9 @@ export ANSIBLE_PIPELINING=True
 export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGIN_CONNECTION=$BUILD/facts
 LOG=$BUILD/playbook-$RUN.log
 start=$SECONDS
-# The image installs the application from the build's wheels and Debian packages only.
+# The image installs the application from the package `make deb` built and Debian packages only.
 "$ANSIBLE_PLAYBOOK" -i "$BUILD/inventory.ini" "$PLAYBOOK" \
-  -e "agent_proxy_wheel_dir=$REPO/out/wheels" \
+  -e "agent_proxy_package_dir=$REPO/out" \
   -e "{\"firewall_admin_networks\": $(python3 -c 'import json, sys; print(json.dumps(sys.argv[1].split(",")))' "$PLAYBOOK_ADMIN_NETWORKS")}" \
   2>&1 | tee "$LOG"
 if ! recap=$(sed -n '/^PLAY RECAP/,$p' "$LOG" | grep -E 'ok='); then

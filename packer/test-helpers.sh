@@ -45,3 +45,24 @@ Host $1
   ControlPersist 900
 EOF_HOST
 }
+# start_load NAME SECONDS: GETs to $LOAD_URL (verified with $LOAD_CA), 10 a second from
+# 4 threads, in the background ($LOAD_PID), ended by end_load or at SECONDS.
+start_load() {
+  .venv/bin/python -m lab.load --url "$LOAD_URL" --ca-file "$LOAD_CA" \
+    --rate 10 --seconds "$2" --threads 4 > "$T/load-$1.json" 2> "$T/load-$1.err" &
+  LOAD_PID=$!
+}
+# end_load NAME: stops it and fails unless every GET was answered 200.
+end_load() {
+  kill -TERM "$LOAD_PID"
+  wait "$LOAD_PID" || fail "the load ($1) exited with $?: $(cat "$T/load-$1.err")"
+  LOAD_PID=
+  python3 - "$T/load-$1.json" "$1" "$TEST_NAME" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(f"{sys.argv[3]}: load during {sys.argv[2]}: {result['ok']} GETs answered 200, {result['failed']} failed, "
+      f"{result['client_retries']} client retries, {result['seconds']} s")
+if result["failed"] or result["ok"] < 20:
+    sys.exit(f"{sys.argv[3]}: FAIL: the load during {sys.argv[2]} lost requests or barely ran: {result}")
+PY
+}

@@ -12,7 +12,13 @@
 #      control traffic apart (a signed control request refused on :2002, served on :2004),
 #      `systemctl reload agent-proxy.target`, a broken config edit refused by
 #      `agent-proxy apply` with the old config still serving, the good edit applied
-#      (workers and front reloaded), power-off;
+#      (workers and front reloaded); then the package's life cycle on the node: the image's
+#      package upgraded to a newer build under a bounded GET load through :2002 with no
+#      failed request (the workers restarted one after the other), the config and keys
+#      kept and a changed default of a conffile the operator edited not forced on it;
+#      `dpkg -r` stops the services and keeps config and keys; a reinstall serves again;
+#      `dpkg --purge` removes config, keys, state and enablement; a reinstall after it;
+#      power-off;
 #   2. a seed that cannot work (an https upstream with an unreadable CA file), on a fresh
 #      overlay: first boot's FAILED line with the reason on the console.
 # The VMs and the origin are stopped by PID. Each step prints its time.
@@ -29,13 +35,15 @@ TEST_NAME=test-image
 # shellcheck source=packer/test-helpers.sh
 source packer/test-helpers.sh
 
-QEMU_PID= ORIGIN_PID=
+QEMU_PID= ORIGIN_PID= NEXT_PID= LOAD_PID=
 cleanup() {
   if [[ -S $T/ssh-appliance ]] && ! ssh -F "$T/ssh_config" -O exit appliance 2>/dev/null; then
     echo "test-image: could not close the SSH control connection $T/ssh-appliance" >&2
   fi
   if [[ -n $QEMU_PID ]]; then stop_pid "$QEMU_PID"; fi
   if [[ -n $ORIGIN_PID ]]; then stop_pid "$ORIGIN_PID"; fi
+  if [[ -n $NEXT_PID ]]; then stop_pid "$NEXT_PID"; fi
+  if [[ -n $LOAD_PID ]]; then stop_pid "$LOAD_PID"; fi
 }
 trap cleanup EXIT
 
@@ -51,6 +59,17 @@ ssh_port=$(free_port)
 front_port=$(free_port)
 control_port=$(free_port)
 origin_port=$(free_port)
+
+# The next package for the life-cycle test, built while the VM boots: a newer version
+# whose sysctl conffile has a changed default.
+# (An image kept from an earlier run was built from the same inputs: the same package.)
+deb=$(echo "$OUT"/agent-proxy_*_amd64.deb)
+[[ -f $deb ]] || { deb/build.sh > "$T/deb.log" 2>&1 || fail "make deb failed: $(tail -n 20 "$T/deb.log")"; deb=$(echo "$OUT"/agent-proxy_*_amd64.deb); }
+version=$(dpkg-deb -f "$deb" Version)
+next_version=$version+lifecycle1
+printf '\n# image-test-changed-default: a default changed in the next package\nnet.ipv4.tcp_keepalive_time = 600\n' > "$T/changed-default.conf"
+DEB_OUT=$T/next DEB_VERSION=$next_version DEB_CHANGE=$T/changed-default.conf deb/build.sh > "$T/next-deb.log" 2>&1 &
+NEXT_PID=$!
 
 # The origin the appliance relays to: host loopback, 10.0.2.2 from the guest.
 .venv/bin/python -m tests.origin "127.0.0.1:$origin_port" > "$T/origin.log" 2>&1 &
@@ -248,6 +267,74 @@ guest sudo mv /etc/agent-proxy/agent-proxy.yaml.good /etc/agent-proxy/agent-prox
 guest sudo systemctl reload agent-proxy@8002.service
 curl -sfk --max-time 10 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health" || fail "the front does not answer after the worker reloads"
 step "worker reload (refused on a broken config, done on a good one)"
+
+# -- The package's life cycle on the node.
+wait "$NEXT_PID" || fail "building the next package failed: $(tail -n 20 "$T/next-deb.log")"
+NEXT_PID=
+next_deb=$T/next/agent-proxy_${next_version}_amd64.deb
+installed_version() { guest dpkg-query --show --showformat='\${db:Status-Abbrev}\${Version}' agent-proxy; }
+[[ $(installed_version) == "ii $version" ]] || fail "the image holds agent-proxy '$(installed_version)', not the package out/ holds ($version)"
+scp -q -F "$T/ssh_config" "$deb" "$next_deb" appliance:/tmp/
+kept=(/etc/agent-proxy/agent-proxy.yaml /etc/agent-proxy/psk /etc/agent-proxy/tls/proxy.key /etc/agent-proxy/tls/proxy.crt)
+kept_sums() { guest sudo md5sum "${kept[@]}"; }
+sums_before=$(kept_sums)
+SYSCTL=/etc/sysctl.d/60-agent-proxy.conf
+guest "printf '# image-test-operator-setting\nnet.ipv4.tcp_keepalive_intvl = 30\n' | sudo tee -a $SYSCTL > /dev/null"
+ports=$(guest systemctl list-units --plain --no-legend --state=active 'agent-proxy@*.service' | sed -n 's/^agent-proxy@\([0-9]*\)\.service.*/\1/p')
+(($(wc -w <<< "$ports") >= 2)) || fail "fewer than two workers run ($ports): a rolling restart cannot be shown"
+main_pids() { for port in $ports; do guest systemctl show -p MainPID --value "agent-proxy@$port.service"; done; }
+pids_before=$(main_pids)
+guest sudo cat /etc/agent-proxy/tls/proxy.crt > "$T/proxy.crt"
+LOAD_URL=https://127.0.0.1:$front_port/ LOAD_CA=$T/proxy.crt
+start_load upgrade 600
+sleep 5  # the load runs before the upgrade starts
+guest sudo dpkg -i --force-confdef --force-confold "/tmp/$(basename "$next_deb")" > "$T/upgrade.log" 2>&1 \
+  || fail "the upgrade to $next_version failed: $(tail -n 20 "$T/upgrade.log")"
+sleep 5  # and after it ends
+end_load upgrade
+[[ $(installed_version) == "ii $next_version" ]] || fail "after the upgrade dpkg says '$(installed_version)'"
+pids_after=$(main_pids)
+[[ -z $(comm -12 <(sort <<< "$pids_before") <(sort <<< "$pids_after")) ]] || fail "the upgrade left workers unrestarted: $pids_before -> $pids_after"
+# One at a time: each worker stopped only after the one before it was back.
+previous_back=0
+for port in $ports; do
+  grep -q "agent-proxy@$port.service restarted" "$T/upgrade.log" || fail "the upgrade did not restart agent-proxy@$port: $(cat "$T/upgrade.log")"
+  stopped=$(guest systemctl show -p InactiveEnterTimestampMonotonic --value "agent-proxy@$port.service")
+  ((stopped >= previous_back)) || fail "agent-proxy@$port stopped before the worker before it was back"
+  previous_back=$(guest systemctl show -p ActiveEnterTimestampMonotonic --value "agent-proxy@$port.service")
+done
+[[ $(kept_sums) == "$sums_before" ]] || fail "the upgrade changed the config or the key material"
+guest grep -q image-test-operator-setting "$SYSCTL" || fail "the upgrade replaced the operator's $SYSCTL"
+if guest grep -q image-test-changed-default "$SYSCTL"; then fail "the upgrade forced its changed default onto the operator's $SYSCTL"; fi
+guest grep -q image-test-changed-default "$SYSCTL.dpkg-dist" || fail "the new default is not beside it as $SYSCTL.dpkg-dist"
+[[ $(relay /echo/after-upgrade) == /applied/echo/after-upgrade ]] || fail "after the upgrade the node does not relay"
+step "upgrade $version -> $next_version under load: workers restarted one at a time, config, keys and the edited conffile kept"
+
+guest sudo dpkg -r agent-proxy > "$T/remove.log" 2>&1 || fail "dpkg -r failed: $(cat "$T/remove.log")"
+if states=$(guest systemctl is-active agent-proxy-front.service $(printf 'agent-proxy@%s.service ' $ports)); then
+  fail "after dpkg -r a service still runs: $states"
+fi
+[[ $(kept_sums) == "$sums_before" ]] || fail "dpkg -r removed or changed the config or the key material"
+guest test ! -e /opt/agent-proxy -a ! -e /usr/bin/agent-proxy || fail "dpkg -r left /opt/agent-proxy or /usr/bin/agent-proxy"
+if curl -sk --max-time 5 -o /dev/null "https://127.0.0.1:$front_port/_proxy/health"; then fail "the front still answers after dpkg -r"; fi
+step "dpkg -r: services stopped, program gone, config and keys kept"
+
+guest sudo dpkg -i "/tmp/$(basename "$next_deb")" > "$T/reinstall.log" 2>&1 || fail "the reinstall failed: $(cat "$T/reinstall.log")"
+wait_for 90 "after the reinstall the front did not answer" curl -sfk -o /dev/null "https://127.0.0.1:$front_port/_proxy/health"
+[[ $(relay /echo/after-reinstall) == /applied/echo/after-reinstall ]] || fail "after the reinstall the node does not relay"
+step "reinstall after dpkg -r: the node serves again with its config and keys"
+
+guest sudo dpkg --purge agent-proxy > "$T/purge.log" 2>&1 || fail "dpkg --purge failed: $(cat "$T/purge.log")"
+# (One string for the guest's shell: ls names what is left, find the enablement links.)
+left=$(guest "sudo ls -d /etc/agent-proxy /var/lib/agent-proxy $SYSCTL $SYSCTL.dpkg-dist /etc/systemd/system/agent-proxy@.service.d 2>/dev/null;
+  sudo find /etc/systemd/system -name 'agent-proxy@*.service' -o -name agent-proxy.target -o -name agent-proxy-front.service -o -name agent-proxy-firstboot.service")
+[[ -z $left ]] || fail "dpkg --purge left: $left"
+guest sudo dpkg -i "/tmp/$(basename "$deb")" > "$T/reinstall-purged.log" 2>&1 || fail "the reinstall after purge failed: $(cat "$T/reinstall-purged.log")"
+[[ $(installed_version) == "ii $version" ]] || fail "after the reinstall dpkg says '$(installed_version)'"
+[[ $(guest agent-proxy version) == "agent-proxy ${version%%+*}" ]] || fail "agent-proxy version says '$(guest agent-proxy version)'"
+guest getent passwd agent-proxy > /dev/null || fail "the reinstall did not create the agent-proxy user"
+guest test -d /var/lib/agent-proxy -a -d /etc/agent-proxy/tls || fail "the reinstall did not create /var/lib/agent-proxy and /etc/agent-proxy/tls"
+step "dpkg --purge: config, keys, state and enablement gone; $version installed again"
 
 guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
 vm_off() { ! kill -0 "$QEMU_PID" 2>/dev/null; }

@@ -29,7 +29,9 @@ teardown() {
 trap teardown EXIT
 libvirt_up
 
-# The roles' wheel set (agent_proxy_wheel_dir's default): exactly one agent-proxy wheel.
+# The agent_proxy role installs the package (agent_proxy_package_dir's default, out/).
+deb/build.sh > "$W/deb.log" 2>&1 || { cat "$W/deb.log" >&2; echo "vagrant-demo: deb/build.sh failed" >&2; exit 1; }
+# The balancer_pair role's wheel set (balancer_pair_wheel_dir's default): exactly one agent-proxy wheel.
 rm -rf build/wheels
 .venv/bin/pip wheel --quiet ./app --wheel-dir build/wheels > "$W/wheels.log" 2>&1 ||
   { cat "$W/wheels.log" >&2; echo "vagrant-demo: pip wheel ./app failed" >&2; exit 1; }
