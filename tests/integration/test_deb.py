@@ -79,12 +79,14 @@ def test_the_command_units_and_system_files_are_where_a_node_looks(built):
         assert (tree / "lib/systemd/system" / unit).read_bytes() == (ROOT / "appliance/systemd" / unit).read_bytes()
     firstboot = (tree / "lib/systemd/system/agent-proxy-firstboot.service").read_text()
     # Every program a unit runs is in the package and executable.
-    for unit in [*UNITS, "agent-proxy-firstboot.service"]:
+    for unit in [*UNITS, "agent-proxy-firstboot.service", "agent-proxy-register.service"]:
         text = (tree / "lib/systemd/system" / unit).read_text()
         for program in re.findall(r"^Exec(?:Start|Reload)=-?(/\S+)", text, re.M):
             if program.startswith((VENV, "/usr/libexec/agent-proxy")):
                 assert os.access(tree / program.lstrip("/"), os.X_OK), f"{unit}: {program}"
     assert "ExecStart=/usr/libexec/agent-proxy/agent-proxy-firstboot" in firstboot
+    register = (tree / "lib/systemd/system/agent-proxy-register.service").read_text()
+    assert "ExecStart=/usr/libexec/agent-proxy/agent-proxy-register" in register
     user = re.search(r"^User=(\S+)", (tree / "lib/systemd/system/agent-proxy@.service").read_text(), re.M)[1]
     assert (tree / "usr/lib/sysusers.d/agent-proxy.conf").read_text().count(f"\nu {user} ") == 1
     assert "d /var/lib/agent-proxy " in (tree / "usr/lib/tmpfiles.d/agent-proxy.conf").read_text()
