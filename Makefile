@@ -15,7 +15,7 @@ help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
 	@echo "make test        install what the tests need (apt, pip into .venv) and run them"
 	@echo "make test-fast   unit and integration tests only, nothing installed"
-	@echo "make test-multinode  two booted nodes made one proxy by the site playbook (about 25 minutes)"
+	@echo "make test-multinode  two booted nodes made one proxy by the site playbook (about 20 minutes)"
 	@echo "make lab-up      build the lab and leave it running;  make lab-down  tears it down"
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
