@@ -19,6 +19,8 @@ fail() { echo "apt-repo: $*" >&2; exit 1; }
 debs=("$OUT"/agent-proxy_*_amd64.deb)
 [[ ${#debs[@]} == 1 && -f ${debs[0]} ]] || fail "$OUT must hold exactly one agent-proxy_*_amd64.deb (make deb)"
 gpg=(gpg --batch --quiet --homedir "$KEY_HOME")
+# gpg starts an agent for the key's folder and leaves it running: stopped when done.
+trap 'gpgconf --homedir "$KEY_HOME" --kill gpg-agent' EXIT
 
 if [[ ! -d $KEY_HOME ]]; then
   install -d -m 0700 "$KEY_HOME"

@@ -176,6 +176,7 @@ def test_make_apt_repo_serves_the_package_signed_and_apt_refuses_it_with_another
     run(*gpg, "--pinentry-mode", "loopback", "--passphrase", "", "--quick-generate-key", "other <other@localhost>",
         "ed25519", "sign", "never")
     (tmp_path / "other.gpg").write_bytes(subprocess.run([*gpg, "--export"], capture_output=True, check=True).stdout)
+    run("gpgconf", "--homedir", str(other), "--kill", "gpg-agent")   # gpg left it running
     options = apt_sandbox(tmp_path / "stranger", repo, tmp_path / "other.gpg")
     refused = subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True)
     assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
