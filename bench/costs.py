@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from kit import Process, free_port, wait_for_port
+from kit import Process, free_port
 
 from . import load, procstat
 from .paths import Lab, haproxy_alone_config
@@ -64,10 +64,7 @@ def _start(lab: Lab, name: str, text: str) -> tuple[Process, int]:
 
 
 def _haproxy(lab: Lab, name: str, config: Path, port: int) -> Process:
-    proc = Process(name, ["haproxy", "-f", str(config), "-db"], lab.dir / f"{name}.log").start()
-    lab.stack.callback(proc.stop)
-    wait_for_port("127.0.0.1", port, timeout=20, proc=proc)
-    return proc
+    return lab._start(name, ["haproxy", "-f", str(config), "-db"], "127.0.0.1", port)
 
 
 def costs(work_dir: Path, results_dir: Path, seconds: float, rounds: int, stem: str) -> int:

@@ -128,9 +128,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     # The upstream calls public_url back and verifies the certificate against its host.
     public_host = urlsplit(public_url).hostname
     if cert_pem is None:
-        names = hostnames + ([public_host] if not names_host(hostnames, public_host) else [])
-        cert_pem, key_pem = self_signed(hostnames[0], names)
-    elif not names_host(cert_names(load_cert(cert_pem)), public_host):
+        wanted = hostnames + ([public_host] if not names_host(hostnames, public_host) else [])
+        cert_pem, key_pem = self_signed(hostnames[0], wanted)
+    names = cert_names(load_cert(cert_pem))
+    if not names_host(names, public_host):   # only a given certificate can lack it
         print(f"agent-proxy: warning: --tls-cert {args.tls_cert} does not name {public_host}, the host of public_url: "
               "the upstream's handshake with this proxy will fail to verify it", file=sys.stderr)
     generated_secret = secret is None
@@ -161,7 +162,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"Hand these to the upstream for proxy_id {proxy_id}:")
     # A secret that was given is already known to whoever gave it: it is not repeated.
     print(f"shared secret: {secret.decode().strip()}" if generated_secret else f"shared secret: the one in {args.secret_file}")
-    print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)} (names: {', '.join(cert_names(load_cert(cert_pem)))})")
+    print(f"certificate SHA-256 fingerprint: {fingerprint(cert_pem)} (names: {', '.join(names)})")
     print(cert_pem.decode().rstrip())
     return EXIT_OK
 
