@@ -61,10 +61,12 @@ def balancer(nodes, origin, tmp_path_factory):
                f"check_inter={CHECK_INTER}s", f"check_fall={CHECK_FALL}"),
         directory, "balancer",
     )
-    wait_for_port("127.0.0.1", port, proc=proc)
-    wait_until(lambda: all(row["status"] == "UP" for row in server_stats(socket_path, "nodes").values()), 10, "all nodes UP in the balancer")
-    yield {"url": f"https://127.0.0.1:{port}", "socket": socket_path, "monitor": f"http://127.0.0.1:{monitor_port}/_lb/health", "proc": proc}
-    proc.stop()
+    try:
+        wait_for_port("127.0.0.1", port, proc=proc)
+        wait_until(lambda: all(row["status"] == "UP" for row in server_stats(socket_path, "nodes").values()), 10, "all nodes UP in the balancer")
+        yield {"url": f"https://127.0.0.1:{port}", "socket": socket_path, "monitor": f"http://127.0.0.1:{monitor_port}/_lb/health", "proc": proc}
+    finally:
+        proc.stop()
 
 
 def client(retries) -> urllib3.PoolManager:
@@ -118,8 +120,12 @@ def test_losing_a_node_under_load_fails_no_get(balancer, nodes):
     result = run_load(client(retry), balancer["url"], total=2000, threads=16, at=500, action=kill_node, post_every=10, limit=15)
     watcher.join(15)
     print(f"GET ok {result.ok['GET']}, POST ok {result.ok['POST']}, POST failed {len(result.failed['POST'])}, "
-          f"client retries {result.client_retries}, node DOWN after {down_after[0]:.2f} s, {result.seconds:.1f} s")
+          f"client retries {result.client_retries}, node DOWN after {down_after} s, {result.seconds:.1f} s")
     assert result.failed["GET"] == [], result.failed["GET"][:5]
     assert result.ok["GET"] == 1800
-    assert down_after and down_after[0] <= CHECK_INTER * CHECK_FALL + 1
+    # DOWN after CHECK_FALL failed checks, CHECK_INTER apart: 2-3 s on a calm machine. The
+    # bound leaves room for a busy one; a check interval left at HAProxy's default (2 s,
+    # 3 falls) would still miss it.
+    assert down_after, "the balancer never marked the dead node DOWN"
+    assert down_after[0] <= CHECK_INTER * CHECK_FALL + 3, f"DOWN after {down_after[0]:.1f} s"
     assert urllib3.request("GET", balancer["monitor"], retries=False).status == 200
