@@ -83,7 +83,8 @@ def test_wait_idle_waits_for_the_request_in_flight_and_times_out_before_it_ends(
         assert idle.stdout.startswith(f"workers/{second}: UP, 0 connection(s)")
         slow.join(10)
         assert answer == {"status": 200}
-        assert 1 < took < 5, f"wait-idle returned after {took:.1f} s; the request took 3 s"
+        # It waited for the request (3 s), and returned when it ended, not at its 10 s timeout.
+        assert 1 < took < 9, f"wait-idle returned after {took:.1f} s; the request took 3 s"
     finally:
         slow.join(10)
         assert lb(node, "ready", first, "--timeout", "10").returncode == 0

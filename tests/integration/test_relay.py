@@ -298,7 +298,8 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
             elapsed = time.monotonic() - started
             assert response.status == 503 and response.headers["Retry-After"] == "1"
             assert response.headers["X-Agent-Proxy-Error"] == "overloaded"
-            assert elapsed < 0.05, f"the refusal took {elapsed * 1000:.0f} ms"
+            # At once: not after the slow requests' 2 s (the bound leaves room for a busy machine).
+            assert elapsed < 0.5, f"the refusal took {elapsed * 1000:.0f} ms"
         assert http.request("GET", url + "/_proxy/health").status == 200  # the balancer still sees it alive
         for thread in slow:
             thread.join(10)
