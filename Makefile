@@ -101,7 +101,10 @@ deb: deps venv
 apt-repo: deb
 	deb/apt-repo.sh
 
+# The build runs the appliance playbook with .venv's ansible-playbook, which ansible/lint.sh
+# installs (with the lint) when it is missing: `make image` on a fresh clone.
 image: deps venv
+	test -x $(VENV)/bin/ansible-playbook || ansible/lint.sh
 	packer/build-image.sh
 
 vagrant-lab: image
