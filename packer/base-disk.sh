@@ -9,8 +9,8 @@
 # (appliance/firstboot/agent-proxy-seed: QEMU fw_cfg, a volume labelled APSEED, or
 # /boot/agent-proxy-seed/), which is also how operators inject theirs.
 #
-# The first-boot setup (agent-proxy-firstboot) and the motd are added by the Packer build,
-# so that changing them does not rebuild this disk.
+# The first-boot setup (agent-proxy-firstboot) and the motd come with the package, which the
+# Packer build installs, so that changing them does not rebuild this disk.
 #
 # Output (cached, keyed by a hash of every input; a rerun with the same inputs is instant):
 #   out/cache/base-<hash>.qcow2   the disk
