@@ -227,7 +227,7 @@ def test_the_role_adds_the_signed_repository_so_that_apt_finds_the_package_there
                                        str(port)], tmp_path / "http.log").start()
     try:
         wait_for_port("127.0.0.1", port, proc=server)
-        variables = {"agent_proxy_package_repository_url": f"http://127.0.0.1:{port}",
+        variables = {"agent_proxy_package_repository_url": f"http://127.0.0.1:{port}/",
                      "agent_proxy_package_repository_key": str(repo / "agent-proxy-archive.gpg"),
                      # The role's OS paths (vars/main.yml; extra vars outrank them), in the private tree.
                      "__agent_proxy_package_sources_file": str(node / "etc/apt/sources.list.d/agent-proxy.list"),
