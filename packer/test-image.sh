@@ -17,8 +17,9 @@
 #      failed request (the workers restarted one after the other), the config and keys
 #      kept and a changed default of a conffile the operator edited not forced on it;
 #      `dpkg -r` stops the services and keeps config and keys; a reinstall serves again;
-#      `dpkg --purge` removes config, keys, state and enablement; a reinstall after it;
-#      power-off;
+#      `dpkg --purge` removes config, keys, state and enablement; a reinstall after it
+#      that enables and starts nothing; then as a balancer (haproxy_lb's own front unit in
+#      /etc/systemd/system): an upgrade and a purge leave that front running; power-off;
 #   2. a seed that cannot work (an https upstream with an unreadable CA file), on a fresh
 #      overlay: first boot's FAILED line with the reason on the console.
 # The VMs and the origin are stopped by PID. Each step prints its time.
@@ -335,6 +336,40 @@ guest sudo dpkg -i "/tmp/$(basename "$deb")" > "$T/reinstall-purged.log" 2>&1 ||
 guest getent passwd agent-proxy > /dev/null || fail "the reinstall did not create the agent-proxy user"
 guest test -d /var/lib/agent-proxy -a -d /etc/agent-proxy/tls || fail "the reinstall did not create /var/lib/agent-proxy and /etc/agent-proxy/tls"
 step "dpkg --purge: config, keys, state and enablement gone; $version installed again"
+
+# A first install enables and starts nothing of the node (a balancer installs the package too).
+# (First boot ran at boot and stays active, RemainAfterExit; it must not be enabled again.)
+for unit in agent-proxy.target agent-proxy-front.service agent-proxy-firstboot.service; do
+  [[ $(guest systemctl is-enabled "$unit") == disabled ]] || fail "the install after purge enabled $unit"
+done
+for unit in agent-proxy.target agent-proxy-front.service; do
+  if guest systemctl --quiet is-active "$unit"; then fail "the install after purge started $unit"; fi
+done
+# On a balancer, haproxy_lb runs the balancer in its own copy of agent-proxy-front.service
+# in /etc/systemd/system, from /etc/agent-proxy/haproxy.cfg: an upgrade and a purge of the
+# package leave it running, enabled and configured.
+guest "sudo tee /etc/agent-proxy/haproxy.cfg > /dev/null" <<'CFG'
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+frontend balancer
+    bind 127.0.0.1:2999
+    http-request return status 200
+CFG
+guest sudo cp /lib/systemd/system/agent-proxy-front.service /etc/systemd/system/
+guest sudo systemctl daemon-reload
+guest sudo systemctl enable --quiet --now agent-proxy-front.service
+balancer_pid=$(guest systemctl show -p MainPID --value agent-proxy-front.service)
+guest sudo dpkg -i "/tmp/$(basename "$next_deb")" > "$T/balancer-upgrade.log" 2>&1 \
+  || fail "the upgrade on a balancer failed: $(cat "$T/balancer-upgrade.log")"
+guest sudo dpkg --purge agent-proxy > "$T/balancer-purge.log" 2>&1 || fail "dpkg --purge on a balancer failed: $(cat "$T/balancer-purge.log")"
+[[ $(guest systemctl show -p MainPID --value agent-proxy-front.service) == "$balancer_pid" ]] \
+  || fail "the upgrade or the purge restarted or stopped the balancer's front"
+[[ $(guest systemctl is-enabled agent-proxy-front.service) == enabled ]] || fail "the purge disabled the balancer's front"
+guest test -f /etc/agent-proxy/haproxy.cfg || fail "the purge removed the balancer's /etc/agent-proxy/haproxy.cfg"
+step "balancer: the install started nothing; upgrade and purge left the balancer's front running"
 
 guest sudo systemctl poweroff || [[ $? == 255 ]]  # the connection drops as it powers off
 vm_off() { ! kill -0 "$QEMU_PID" 2>/dev/null; }

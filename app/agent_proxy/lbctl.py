@@ -8,7 +8,9 @@ health checks say UP). ``status`` prints where a server stands.
 Each action applies to the server in every backend named, or, when none is named, in
 every backend that has a server of that name: on a balancer with control traffic apart
 a node is server ``node1`` of both ``nodes`` and ``control_nodes`` (lb-haproxy), and a
-node drained from one only would still take the other's connections.
+node drained from one only would still take the other's connections. On a node front a
+worker is server ``worker<port>`` of both ``workers`` and ``control_workers``
+(node-haproxy), for the same reason.
 
 HAProxy's runtime API is used as documented: ``set server B/S state drain|ready`` and
 ``show stat`` (CSV; ``status`` and ``scur`` per server). The socket needs ``level admin``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import re
 import ssl
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -17,8 +18,8 @@ import yaml
 
 from agent_proxy import signing
 from kit import (
-    AGENT, NGINX, SECRET, Process, all_up, free_port, free_ports, node_with_origin, render, start_haproxy,
-    start_origin, start_worker, wait_for_port, wait_until, write_config,
+    AGENT, AGENT_PROXY, NGINX, SECRET, Process, all_up, free_port, free_ports, node_with_origin, render, server_stats,
+    start_haproxy, start_origin, start_worker, wait_for_port, wait_until, write_config,
 )
 
 UPSTREAM = "127.0.0.5"
@@ -33,6 +34,7 @@ class Front:
     control_port: int
     kind: str
     worker_ports: list[int]
+    stats_socket: str = ""  # HAProxy's runtime API (the haproxy front only)
 
 
 @pytest.fixture(scope="module", params=["haproxy", "nginx"])
@@ -42,7 +44,7 @@ def node(request, tmp_path_factory):
     if request.param == "haproxy":
         with node_with_origin(tmp_path_factory, front={"control_port": control_port}, **control) as node:
             wait_until(lambda: all_up(node.stats_socket, "control_workers"), 10, "control workers UP in HAProxy")
-            yield Front(node.port, control_port, "haproxy", list(node.workers))
+            yield Front(node.port, control_port, "haproxy", list(node.workers), node.stats_socket)
         return
     directory = tmp_path_factory.mktemp("nginx")
     origin, origin_url = start_origin(directory)
@@ -89,6 +91,38 @@ def test_the_upstream_reaches_control_paths_on_the_control_port(node):
     # Each worker is named by its port on listen.port (not the control port it was asked on).
     workers = set(re.findall(rb'process_open_fds\{worker="(\d+)"\}', body))
     assert workers == {str(p).encode() for p in node.worker_ports}
+
+
+def test_a_worker_drained_by_name_leaves_both_backends_and_both_listeners_still_answer(node):
+    """`agent-proxy lb drain --server worker<port>` (no backend named), as restart-workers
+    drains a worker before restarting it: the worker is out of `workers` and of
+    `control_workers`, so neither an agent's call nor the upstream's reaches it."""
+    if node.kind != "haproxy":
+        pytest.skip("the runtime API is HAProxy's")
+    drained, serving = (f"worker{port}" for port in sorted(node.worker_ports))
+    backends = ("workers", "control_workers")
+
+    def lb(action: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AGENT_PROXY, "lb", action, "--socket", node.stats_socket, "--server", drained, *extra],
+                              capture_output=True, text=True, timeout=30)
+
+    def sessions(server: str) -> dict[str, int]:
+        return {backend: int(server_stats(node.stats_socket, backend)[server]["stot"]) for backend in backends}
+
+    done = lb("drain")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert [line.split(", ")[0] for line in done.stdout.splitlines()] == [f"{b}/{drained}: DRAIN" for b in backends]
+        assert {b: server_stats(node.stats_socket, b)[drained]["status"] for b in backends} == dict.fromkeys(backends, "DRAIN")
+        before, before_serving = sessions(drained), sessions(serving)
+        for _ in range(4):
+            assert call(node.port, AGENT, "GET", "/echo")[0] == 200
+            assert call(node.control_port, UPSTREAM, "GET", "/_proxy/v2/features", signed=True)[0] == 200
+        assert sessions(drained) == before
+        assert all(after > before_serving[b] for b, after in sessions(serving).items())
+    finally:
+        back = lb("ready", "--timeout", "10")
+        assert back.returncode == 0, back.stderr
 
 
 def test_the_control_port_refuses_agent_traffic_and_other_sources(node):

@@ -8,12 +8,16 @@ tested in the booted image (packer/test-image.sh).
 """
 
 import hashlib
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from kit import PYTHON, Process, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "app" / "requirements.lock"
@@ -146,13 +150,14 @@ def test_every_lintian_override_says_why(built):
             assert above >= 0 and lines[above].startswith("#"), f"no reason given for: {line}"
 
 
-def apt_sandbox(root: Path, repo: Path, keyring: Path) -> list[str]:
-    """apt's options for a private apt tree under ROOT whose only source is REPO, trusted with KEYRING."""
-    for folder in ["etc/apt/preferences.d", "etc/apt/apt.conf.d", "etc/apt/trusted.gpg.d", "var/lib/apt/lists/partial",
+def apt_sandbox(root: Path, repo: Path | None, keyring: Path | None) -> list[str]:
+    """apt's options for a private apt tree under ROOT whose only source is REPO, trusted with
+    KEYRING (no REPO: whatever ROOT/etc/apt/sources.list.d holds)."""
+    for folder in ["etc/apt/preferences.d", "etc/apt/apt.conf.d", "etc/apt/trusted.gpg.d", "etc/apt/sources.list.d", "var/lib/apt/lists/partial",
                    "var/cache/apt/archives/partial", "var/lib/dpkg", "var/log/apt"]:
         (root / folder).mkdir(parents=True, exist_ok=True)
     (root / "var/lib/dpkg/status").touch()
-    (root / "etc/apt/sources.list").write_text(f"deb [signed-by={keyring}] file:{repo}/ ./\n")
+    (root / "etc/apt/sources.list").write_text(f"deb [signed-by={keyring}] file:{repo}/ ./\n" if repo else "")
     return ["-o", f"Dir={root}", "-o", f"Dir::State::status={root}/var/lib/dpkg/status",
             "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=1"]
 
@@ -181,3 +186,69 @@ def test_make_apt_repo_serves_the_package_signed_and_apt_refuses_it_with_another
     refused = subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True)
     assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
     assert field(built["deb"], "Version") not in run("apt-cache", *options, "policy", "agent-proxy").stdout
+
+
+ANSIBLE_PLAYBOOK = ROOT / ".venv" / "bin" / "ansible-playbook"
+ROLE_PLAY = """
+- name: The agent_proxy_package role
+  hosts: node
+  gather_facts: false
+  tasks:
+    - name: The role
+      ansible.builtin.include_role:
+        name: agent_proxy_package
+        tasks_from: "{{ entry }}"
+"""
+
+
+def role_play(tmp_path: Path, entry: str, **variables) -> subprocess.CompletedProcess:
+    """ansible-playbook running the role's ``entry`` tasks on this machine (a local connection)."""
+    inventory = {"all": {"hosts": {"node": {"ansible_connection": "local", "ansible_python_interpreter": str(ROOT / ".venv/bin/python")}}}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "play.yml").write_text(ROLE_PLAY)
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "ansible" / "roles"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_HOME": str(tmp_path / "ansible-home"), "ANSIBLE_LOCALHOST_WARNING": "False"}
+    return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml"),
+                           "-e", json.dumps({"entry": entry, **variables})],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+@pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core is not in .venv: run ansible/lint.sh")
+def test_the_role_adds_the_signed_repository_so_that_apt_finds_the_package_there(built, tmp_path):
+    """agent_proxy_package with agent_proxy_package_repository_url: the source and the key it
+    writes (its paths pointed into a private apt tree) let apt fetch the package from
+    `make apt-repo`'s folder served over HTTP; a second run changes nothing."""
+    run(str(ROOT / "deb" / "apt-repo.sh"), env={**os.environ, "DEB_OUT": str(built["out"])})
+    repo = built["out"] / "apt-repo"
+    node = tmp_path / "node"
+    options = apt_sandbox(node, None, None)
+    port = free_port()
+    server = Process("apt-repo-http", [str(PYTHON), "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(repo),
+                                       str(port)], tmp_path / "http.log").start()
+    try:
+        wait_for_port("127.0.0.1", port, proc=server)
+        variables = {"agent_proxy_package_repository_url": f"http://127.0.0.1:{port}/",
+                     "agent_proxy_package_repository_key": str(repo / "agent-proxy-archive.gpg"),
+                     # The role's OS paths (vars/main.yml; extra vars outrank them), in the private tree.
+                     "__agent_proxy_package_sources_file": str(node / "etc/apt/sources.list.d/agent-proxy.list"),
+                     "__agent_proxy_package_keyring": str(node / "usr/share/keyrings/agent-proxy-archive.gpg")}
+        (node / "usr/share/keyrings").mkdir(parents=True)
+        first = role_play(tmp_path, "repository.yml", **variables)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert re.search(r"node\s*: ok=3\s+changed=2 ", first.stdout), first.stdout
+        source = (node / "etc/apt/sources.list.d/agent-proxy.list").read_text().splitlines()[-1]
+        assert source == f"deb [signed-by={node}/usr/share/keyrings/agent-proxy-archive.gpg] http://127.0.0.1:{port}/ ./"
+        run("apt-get", *options, "update")
+        policy = run("apt-cache", *options, "policy", "agent-proxy").stdout
+        assert f"Candidate: {field(built['deb'], 'Version')}" in policy
+        again = role_play(tmp_path, "repository.yml", **variables)
+        assert again.returncode == 0 and re.search(r"node\s*: ok=3\s+changed=0 ", again.stdout), again.stdout
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible-core is not in .venv: run ansible/lint.sh")
+def test_the_role_refuses_a_repository_without_its_key_in_one_line(tmp_path):
+    done = role_play(tmp_path, "main.yml", agent_proxy_package_repository_url="http://127.0.0.1:9/")
+    assert done.returncode == 2
+    assert "agent_proxy_package_repository_url (http://127.0.0.1:9/) needs agent_proxy_package_repository_key" in done.stdout

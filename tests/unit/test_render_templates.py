@@ -127,7 +127,7 @@ def test_node_haproxy_control_apart_scrubs_and_pools_as_the_agent_side(tmp_path,
     assert [line for line in workers if not line.startswith(("server ", "http-check send "))] == \
         [line for line in control if not line.startswith(("server ", "http-check send "))]
     assert [line for line in control if line.startswith("server ")] == [
-        "server control8002 127.0.0.1:9002", "server control8003 127.0.0.1:9003"]
+        "server worker8002 127.0.0.1:9002", "server worker8003 127.0.0.1:9003"]
 
 
 def test_node_haproxy_finds_a_key_beside_the_certificate(tmp_path, capsys):
