@@ -29,12 +29,8 @@ teardown() {
 trap teardown EXIT
 libvirt_up
 
-# The agent_proxy role installs the package (agent_proxy_package_dir's default, out/).
+# The agent_proxy and balancer_pair roles install the package (agent_proxy_package_dir's default, out/).
 deb/build.sh > "$W/deb.log" 2>&1 || { cat "$W/deb.log" >&2; echo "vagrant-demo: deb/build.sh failed" >&2; exit 1; }
-# The balancer_pair role's wheel set (balancer_pair_wheel_dir's default): exactly one agent-proxy wheel.
-rm -rf build/wheels
-.venv/bin/pip wheel --quiet ./app --wheel-dir build/wheels > "$W/wheels.log" 2>&1 ||
-  { cat "$W/wheels.log" >&2; echo "vagrant-demo: pip wheel ./app failed" >&2; exit 1; }
 
 # The apt repository, inside the namespace only (its addresses are the libvirt networks').
 ip netns exec "$NS" python3 -m http.server --bind 0.0.0.0 --directory out/cache/apt "$APT_PORT" > "$W/apt-http.log" 2>&1 &
