@@ -258,8 +258,9 @@ class Limits:
     )
     threads: int = _setting(16, _int(1, 1024), restart="waitress makes its thread pool at start")
     # Signatures whose timestamp is further than this from the node's clock are refused;
-    # a captured request can be replayed for up to twice this (README, Security).
-    auth_skew_seconds: int = _setting(60, _int(1, 86400))
+    # a captured request can be replayed for up to twice this (README, Security). The
+    # contract's default; a site whose clocks are synchronised may lower it.
+    auth_skew_seconds: int = _setting(300, _int(1, 86400))
     # Requests one worker holds at once (queued in waitress or relaying); past it: 503.
     max_in_flight: int = _setting(64, _int(1, 100000))
     # After SIGTERM: how long in-flight requests may take before the worker exits anyway.
