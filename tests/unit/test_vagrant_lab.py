@@ -4,10 +4,14 @@ scenario's plan for a lab of a few hosts. `make vagrant-demo` boots it (lab/READ
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import yaml
@@ -108,10 +112,59 @@ def test_a_lab_of_one_sites_path_skips_the_steps_of_the_other_site(tmp_path):
     runs = [step.title for step in scenario.steps(lab) if step.needs <= lab.hosts_up]
     assert runs == ["register site-b: its own gateway, 4.3.3.1:2002",
                     "agent-b (at 10.0.0.2) handshakes through its proxy",
-                    "a command for site-b's 10.0.0.2 reaches site B's agent"]
+                    "a command for site-b's 10.0.0.2 reaches site B's agent",
+                    "control traffic apart: the upstream's paths on port 2004 only, refused to a signed agent on 2002"]
     with_outsider = VagrantLab(tmp_path, SITE_B_PATH + ["outsider"])
-    assert [step.title for step in scenario.steps(with_outsider) if step.needs <= with_outsider.hosts_up][-1] == \
-        "gateway 4.3.3.1:2002 drops a stranger, admits the upstream"
+    assert "gateway 4.3.3.1:2002 drops a stranger, admits the upstream" in \
+        [step.title for step in scenario.steps(with_outsider) if step.needs <= with_outsider.hosts_up]
+
+
+class LocalVagrantLab(VagrantLab):
+    """The Vagrant lab's probes run here instead of on a VM over SSH (the only difference)."""
+
+    def run(self, host, argv, timeout=30, input=None):
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
+
+
+@pytest.fixture
+def echo_server():
+    """A plain HTTP server on loopback that answers with the headers it was sent."""
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"path": self.path, "authorization": self.headers.get("Authorization")}).encode()
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    thread.join(5)
+    server.server_close()
+
+
+def test_the_vagrant_labs_http_probe_returns_status_and_body_and_sends_the_headers(tmp_path, echo_server):
+    lab = LocalVagrantLab(tmp_path, SITE_B_PATH)
+    status, body = lab.http("agent-b", "127.0.0.1", echo_server, "GET", "/_proxy/v2/features?x=1",
+                            headers={"Authorization": "AgentProxy-HMAC ts=1, sig=ab"})
+    assert status == 404
+    assert json.loads(body) == {"path": "/_proxy/v2/features?x=1", "authorization": "AgentProxy-HMAC ts=1, sig=ab"}
+
+
+def test_the_vagrant_labs_http_probe_raises_oserror_when_nothing_answers(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    lab = LocalVagrantLab(tmp_path, SITE_B_PATH)
+    with pytest.raises(OSError, match=f"agent-b -> 127.0.0.1:{closed}: ConnectionRefusedError"):
+        lab.http("agent-b", "127.0.0.1", closed, "GET", "/", tls=True, timeout=2)
 
 
 def test_the_vagrant_demo_names_an_unknown_host_in_one_line(tmp_path):
