@@ -265,15 +265,17 @@ def rolling_upgrade(tmp_path, balancer: Balancer, tags: str) -> subprocess.Compl
     """ansible/playbooks/rolling-upgrade.yml, only its balancer steps (``tags``), for proxy
     node1 and one balancer, both this machine (local connections)."""
     local = {"ansible_connection": "local", "ansible_python_interpreter": str(VENV_BIN / "python"), "ansible_become": False}
+    # The balancer's socket as an operator gives it: in the balancer's own variables.
+    balancer_vars = {"haproxy_lb_config": {"front": {"stats_socket": balancer.socket}}}
     inventory = {"all": {"vars": local, "children": {
-        "proxies": {"hosts": {"node1": {}}}, "balancers": {"hosts": {"lb": {}}},
+        "proxies": {"hosts": {"node1": {}}}, "balancers": {"hosts": {"lb": balancer_vars}},
     }}}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
            "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")}
     return subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), str(REPO / "ansible" / "playbooks" / "rolling-upgrade.yml"),
-         "--tags", tags, "-e", f"rolling_agent_proxy={AGENT_PROXY} rolling_lb_socket={balancer.socket} rolling_up_timeout=10"],
+         "--tags", tags, "-e", f"rolling_agent_proxy={AGENT_PROXY} rolling_up_timeout=10"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO / "ansible")
 
 
