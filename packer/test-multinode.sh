@@ -183,6 +183,10 @@ $node_hosts
           ansible_connection: local
           ansible_python_interpreter: $REPO/.venv/bin/python
           ansible_become: false
+          # Where rolling-upgrade.yml finds this balancer's runtime socket, as for a real one.
+          haproxy_lb_config:
+            front:
+              stats_socket: $T/lb.sock
 EOF
 export ANSIBLE_CONFIG=$REPO/ansible/ansible.cfg ANSIBLE_NOCOLOR=1 ANSIBLE_HOST_KEY_CHECKING=False
 export ANSIBLE_HOME=$T/ansible-home ANSIBLE_LOCAL_TEMP=$T/ansible-home/tmp
@@ -284,7 +288,7 @@ PIDS+=("$LOAD_PID")
 workers() { for node in "${NODES[@]}"; do guest "$node" pgrep -u agent-proxy | sed "s/^/$node:/"; done | sort; }
 workers_before=$(workers)
 [[ -n $workers_before ]] || fail "no worker runs as agent-proxy on the nodes"
-playbook rolling-upgrade rolling-upgrade.yml -e "rolling_agent_proxy=$REPO/.venv/bin/agent-proxy" -e "rolling_lb_socket=$T/lb.sock"
+playbook rolling-upgrade rolling-upgrade.yml -e "rolling_agent_proxy=$REPO/.venv/bin/agent-proxy"
 workers_after=$(workers)
 [[ -z $(comm -12 <(echo "$workers_before") <(echo "$workers_after")) ]] \
   || fail "rolling-upgrade.yml left workers running that it was to replace: $(comm -12 <(echo "$workers_before") <(echo "$workers_after"))"

@@ -286,7 +286,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_lb(args: argparse.Namespace) -> int:
     from . import lbctl
 
-    sock = lbctl.StatsSocket(args.socket)
+    if args.socket:
+        sock = lbctl.StatsSocket(args.socket, "--socket")
+    else:
+        # lenient: the socket is all `lb` reads; a feature's unreadable CA file must not stop a drain.
+        config = configuration.load(args.config, lenient=True)
+        sock = lbctl.StatsSocket(config.front.stats_socket, f"front.stats_socket in {config.source}")
     try:
         backends = args.backend or sock.backends_with(args.server)
         if args.action == "status":
@@ -369,12 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reload", action="store_true", help="install the checked files but reload nothing")
     p.set_defaults(func=cmd_apply)
 
-    from .lbctl import DEFAULT_SOCKET
-
-    p = sub.add_parser("lb", help="drain a server on a balancer, wait until idle, put it back (HAProxy stats socket)")
+    p = with_config(sub.add_parser(
+        "lb", help="drain a server on a balancer or a node front, wait until idle, put it back (HAProxy stats socket)"))
     p.add_argument("action", choices=["drain", "ready", "wait-idle", "status"],
                    help="drain: no new connections; wait-idle: until it carries none; ready: back in, waits until UP")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help="HAProxy stats socket, level admin (default: %(default)s)")
+    p.add_argument("--socket", help="HAProxy stats socket, level admin (default: the config's front.stats_socket)")
     p.add_argument("--backend", action="append",
                    help="a backend, may be repeated (default: every backend with a server of that name)")
     p.add_argument("--server", required=True, help="server name, e.g. node1")

@@ -14,19 +14,23 @@ worker is server ``worker<port>`` of both ``workers`` and ``control_workers``
 
 HAProxy's runtime API is used as documented: ``set server B/S state drain|ready`` and
 ``show stat`` (CSV; ``status`` and ``scur`` per server). The socket needs ``level admin``
-(the lb-haproxy and node-haproxy templates set it).
+(the lb-haproxy and node-haproxy templates set it). On a node it is the config's
+``front.stats_socket``; a balancer's config stays on the controller (the haproxy_lb role),
+so there the socket is named with ``--socket``.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import socket
 import time
 from dataclasses import dataclass
 
-DEFAULT_SOCKET = "/run/haproxy/agent-proxy.sock"
 POLL_SECONDS = 0.2
+# The failures of connect() that mean the front is not up, with that hint.
+NOT_RUNNING = {errno.ENOENT: "no such socket", errno.ECONNREFUSED: "nothing listens on it"}
 
 
 class LbError(Exception):
@@ -50,8 +54,10 @@ class ServerState:
 
 
 class StatsSocket:
-    def __init__(self, path: str, timeout: float = 5):
-        self.path, self.timeout = path, timeout
+    def __init__(self, path: str, source: str, timeout: float = 5):
+        """``source``: where the path came from (``--socket``, or the config key and file),
+        named when the socket cannot be used."""
+        self.path, self.source, self.timeout = path, source, timeout
 
     def command(self, text: str) -> str:
         """One command, one answer (the socket closes after it in non-interactive mode)."""
@@ -64,7 +70,8 @@ class StatsSocket:
                 while chunk := sock.recv(65536):
                     chunks.append(chunk)
         except OSError as exc:
-            raise LbError(f"cannot use the HAProxy stats socket {self.path}: {exc.strerror or exc}") from None
+            reason = f"{NOT_RUNNING[exc.errno]} (is agent-proxy-front running?)" if exc.errno in NOT_RUNNING else exc.strerror or exc
+            raise LbError(f"{self.source}: {self.path}: {reason}") from None
         return b"".join(chunks).decode(errors="replace")
 
     def _rows(self) -> list[dict]:

@@ -8,6 +8,7 @@ The last test drives a real balancer (lb-haproxy with control traffic apart) ins
 from __future__ import annotations
 
 import os
+import socket as sockets
 import subprocess
 import threading
 import time
@@ -32,9 +33,12 @@ def node(tmp_path_factory):
     proc.stop()
 
 
-def lb(node, action: str, server: str, *extra: str, backend: str | None = "workers", socket: str | None = None):
-    """`agent-proxy lb`; ``backend`` None names none (the command finds every backend with the server)."""
-    argv = [AGENT_PROXY, "lb", action, "--socket", socket or node.stats_socket, "--server", server, *extra]
+def lb(node, action: str, server: str, *extra: str, backend: str | None = "workers", socket: str | None = None,
+       config: str | None = None):
+    """`agent-proxy lb`; ``backend`` None names none (the command finds every backend with the server).
+    With ``config`` (and no ``socket``), `-c CONFIG` instead of `--socket`: the socket is the config's."""
+    where = ["-c", str(config)] if config and not socket else ["--socket", socket or node.stats_socket]
+    argv = [AGENT_PROXY, "lb", action, *where, "--server", server, *extra]
     argv += ["--backend", backend] if backend else []
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
@@ -102,10 +106,77 @@ def test_an_unknown_name_is_a_usage_error(node, backend, server, message):
     assert done.stderr.count("\n") == 1
 
 
-def test_a_missing_socket_is_a_runtime_failure(node, tmp_path):
-    done = lb(node, "status", servers(node)[0], socket=str(tmp_path / "none.sock"))
+def test_the_node_config_names_the_socket(node):
+    """`-c` alone: the socket is the node config's front.stats_socket (as restart-workers calls it)."""
+    first = servers(node)[0]
+    done = lb(node, "drain", first, backend=None, config=node.config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"workers/{first}: DRAIN,")
+    assert server_stats(node.stats_socket, "workers")[first]["status"] == "DRAIN"
+    done = lb(node, "ready", first, "--timeout", "10", backend=None, config=node.config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"workers/{first}: UP,")
+    assert server_stats(node.stats_socket, "workers")[first]["status"] == "UP"
+
+
+def test_a_failed_feature_does_not_stop_lb(node, tmp_path):
+    """The socket is all `lb` reads: an unreadable upstream.ca_file (which stops check-config
+    and register) must not stop a drain in an upgrade."""
+    config = write_config(tmp_path, "https://127.0.0.1:9", upstream={"ca_file": str(tmp_path / "none.pem")},
+                          front={"stats_socket": node.stats_socket})
+    done = lb(node, "status", servers(node)[0], config=config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"workers/{servers(node)[0]}: UP,")
+
+
+def test_socket_wins_over_the_config(node, tmp_path):
+    config = write_config(tmp_path, "http://127.0.0.1:9", front={"stats_socket": str(tmp_path / "none.sock")})
+    done = lb(node, "status", servers(node)[0], "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"workers/{servers(node)[0]}: UP,")
+
+
+def stale_socket(path: str) -> sockets.socket:
+    """A socket file nobody listens on (what a killed HAProxy leaves behind)."""
+    sock = sockets.socket(sockets.AF_UNIX)
+    sock.bind(path)
+    return sock
+
+
+@pytest.mark.parametrize("stale, reason", [
+    (False, "no such socket (is agent-proxy-front running?)"),
+    (True, "nothing listens on it (is agent-proxy-front running?)"),
+])
+@pytest.mark.parametrize("given", ["--socket", "-c"])
+def test_a_socket_that_cannot_be_used_is_one_line_naming_its_path_and_origin(node, tmp_path, given, stale, reason):
+    path = str(tmp_path / "none.sock")
+    config = write_config(tmp_path, "http://127.0.0.1:9", front={"stats_socket": path})
+    leftover = stale_socket(path) if stale else None
+    try:
+        done = lb(node, "status", servers(node)[0], socket=path if given == "--socket" else None, config=config)
+    finally:
+        if leftover:
+            leftover.close()
+    origin = "--socket" if given == "--socket" else f"front.stats_socket in {config}"
     assert done.returncode == 1
-    assert done.stderr == f"agent-proxy: lb status: cannot use the HAProxy stats socket {tmp_path / 'none.sock'}: No such file or directory\n"
+    assert done.stderr == f"agent-proxy: lb status: {origin}: {path}: {reason}\n"
+
+
+@pytest.mark.parametrize("fault, problem", [
+    ("missing", "cannot read: No such file or directory"),
+    ("not YAML", "not valid YAML (line 2): expected ',' or ']', but got '<stream end>'"),
+    ("bad value", "front.stats_socket: must be a non-empty string, got ['a']"),
+])
+def test_a_config_that_does_not_load_is_a_usage_error(node, tmp_path, fault, problem):
+    config = tmp_path / "agent-proxy.yaml"
+    if fault == "not YAML":
+        config.write_text("front: [stats_socket\n")
+    elif fault == "bad value":
+        write_config(tmp_path, "http://127.0.0.1:9", front={"stats_socket": ["a"]})
+    done = lb(node, "drain", servers(node)[0], config=config)
+    assert done.returncode == 2
+    assert done.stderr == f"agent-proxy: {config}: {problem}\n"
+    assert server_stats(node.stats_socket, "workers")[servers(node)[0]]["status"] == "UP"
 
 
 def test_ready_fails_when_the_server_never_comes_up(node, tmp_path):
@@ -194,15 +265,17 @@ def rolling_upgrade(tmp_path, balancer: Balancer, tags: str) -> subprocess.Compl
     """ansible/playbooks/rolling-upgrade.yml, only its balancer steps (``tags``), for proxy
     node1 and one balancer, both this machine (local connections)."""
     local = {"ansible_connection": "local", "ansible_python_interpreter": str(VENV_BIN / "python"), "ansible_become": False}
+    # The balancer's socket as an operator gives it: in the balancer's own variables.
+    balancer_vars = {"haproxy_lb_config": {"front": {"stats_socket": balancer.socket}}}
     inventory = {"all": {"vars": local, "children": {
-        "proxies": {"hosts": {"node1": {}}}, "balancers": {"hosts": {"lb": {}}},
+        "proxies": {"hosts": {"node1": {}}}, "balancers": {"hosts": {"lb": balancer_vars}},
     }}}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
            "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")}
     return subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), str(REPO / "ansible" / "playbooks" / "rolling-upgrade.yml"),
-         "--tags", tags, "-e", f"rolling_agent_proxy={AGENT_PROXY} rolling_lb_socket={balancer.socket} rolling_up_timeout=10"],
+         "--tags", tags, "-e", f"rolling_agent_proxy={AGENT_PROXY} rolling_up_timeout=10"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO / "ansible")
 
 
