@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kit import AGENT_PROXY, REPO, VENV_BIN, free_port, render, start_haproxy, start_node, start_upstream
+from kit import (
+    AGENT_PROXY, REPO, VENV_BIN, free_port, render, start_haproxy, start_node, start_upstream, wait_for_port,
+)
 
 SCRIPT = REPO / "appliance" / "firstboot" / "agent-proxy-register"
 
@@ -167,6 +169,24 @@ def test_register_gives_up_on_a_front_that_does_not_answer(node, upstream, tmp_p
     assert (run.returncode, run.stdout, run.stderr) == (
         1, "", f"agent-proxy: the front did not answer https://127.0.0.1:{port}/_proxy/health within 2 s "
                "(last: Connection refused)\n")
+    assert registered(upstream) == []
+
+
+def test_register_waits_for_a_front_that_reaches_a_worker(node, upstream, tmp_path):
+    # A front whose worker is not running answers, but not 200: that is no front to register behind.
+    port = free_port()
+    config = variant(node, tmp_path, **{"front.port": port, "front.stats_socket": str(tmp_path / "alone.sock"),
+                                        "listen.port": free_port(), "public_url": f"https://127.0.0.1:{port}"})
+    front = start_haproxy(render("node-haproxy", config, "log_format=raw"), tmp_path, "front-alone")
+    try:
+        wait_for_port("127.0.0.1", port, proc=front)
+        nothing_registered(node, upstream)
+        run = cli("register", "-c", str(config), "--wait-front", "2")
+    finally:
+        front.stop()
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"agent-proxy: the front did not answer https://127.0.0.1:{port}/_proxy/health within 2 s "
+               "(last: answered 503)\n")
     assert registered(upstream) == []
 
 
