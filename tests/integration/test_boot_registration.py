@@ -159,15 +159,16 @@ def test_register_waits_for_a_front_that_comes_up_late(node, upstream, tmp_path)
         cli("deregister", "-c", str(config))
 
 
-def test_register_gives_up_on_a_front_that_does_not_answer(node, upstream, tmp_path):
+@pytest.mark.parametrize(("bind", "probed"), [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
+def test_register_gives_up_on_a_front_that_does_not_answer(node, upstream, tmp_path, bind, probed):
     # The front binds every address: register probes it on loopback. public_url is the
     # node's live front, so a registration despite the failed wait would show.
     port = free_port()
-    config = variant(node, tmp_path, **{"front.bind": "0.0.0.0", "front.port": port})
+    config = variant(node, tmp_path, **{"front.bind": bind, "front.port": port})
     nothing_registered(node, upstream)
     run = cli("register", "-c", str(config), "--wait-front", "2")
     assert (run.returncode, run.stdout, run.stderr) == (
-        1, "", f"agent-proxy: the front did not answer https://127.0.0.1:{port}/_proxy/health within 2 s "
+        1, "", f"agent-proxy: the front did not answer https://{probed}:{port}/_proxy/health within 2 s "
                "(last: Connection refused)\n")
     assert registered(upstream) == []
 
