@@ -7,6 +7,7 @@ on stderr each; a user mistake never ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import socket
@@ -246,10 +247,24 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _wait_seconds(text: str | None) -> float | None:
+    """--wait-front's value: a number of seconds, 0 or more; None when not given."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError([f"--wait-front {text!r}: expected a number of seconds, 0 or more"])
+    return seconds
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from . import registration
     from .status import record_registration
 
+    wait_front = _wait_seconds(args.wait_front)
     # A failed feature does not stop registration (the upstream hears about it), unless
     # it is the way to the upstream itself.
     config = configuration.load(args.config, lenient=True)
@@ -257,6 +272,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise ConfigError([f"{config.source}: {config.failed_features['northbound']}"])
     action = registration.register if args.command == "register" else registration.deregister
     try:
+        if wait_front is not None:
+            registration.wait_for_front(config, wait_front)
         line = action(config)
     except CommandError as exc:
         record_registration(f"{args.command} FAILED: {exc}")
@@ -356,8 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vars", action="append", metavar="FILE", help="a YAML file of template variables")
     p.set_defaults(func=cmd_render)
 
-    for name, text in (("register", "register this proxy with the upstream"), ("deregister", "remove this proxy from the upstream")):
-        with_config(sub.add_parser(name, help=text)).set_defaults(func=cmd_register)
+    p = with_config(sub.add_parser("register", help="register this proxy with the upstream"))
+    p.add_argument("--wait-front", metavar="SECONDS",
+                   help="first wait up to SECONDS until the node front answers /_proxy/health (default: no wait)")
+    p.set_defaults(func=cmd_register)
+    p = with_config(sub.add_parser("deregister", help="remove this proxy from the upstream"))
+    p.set_defaults(func=cmd_register, wait_front=None)
 
     p = with_config(sub.add_parser("status", help="this node: identity, upstream readiness, certificate, services"))
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

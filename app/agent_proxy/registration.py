@@ -7,6 +7,10 @@ Both are signed with the shared secret (X-Agent-Proxy-Id, X-Agent-Proxy-Signatur
 client IP). On a POST the upstream calls this proxy back at ``public_url`` to handshake
 before it answers, so a proxy that is down or unreachable from the upstream cannot
 register. Every failure becomes one line that says what to look at.
+
+``wait_for_front`` (`register --wait-front SECONDS`) first waits until the node front
+passes ``GET /_proxy/health`` to a worker: the handshake comes back that way, and at
+boot the front may still be starting.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import json
 import socket
 import ssl
 import sys
+import time
 from typing import Callable
 from urllib.parse import quote, urlsplit
 
 from . import __version__, features, relay, signing
 from .config import Config
 from .errors import CommandError
+from .hostport import hostport, local_host
 
 API = "/api/v1/agent-proxies"
 
@@ -127,6 +133,45 @@ def compare_features(config: Config, answer: dict) -> list[str]:
 
 def _warn(line: str) -> None:
     print(f"agent-proxy: warning: {line}", file=sys.stderr)
+
+
+# Each probe of the front gives up after this long; a wait may end this much after its seconds.
+FRONT_PROBE_TIMEOUT = 2.0
+
+
+def _front_health(host: str, port: int, context: ssl.SSLContext) -> str | None:
+    """None when the front answers ``GET /_proxy/health`` with 200, else what happened."""
+    conn = http.client.HTTPSConnection(host, port, timeout=FRONT_PROBE_TIMEOUT, context=context)
+    try:
+        conn.request("GET", "/_proxy/health")
+        status = conn.getresponse().status
+    except socket.timeout:
+        return f"no answer within {FRONT_PROBE_TIMEOUT:g} s"
+    except ssl.SSLError as exc:
+        return f"TLS failed: {exc.reason or exc}"
+    except (OSError, http.client.HTTPException) as exc:
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    finally:
+        conn.close()
+    return None if status == 200 else f"answered {status}"
+
+
+def wait_for_front(config: Config, seconds: float) -> None:
+    """Poll the node front (``front.bind``, a wildcard on loopback, and ``front.port``)
+    about once a second until it passes /_proxy/health to a worker; CommandError naming
+    the URL and the wait if it does not within ``seconds`` (0: one probe)."""
+    host, port = local_host(config.front.bind), config.front.port
+    url = f"https://{hostport(host, port)}/_proxy/health"
+    # A local probe: the front's certificate is not checked (it names the public host, not
+    # this address); the upstream checks it on its handshake.
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + seconds
+    while (last := _front_health(host, port, context)) is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CommandError(f"the front did not answer {url} within {seconds:g} s (last: {last})")
+        time.sleep(min(1.0, left))
 
 
 def register(config: Config, warn: Callable[[str], None] = _warn) -> str:

@@ -33,7 +33,7 @@ from waitress.task import ErrorTask, WSGITask
 from . import __version__, config as configuration, errors, features, logs
 from .app import WorkerState, create_app
 from .config import ConfigError
-from .hostport import hostport
+from .hostport import hostport, local_host
 from .metrics import Metrics
 from .overload import BoundedDispatcher
 
@@ -450,7 +450,7 @@ def _refresh_registration(config: configuration.Config) -> None:
 def siblings(config: configuration.Config, port: int) -> list[tuple[str, int]]:
     """Where the node's other workers serve /_proxy/metrics: their control listeners if any."""
     listener = config.listen_control or config.listen
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    host = local_host(listener.host)
     index = port - config.listen.port
     return [(host, listener.port + i) for i in range(config.worker_count) if i != index]
 

@@ -3,18 +3,24 @@ agent-proxy-register.service): the real script against a real node (workers behi
 HAProxy front rendered from the template) and the reference upstream, on loopback. The
 script's paths point into the test's folders (REGISTER_CONFIG, REGISTER_VENV, REGISTER_STATE_DIR).
 Each run must print one line and exit 0: a boot never fails for registration.
+
+Then `agent-proxy register --wait-front`, which the script runs, as a user runs it: waiting
+for a front that comes up late, giving up on one that never answers, refusing a bad wait.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kit import REPO, VENV_BIN, free_port, start_node, start_upstream
+from kit import (
+    AGENT_PROXY, REPO, VENV_BIN, free_port, render, start_haproxy, start_node, start_upstream, wait_for_port,
+)
 
 SCRIPT = REPO / "appliance" / "firstboot" / "agent-proxy-register"
 
@@ -36,7 +42,7 @@ def node(upstream, tmp_path_factory):
 
 
 # What the script may find on PATH: what a minimal Debian (the image) has. No curl there.
-IMAGE_TOOLS = ("tr", "sed", "date", "install", "mktemp", "rm", "sleep")
+IMAGE_TOOLS = ("tr", "sed", "date", "install", "mktemp", "rm")
 
 
 def boot_registration(config: Path, state: Path, front_wait: int = 10) -> subprocess.CompletedProcess:
@@ -107,3 +113,86 @@ def test_a_front_that_does_not_answer_is_one_failed_line(node, tmp_path):
     port = free_port()
     line = one_line(boot_registration(variant(node, tmp_path, **{"front.port": port}), tmp_path / "state", front_wait=1))
     assert line.startswith(f"agent-proxy-register: FAILED: the front did not answer https://127.0.0.1:{port}/_proxy/health within 1 s")
+
+
+# -- agent-proxy register --wait-front
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT_PROXY, *args], capture_output=True, text=True, timeout=60)
+
+
+def nothing_registered(node, upstream) -> None:
+    """A clean upstream, so that a registration shows in registered()."""
+    gone = cli("deregister", "-c", str(node.config))
+    assert gone.returncode == 0, gone.stderr
+    assert registered(upstream) == []
+
+
+def test_register_waits_for_a_front_that_comes_up_late(node, upstream, tmp_path):
+    port = free_port()
+    late = f"https://127.0.0.1:{port}"
+    config = variant(node, tmp_path, **{"front.port": port, "front.stats_socket": str(tmp_path / "late.sock"),
+                                        "public_url": late})
+    nothing_registered(node, upstream)
+    # Until register has probed once, the port is held by a listener that answers no TLS;
+    # then a real front (rendered from the same config, to the node's worker) takes it.
+    with socket.create_server(("127.0.0.1", port)) as holder:
+        holder.settimeout(30)
+        run = subprocess.Popen([AGENT_PROXY, "register", "-c", str(config), "--wait-front", "60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            holder.accept()[0].close()
+            front = start_haproxy(render("node-haproxy", config, "log_format=raw"), tmp_path, "late-front")
+        except BaseException:
+            run.kill()
+            raise
+    try:
+        stdout, stderr = run.communicate(timeout=90)
+        assert (run.returncode, stderr) == (0, ""), stdout + stderr
+        assert stdout == (f"site-a registered with {upstream['url']}; the upstream reached this proxy at {late} "
+                          "(features: northbound, southbound, registration, metrics)\n")
+        assert registered(upstream) == [("site-a", late)]
+    finally:
+        run.kill()
+        front.stop()
+        cli("deregister", "-c", str(config))
+
+
+@pytest.mark.parametrize(("bind", "probed"), [("0.0.0.0", "127.0.0.1"), ("::", "[::1]")])
+def test_register_gives_up_on_a_front_that_does_not_answer(node, upstream, tmp_path, bind, probed):
+    # The front binds every address: register probes it on loopback. public_url is the
+    # node's live front, so a registration despite the failed wait would show.
+    port = free_port()
+    config = variant(node, tmp_path, **{"front.bind": bind, "front.port": port})
+    nothing_registered(node, upstream)
+    run = cli("register", "-c", str(config), "--wait-front", "2")
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"agent-proxy: the front did not answer https://{probed}:{port}/_proxy/health within 2 s "
+               "(last: Connection refused)\n")
+    assert registered(upstream) == []
+
+
+def test_register_waits_for_a_front_that_reaches_a_worker(node, upstream, tmp_path):
+    # A front whose worker is not running answers, but not 200: that is no front to register behind.
+    port = free_port()
+    config = variant(node, tmp_path, **{"front.port": port, "front.stats_socket": str(tmp_path / "alone.sock"),
+                                        "listen.port": free_port(), "public_url": f"https://127.0.0.1:{port}"})
+    front = start_haproxy(render("node-haproxy", config, "log_format=raw"), tmp_path, "front-alone")
+    try:
+        wait_for_port("127.0.0.1", port, proc=front)
+        nothing_registered(node, upstream)
+        run = cli("register", "-c", str(config), "--wait-front", "2")
+    finally:
+        front.stop()
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"agent-proxy: the front did not answer https://127.0.0.1:{port}/_proxy/health within 2 s "
+               "(last: answered 503)\n")
+    assert registered(upstream) == []
+
+
+@pytest.mark.parametrize("seconds", ["soon", "-1", "nan", "inf", ""])
+def test_register_refuses_a_bad_wait(node, seconds):
+    run = cli("register", "-c", str(node.config), "--wait-front", seconds)
+    assert (run.returncode, run.stdout, run.stderr) == (
+        2, "", f"agent-proxy: --wait-front {seconds!r}: expected a number of seconds, 0 or more\n")
