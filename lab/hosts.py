@@ -46,17 +46,26 @@ except OSError as exc:
 print(time.monotonic() - started)
 """
 
-# A call to the upstream's operator API from the upstream host itself (its certificate
-# names 127.0.0.1): the status on the first line, then the body. The request body on stdin.
-OPERATOR = """
-import http.client, ssl, sys
-method, path, cafile, port, timeout = sys.argv[1:6]
+# One HTTP(S) request from a host: the status on the first line, then the body; the
+# request's body on stdin. tls: "plain", "insecure" (certificate not checked: lab probes)
+# or the CA file that must have signed the server's certificate. Exit 3: no answer (the
+# connection failed or timed out; the scenario tells a closed port by it).
+HTTP = """
+import http.client, json, ssl, sys
+address, port, method, path, tls, timeout, headers = sys.argv[1:8]
 data = sys.stdin.buffer.read() or None
-context = ssl.create_default_context(cafile=cafile)
-conn = http.client.HTTPSConnection("127.0.0.1", int(port), timeout=float(timeout), context=context)
-conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-answer = conn.getresponse()
-body = answer.read()
+if tls == "plain":
+    conn = http.client.HTTPConnection(address, int(port), timeout=float(timeout))
+else:
+    context = ssl._create_unverified_context() if tls == "insecure" else ssl.create_default_context(cafile=tls)
+    conn = http.client.HTTPSConnection(address, int(port), timeout=float(timeout), context=context)
+try:
+    conn.request(method, path, body=data, headers=json.loads(headers))
+    answer = conn.getresponse()
+    body = answer.read()
+except OSError as exc:
+    print(f"{address}:{port}: {exc.__class__.__name__} {exc}", file=sys.stderr)
+    sys.exit(3)
 sys.stdout.buffer.write(b"%d\\n" % answer.status + body)
 """
 
@@ -67,8 +76,8 @@ class Hosts(ABC):
     topology: Topology
     agents_timeout: float = 30   # seconds for every agent to handshake (a VM under TCG needs longer)
     # Whether the nodes serve the upstream on their own control port (listen_control,
-    # front.control_port) behind the gateway; a lab that does provides ``http`` and
-    # ``site_secret`` for the scenario's check of it.
+    # front.control_port) behind the gateway; a lab that does provides ``site_secret`` for
+    # the scenario's check of it.
     control_apart: bool = False
 
     # -- the host access: the one thing a lab must provide
@@ -149,17 +158,31 @@ class Hosts(ABC):
             raise OSError(f"{host} -> {address}:{port}: {(result.stdout or result.stderr).strip()}")
         return float(result.stdout)
 
-    def operator(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
-        """A call to the upstream's operator API, from the upstream host: (status, body)."""
-        topo = self.topology
-        argv = [self.python(topo.upstream_host), "-c", OPERATOR, method, path, self.upstream_ca_file,
-                str(topo.upstream_port), str(timeout)]
-        result = self.run(topo.upstream_host, argv, timeout=timeout + 30, input=json.dumps(body) if body is not None else "")
+    def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool | str = False,
+             timeout: float = 10, headers: dict[str, str] | None = None, body: str = "") -> tuple[int, bytes]:
+        """One HTTP(S) request from ``host`` (``tls``: False, True for a certificate not
+        checked, or a CA file on the host); OSError when nothing answered."""
+        mode = tls if isinstance(tls, str) else "insecure" if tls else "plain"
+        argv = [self.python(host), "-c", HTTP, address, str(port), method, path, mode, str(timeout),
+                json.dumps(headers or {})]
+        result = self.run(host, argv, timeout=timeout + 30, input=body)
+        if result.returncode == 3:
+            raise OSError(f"{host} -> {result.stderr.strip()}")
         if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise OSError(f"{method} {path} on the upstream's operator API: {last}")
+            raise LabError(f"HTTP probe on {host}: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
         status, _, answer = result.stdout.partition("\n")
         return int(status), answer.encode()
+
+    def operator(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+        """A call to the upstream's operator API, from the upstream host itself (its
+        certificate names 127.0.0.1): (status, body)."""
+        topo = self.topology
+        try:
+            return self.http(topo.upstream_host, "127.0.0.1", topo.upstream_port, method, path, tls=self.upstream_ca_file,
+                             timeout=timeout, headers={"Content-Type": "application/json"} if body is not None else {},
+                             body=json.dumps(body) if body is not None else "")
+        except OSError as exc:
+            raise OSError(f"{method} {path} on the upstream's operator API: {exc}") from None
 
     def register(self, site_name: str) -> str:
         """`agent-proxy register` on the site's first node; the upstream handshakes back."""

@@ -532,17 +532,18 @@ class Lab(Hosts):
         """The site's shared secret (one per proxy_id, copied to each of its nodes)."""
         return (self.workdir / "sites" / site_name / "psk").read_text().strip().encode()
 
-    def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
-             timeout: float = 10, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        """One HTTP(S) request from ``host``'s namespace (certificates not verified: lab probes)."""
+    def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool | str = False,
+             timeout: float = 10, headers: dict[str, str] | None = None, body: str = "") -> tuple[int, bytes]:
+        """As Hosts.http, run in this process inside ``host``'s namespace (cheap enough to poll)."""
 
         def call():
             if tls:
-                conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=ssl._create_unverified_context())
+                context = ssl.create_default_context(cafile=tls) if isinstance(tls, str) else ssl._create_unverified_context()
+                conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=context)
             else:
                 conn = http.client.HTTPConnection(address, port, timeout=timeout)
             try:
-                conn.request(method, path, headers=headers or {})
+                conn.request(method, path, body=body or None, headers=headers or {})
                 answer = conn.getresponse()
                 return answer.status, answer.read()
             finally:

@@ -13,7 +13,6 @@ destroy`, by name, whatever happened. Steps that need a host not chosen are skip
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -38,25 +37,6 @@ UNITS = {"front": "agent-proxy-front.service", "keepalived": "keepalived.service
 ROLE_UNITS = {"agent": "agent-proxy-lab-agent.service", "upstream": "agent-proxy-lab-upstream.service"}
 NODE_UNITS = ["agent-proxy-front.service", "agent-proxy@*.service"]
 SHARED_SECRET = "/etc/agent-proxy/psk"
-# One HTTP(S) request from a VM (certificates not verified: lab probes): the status on the
-# first line, then the body. Exit 3: no answer within the timeout, or the connection
-# failed (the scenario tells a closed port by it).
-HTTP = """
-import http.client, json, ssl, sys
-address, port, method, path, tls, timeout, headers = sys.argv[1:8]
-if tls == "tls":
-    conn = http.client.HTTPSConnection(address, int(port), timeout=float(timeout), context=ssl._create_unverified_context())
-else:
-    conn = http.client.HTTPConnection(address, int(port), timeout=float(timeout))
-try:
-    conn.request(method, path, headers=json.loads(headers))
-    answer = conn.getresponse()
-    body = answer.read()
-except OSError as exc:
-    print(f"{address}:{port}: {exc.__class__.__name__} {exc}", file=sys.stderr)
-    sys.exit(3)
-sys.stdout.buffer.write(b"%d\\n" % answer.status + body)
-"""
 UP_TIMEOUT = 2400      # seconds for `vagrant up` of one VM (its boot timeout is 1800 s, the Vagrantfile)
 PROVISION_TIMEOUT = 3600
 
@@ -96,19 +76,6 @@ class VagrantLab(Hosts):
     @property
     def upstream_ca_file(self) -> str:
         return UPSTREAM_CA
-
-    def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool = False,
-             timeout: float = 10, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        """One HTTP(S) request from ``host``; OSError when it got no answer."""
-        argv = [PYTHON, "-c", HTTP, address, str(port), method, path, "tls" if tls else "plain", str(timeout),
-                json.dumps(headers or {})]
-        result = self.run(host, argv, timeout=timeout + 30)
-        if result.returncode == 3:
-            raise OSError(f"{host} -> {result.stderr.strip()}")
-        if result.returncode != 0:
-            raise LabError(f"HTTP probe on {host}: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
-        status, _, body = result.stdout.partition("\n")
-        return int(status), body.encode()
 
     def site_secret(self, site_name: str) -> bytes:
         """The site's shared secret, as its first node holds it (the role gives every node the same)."""

@@ -4,11 +4,13 @@ scenario's plan for a lab of a few hosts. `make vagrant-demo` boots it (lab/READ
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import pytest
 import yaml
 
 from agent_proxy.seed import apply
+from agent_proxy.tlsutil import self_signed
 from kit import REPO
 from lab import scenario, topology
 from lab.runner import Lab
@@ -126,25 +129,56 @@ class LocalVagrantLab(VagrantLab):
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
 
 
-@pytest.fixture
-def echo_server():
-    """A plain HTTP server on loopback that answers with the headers it was sent."""
+class Echo(http.server.BaseHTTPRequestHandler):
+    """Answers 404 to a GET and 200 to a POST, with what it was sent."""
 
-    class Echo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"path": self.path, "authorization": self.headers.get("Authorization")}).encode()
-            self.send_response(404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def do_GET(self):
+        self.answer(404, {"path": self.path, "authorization": self.headers.get("Authorization")})
 
-        def log_message(self, *args):
-            pass
+    def do_POST(self):
+        sent = self.rfile.read(int(self.headers["Content-Length"]))
+        self.answer(200, {"body": json.loads(sent), "content_type": self.headers.get("Content-Type")})
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    def answer(self, status, fields):
+        body = json.dumps(fields).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(server):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    return thread
+
+
+@pytest.fixture
+def echo_server():
+    """A plain HTTP Echo server on loopback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = serve(server)
     yield server.server_address[1]
+    server.shutdown()
+    thread.join(5)
+    server.server_close()
+
+
+@pytest.fixture
+def tls_echo_server(tmp_path):
+    """An HTTPS Echo server on loopback with a certificate for 127.0.0.1: (port, its certificate file)."""
+    cert, key = self_signed("upstream", ["127.0.0.1"])
+    (tmp_path / "echo.crt").write_bytes(cert)
+    (tmp_path / "echo.key").write_bytes(key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "echo.crt", tmp_path / "echo.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = serve(server)
+    yield server.server_address[1], str(tmp_path / "echo.crt")
     server.shutdown()
     thread.join(5)
     server.server_close()
@@ -156,6 +190,23 @@ def test_the_vagrant_labs_http_probe_returns_status_and_body_and_sends_the_heade
                             headers={"Authorization": "AgentProxy-HMAC ts=1, sig=ab"})
     assert status == 404
     assert json.loads(body) == {"path": "/_proxy/v2/features?x=1", "authorization": "AgentProxy-HMAC ts=1, sig=ab"}
+
+
+def test_the_operator_api_call_checks_the_upstreams_certificate_and_sends_the_body(tmp_path, tls_echo_server):
+    port, cert = tls_echo_server
+
+    class Lab(LocalVagrantLab):
+        upstream_ca_file = cert
+
+    lab = Lab(tmp_path, SITE_B_PATH)
+    lab.topology = dataclasses.replace(lab.topology, upstream_port=port)
+    status, body = lab.operator("POST", "/operator/v1/commands", {"command": "echo"})
+    assert (status, json.loads(body)) == (200, {"body": {"command": "echo"}, "content_type": "application/json"})
+    other_ca, _ = self_signed("someone-else", ["127.0.0.1"])
+    (tmp_path / "other.crt").write_bytes(other_ca)
+    Lab.upstream_ca_file = str(tmp_path / "other.crt")
+    with pytest.raises(OSError, match=f"^GET / on the upstream's operator API: upstream -> 127.0.0.1:{port}: SSLCertVerificationError"):
+        lab.operator("GET", "/", timeout=5)
 
 
 def test_the_vagrant_labs_http_probe_raises_oserror_when_nothing_answers(tmp_path):
