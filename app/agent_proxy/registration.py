@@ -149,8 +149,10 @@ def _front_health(host: str, port: int, context: ssl.SSLContext) -> str | None:
         return f"no answer within {FRONT_PROBE_TIMEOUT:g} s"
     except ssl.SSLError as exc:
         return f"TLS failed: {exc.reason or exc}"
-    except (OSError, http.client.HTTPException) as exc:
-        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    except http.client.HTTPException as exc:
+        return str(exc) or type(exc).__name__
     finally:
         conn.close()
     return None if status == 200 else f"answered {status}"
