@@ -48,8 +48,8 @@ print(time.monotonic() - started)
 
 # One HTTP(S) request from a host: the status on the first line, then the body; the
 # request's body on stdin. tls: "plain", "insecure" (certificate not checked: lab probes)
-# or the CA file that must have signed the server's certificate. Exit 3: no answer (the
-# connection failed or timed out; the scenario tells a closed port by it).
+# or the CA file that must have signed the server's certificate. Exit 3: no answer within
+# the timeout (dropped); exit 4: the connection failed otherwise (refused, unreachable).
 HTTP = """
 import http.client, json, ssl, sys
 address, port, method, path, tls, timeout, headers = sys.argv[1:8]
@@ -63,9 +63,12 @@ try:
     conn.request(method, path, body=data, headers=json.loads(headers))
     answer = conn.getresponse()
     body = answer.read()
+except TimeoutError:
+    print(f"{address}:{port}: no answer within {timeout} s", file=sys.stderr)
+    sys.exit(3)
 except OSError as exc:
     print(f"{address}:{port}: {exc.__class__.__name__} {exc}", file=sys.stderr)
-    sys.exit(3)
+    sys.exit(4)
 sys.stdout.buffer.write(b"%d\\n" % answer.status + body)
 """
 
@@ -161,12 +164,15 @@ class Hosts(ABC):
     def http(self, host: str, address: str, port: int, method: str, path: str, tls: bool | str = False,
              timeout: float = 10, headers: dict[str, str] | None = None, body: str = "") -> tuple[int, bytes]:
         """One HTTP(S) request from ``host`` (``tls``: False, True for a certificate not
-        checked, or a CA file on the host); OSError when nothing answered."""
+        checked, or a CA file on the host); socket.timeout when nothing answered in time
+        (dropped), OSError when the connection failed otherwise (refused, unreachable)."""
         mode = tls if isinstance(tls, str) else "insecure" if tls else "plain"
         argv = [self.python(host), "-c", HTTP, address, str(port), method, path, mode, str(timeout),
                 json.dumps(headers or {})]
         result = self.run(host, argv, timeout=timeout + 30, input=body)
         if result.returncode == 3:
+            raise socket.timeout(f"{host} -> {result.stderr.strip()}")
+        if result.returncode == 4:
             raise OSError(f"{host} -> {result.stderr.strip()}")
         if result.returncode != 0:
             raise LabError(f"HTTP probe on {host}: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")

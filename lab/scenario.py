@@ -285,8 +285,10 @@ def control_apart(lab: Hosts, site_name: str) -> str:
     try:
         status, body = lab.http(agent, site.site_address, topo.control_port, "GET", CONTROL_PATH, tls=True,
                                 headers=signed(), timeout=PROBE_TIMEOUT)
+    except socket.timeout:
+        shut = f"{agent} -> {site.site_address}:{topo.control_port} (control port): no answer within {PROBE_TIMEOUT:g} s (dropped)"
     except OSError as exc:
-        shut = f"{agent} -> {site.site_address}:{topo.control_port} (control port): no answer ({exc.__class__.__name__})"
+        shut = f"{agent} -> {site.site_address}:{topo.control_port} (control port): no answer ({exc})"
     else:
         raise StepFailed(f"{agent} reached the control port {site.site_address}:{topo.control_port}: {status} {body[:200]!r}")
     status, body = lab.http(topo.upstream_host, site.public_address, topo.proxy_port, "GET", CONTROL_PATH, tls=True,

@@ -209,13 +209,21 @@ def test_the_operator_api_call_checks_the_upstreams_certificate_and_sends_the_bo
         lab.operator("GET", "/", timeout=5)
 
 
-def test_the_vagrant_labs_http_probe_raises_oserror_when_nothing_answers(tmp_path):
+def test_the_vagrant_labs_http_probe_tells_a_refused_connection_from_a_silent_one(tmp_path):
+    lab = LocalVagrantLab(tmp_path, SITE_B_PATH)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    lab = LocalVagrantLab(tmp_path, SITE_B_PATH)
-    with pytest.raises(OSError, match=f"agent-b -> 127.0.0.1:{closed}: ConnectionRefusedError"):
+    with pytest.raises(OSError, match=f"agent-b -> 127.0.0.1:{closed}: ConnectionRefusedError") as refused:
         lab.http("agent-b", "127.0.0.1", closed, "GET", "/", tls=True, timeout=2)
+    assert not isinstance(refused.value, socket.timeout)
+    # A port that takes the connection and never answers: what a dropped request looks like.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(socket.timeout, match=f"^agent-b -> 127.0.0.1:{port}: no answer within 1 s$"):
+            lab.http("agent-b", "127.0.0.1", port, "GET", "/", tls=True, timeout=1)
 
 
 def test_the_vagrant_demo_names_an_unknown_host_in_one_line(tmp_path):
