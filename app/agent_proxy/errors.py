@@ -27,7 +27,7 @@ class Error:
 
 
 CATALOGUE: dict[str, Error] = {e.code: e for e in (
-    Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, a malformed head (the connection is closed)"),
+    Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, an HTTP/1.1 request without exactly one Host of the form host[:port], a malformed head (the connection is closed)"),
     Error("bad-target", 400, "Bad target", "a southbound target that is not `/_proxy/agents/{ip}/{port}/{path}` with a canonical IP and port, or an absolute-form target"),
     Error("bad-forwarded-for", 400, "Bad request", "the trusted front sent an X-Forwarded-For that is not an address"),
     Error("bad-nonce", 400, "Bad handshake", "a handshake body that is not `{\"nonce\": N}` with 8-256 URL-safe characters"),
@@ -41,14 +41,17 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),
     Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback)"),
     Error("bad-answer", 502, "Bad gateway", "the origin's answer breaks HTTP/1.1 and nothing was relayed yet"),
+    Error("worker-failed", 502, "Bad gateway", "the node front's worker closed the connection or broke HTTP/1.1 without answering (the nginx front: or no worker could be reached)"),
     Error("upstream-unreachable", 502, "Bad gateway", "no connection to the upstream (refused, TLS failed, ...)"),
     Error("agent-unreachable", 502, "Bad gateway", "no connection to the agent"),
     Error("upstream-closed", 502, "Bad gateway", "the upstream closed the connection before answering"),
     Error("agent-closed", 502, "Bad gateway", "the agent closed the connection before answering"),
     Error("feature-failed", 503, "Feature failed", "the feature this request needs failed at start or reload (an unreadable CA file, no agent port, ...); `/_proxy/ready` says why"),
     Error("overloaded", 503, "Overloaded", "`limits.max_in_flight` requests are being served or queued (with `Retry-After: 1`)"),
+    Error("no-worker", 503, "Unavailable", "the node front (HAProxy) found no worker to take the request within its `timeout queue` (10 s): every worker down, draining or full (with `Retry-After: 1`)"),
     Error("upstream-timeout", 504, "Gateway timeout", "the upstream did not connect or answer in time"),
     Error("agent-timeout", 504, "Gateway timeout", "the agent did not connect or answer in time"),
+    Error("worker-timeout", 504, "Gateway timeout", "a worker did not answer within the node front's server timeout (the upstream's connect and read timeouts + 15 s)"),
 )}
 
 

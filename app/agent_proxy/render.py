@@ -6,7 +6,9 @@ roles and the image all render through here, so they produce the same files.
 
 A template sees ``config`` (the parsed :class:`~agent_proxy.config.Config`),
 ``worker_ports`` (the local workers' ports), ``upstream`` (``upstream.url`` taken apart
-as the workers use it) and any extra variables the caller passes
+as the workers use it), ``errors`` (the error catalogue, errors.CATALOGUE) and
+``error_body(code, description)`` (an error's JSON body, as the workers write it), and
+any extra variables the caller passes
 (``--set key=value`` or ``--vars FILE`` on the command line); each template documents the
 extra variables it reads in its header comment.
 """
@@ -21,7 +23,7 @@ from urllib.parse import urlsplit
 import jinja2
 import yaml
 
-from . import relay
+from . import errors, relay
 from .config import Config, ConfigError, is_address
 
 # CLI name -> template path relative to the template root.
@@ -130,7 +132,8 @@ def render(name: str, config: Config, variables: dict[str, Any] | None = None) -
     """Render the template known as ``name`` (see TEMPLATES) for ``config``."""
     if name not in TEMPLATES:
         raise KeyError(f"unknown template {name!r}; one of: {', '.join(TEMPLATES)}")
-    context = {"config": config, "worker_ports": config.worker_ports(), "upstream": upstream_parts(config)}
+    context = {"config": config, "worker_ports": config.worker_ports(), "upstream": upstream_parts(config),
+               "errors": errors.CATALOGUE, "error_body": lambda code, description: errors.body(code, description).decode()}
     if name == "node-haproxy-key":  # read only for the one template that holds it
         context["secret_base64"] = base64.b64encode(config.read_secret()).decode()
     context.update(variables or {})

@@ -83,6 +83,21 @@ class OneWriteTask(WSGITask):
 
 
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+# Host header lines in a lowered header block (a folded continuation starts with a
+# space, so it never matches), and a valid value: RFC 9110 7.2, uri-host [":" port],
+# where uri-host is an IP-literal in brackets or a reg-name (which may be empty).
+_HOST_LINE = re.compile(rb"^host:[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
+_HOST_VALUE = re.compile(rb"(?:\[[0-9a-f:.]+\]|[a-z0-9._~%!$&'()*+,;=-]*)(?::[0-9]*)?")
+
+
+def _host_problem(first_line: bytes, lowered: bytes) -> str | None:
+    """What is wrong with the request's Host header (RFC 9112 3.2: a 400), or None."""
+    hosts = _HOST_LINE.findall(lowered)
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if hosts:
+        return None if _HOST_VALUE.fullmatch(hosts[0]) else "a Host header that is not host[:port]"
+    return "an HTTP/1.1 request without a Host header" if crack_first_line(first_line.rstrip())[2] == b"1.1" else None
 
 
 class StrictRequestParser(HTTPRequestParser):
@@ -92,19 +107,24 @@ class StrictRequestParser(HTTPRequestParser):
     the chunks and keeps the connection, so bytes after the body would be read as a next
     request (RFC 9112 6.1: such a request MUST be answered and the connection closed); it
     accepts ``chunked, chunked``, ignores Transfer-Encoding on HTTP/1.0, answers other
-    codings 501, and takes control bytes (NUL, TAB, DEL, ...) in the request target
-    (RFC 9112 3.2: 400). Each of these is a ParsingError here: waitress answers 400 and
-    closes the connection after the answer, discarding whatever else was sent; the app
-    never sees the request, so nothing is relayed.
+    codings 501, takes control bytes (NUL, TAB, DEL, ...) in the request target, and
+    takes an HTTP/1.1 request without a Host header, with two, or with one that is not
+    host[:port] (RFC 9112 3.2: each a 400). Each of these is a ParsingError here:
+    waitress answers 400 and closes the connection after the answer, discarding whatever
+    else was sent; the app never sees the request, so nothing is relayed.
     """
 
     def parse_header(self, header_plus: bytes) -> None:
         first_line, _, header = header_plus.partition(b"\r\n")
         if _CONTROL_BYTES.search(first_line):
             raise ParsingError("control bytes in the request line")
+        lowered = header.lower()
+        problem = _host_problem(first_line, lowered)
+        if problem:
+            raise ParsingError(problem)
         # Most requests carry no Transfer-Encoding: one C-speed search spares them the
         # per-line walk (measured: ~3% of a worker's CPU per relayed request).
-        if b"transfer-encoding" not in header.lower():
+        if b"transfer-encoding" not in lowered:
             return super().parse_header(header_plus)
         codings, lengths = [], 0
         for line in get_header_lines(header):

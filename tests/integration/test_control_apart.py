@@ -131,9 +131,9 @@ def test_the_control_port_refuses_agent_traffic_and_other_sources(node):
     if node.kind == "haproxy":  # HAProxy drops the connection before TLS
         with pytest.raises((ssl.SSLError, ConnectionError)):
             call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
-    else:  # nginx decides per request: its own 403, without asking a worker
+    else:  # nginx decides per request: its own 403 (the contract's JSON), without asking a worker
         status, code, _ = call(node.control_port, AGENT, "GET", "/_proxy/v2/features", signed=True)
-        assert (status, code) == (403, "")
+        assert (status, code) == (403, "source-not-allowed")
 
 
 def test_agents_still_reach_the_upstream_on_the_client_port(node):

@@ -9,6 +9,7 @@ Linux routes all of 127/8 to lo, so a client socket bound to one of them is seen
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -179,3 +180,62 @@ def test_a_draining_worker_finishes_its_request_while_others_take_new_ones(node,
     assert node.workers[port].popen.wait(10) == 0
     node.start_worker(port)
     wait_until(lambda: all_up(node.stats_socket, "workers"), 10, "the restarted worker is UP again")
+
+
+# -- the front's own answers
+
+
+def assert_front_error(response, status: int, code: str, title: str) -> dict:
+    """``response`` is an error the front made itself, in the contract's shape (errors.py)."""
+    assert response.status == status, response.data
+    assert response.headers["X-Agent-Proxy-Error"] == code
+    assert response.headers["Content-Type"] == "application/json"
+    body = json.loads(response.data)
+    assert body["title"] == title
+    return body
+
+
+def test_a_worker_that_stops_answering_is_the_fronts_504(origin, tmp_path):
+    # Upstream timeouts of 1 s: the front gives up on a worker after 1 + 1 + 15 s.
+    node = start_node(tmp_path, origin, workers=1, upstream={"connect_timeout": 1, "read_timeout": 1})
+    http = urllib3.PoolManager(retries=False, ca_certs=str(node.cert), timeout=urllib3.Timeout(connect=5, read=40))
+    (worker,) = node.workers.values()
+    try:
+        # A worker's own error passes through as it is (the upstream did not answer in 1 s).
+        assert_front_error(http.request("GET", node.url + "/slow?s=3"), 504, "upstream-timeout", "Gateway timeout")
+        stopped = {}
+        thread = threading.Thread(target=lambda: stopped.update(response=http.request("GET", node.url + "/echo/stopped")))
+        worker.signal(signal.SIGSTOP)
+        thread.start()
+        thread.join(30)
+        worker.signal(signal.SIGCONT)
+        body = assert_front_error(stopped["response"], 504, "worker-timeout", "Gateway timeout")
+        assert body["description"] == "a worker did not answer within 17 s"
+    finally:
+        node.stop()
+
+
+def test_a_dead_worker_is_the_fronts_502_then_503_until_one_is_back(origin, tmp_path):
+    node = start_node(tmp_path, origin, workers=1)
+    http = urllib3.PoolManager(retries=False, ca_certs=str(node.cert), timeout=urllib3.Timeout(connect=5, read=20))
+    (port, worker), = node.workers.items()
+    server = f"worker{port}"
+    try:
+        # The worker dies holding a POST, which is never sent twice: 502.
+        posted = {}
+        thread = threading.Thread(target=lambda: posted.update(response=http.request("POST", node.url + "/slow?s=5", body=b"x")))
+        thread.start()
+        wait_until(lambda: server_stats(node.stats_socket, "workers")[server]["scur"] == "1", 5, "the POST reaches the worker")
+        worker.signal(signal.SIGKILL)
+        thread.join(10)
+        assert_front_error(posted["response"], 502, "worker-failed", "Bad gateway")
+        # No worker up at all: 503, come back in a second.
+        wait_until(lambda: server_stats(node.stats_socket, "workers")[server]["status"] == "DOWN", 5, "the dead worker is DOWN")
+        response = http.request("GET", node.url + "/echo")
+        assert_front_error(response, 503, "no-worker", "Unavailable")
+        assert response.headers["Retry-After"] == "1"
+        node.start_worker(port)
+        wait_until(lambda: all_up(node.stats_socket, "workers"), 10, "the restarted worker is UP")
+        assert http.request("GET", node.url + "/echo").status == 200
+    finally:
+        node.stop()

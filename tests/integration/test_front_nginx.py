@@ -7,6 +7,7 @@ one is still seen as itself.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -80,3 +81,31 @@ def test_a_dead_worker_is_passed_over(front):
         header = proxy_v2_header(AGENT, "127.0.0.1", 40000, front["port"])
         statuses.append(echo_via(front["port"], BALANCER, prefix=header)["method"])
     assert statuses == ["GET"] * 20
+
+
+def raw_via_balancer(port: int, request: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """``request`` over TLS as a balancer passes it (PROXY header for an agent): status line, headers, body."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(BALANCER, 0))
+    raw.sendall(proxy_v2_header(AGENT, "127.0.0.1", 40000, port))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(raw) as tls:
+        tls.sendall(request)
+        answer = b"".join(iter(lambda: tls.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return status_line.encode(), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+def test_nginxs_own_errors_are_the_contracts_json(front):
+    """What nginx refuses itself, and no worker answering, in the contract's JSON and code."""
+    status, headers, body = raw_via_balancer(
+        front["port"], b"GET /echo HTTP/1.1\r\nHost: p\r\nHost: q\r\nConnection: close\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 "), (status, body)
+    assert headers["x-agent-proxy-error"] == "bad-request" and headers["content-type"] == "application/json"
+    assert json.loads(body)["title"] == "Bad request"
+    for worker in front["workers"]:
+        worker.signal(signal.SIGKILL)
+    status, headers, body = raw_via_balancer(front["port"], b"GET /echo HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 502 "), (status, body)
+    assert headers["x-agent-proxy-error"] == "worker-failed" and json.loads(body)["title"] == "Bad gateway"

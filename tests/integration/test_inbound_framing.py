@@ -67,6 +67,25 @@ BAD_FRAMING = {
     "te-on-http-1.0": b"POST /agent/v1/checkin HTTP/1.0\r\nHost: p\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n" + SMUGGLED,
 }
 
+# RFC 9112 3.2: an HTTP/1.1 request with no Host, more than one, or one that is not
+# host[:port] (RFC 9110 7.2) is a 400.
+BAD_HOST = {
+    "none-on-http-1.1": b"GET /agent/v1/checkin HTTP/1.1\r\n\r\n",
+    "two-alike": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nHost: p\r\n\r\n",
+    "two-differing": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nhOST: evil\r\n\r\n",
+    "space-inside": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p q\r\n\r\n",
+    "userinfo": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: user@p\r\n\r\n",
+    "path": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p/x\r\n\r\n",
+    "port-not-digits": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p:80a\r\n\r\n",
+}
+# ... and these are good Host headers, or none where none is needed.
+GOOD_HOST = {
+    "none-on-http-1.0": b"GET /agent/v1/one HTTP/1.0\r\n\r\n",
+    "empty": b"GET /agent/v1/two HTTP/1.1\r\nHost:\r\n\r\n",
+    "ipv6-and-port": b"GET /agent/v1/three HTTP/1.1\r\nHost: [fd00::2]:2002\r\n\r\n",
+    "name-case-and-port": b"GET /agent/v1/four HTTP/1.1\r\nHOST:  Proxy.Example:2002 \r\nX-Host: a b\r\n\r\n",
+}
+
 CONTROL_TARGETS = {
     "nul": b"/agent/v1/check\x00in",
     "tab": b"/agent/v1/check\tin",
@@ -86,7 +105,7 @@ def assert_refused(port: int, origin: ScriptedOrigin, request: bytes) -> None:
     head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     assert re.match(r"HTTP/1\.[01] 400 ", head), answer
     assert "\r\nX-Agent-Proxy-Error: bad-request" in head, answer
-    assert answer.count(b"HTTP/1.") == 1, "a second answer: the rest was read as a request"
+    assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", answer)) == 1, "a second answer: the rest was read as a request"
     assert closed, "the connection stayed open"
     time.sleep(0.2)  # a relayed request would have reached the origin by now
     assert origin.requests == [] and origin.connections == connections
@@ -95,6 +114,26 @@ def assert_refused(port: int, origin: ScriptedOrigin, request: bytes) -> None:
 @pytest.mark.parametrize("request_bytes", BAD_FRAMING.values(), ids=BAD_FRAMING.keys())
 def test_ambiguous_framing_is_400_closed_and_not_forwarded(worker, origin, request_bytes):
     assert_refused(worker, origin, request_bytes)
+
+
+@pytest.mark.parametrize("request_bytes", BAD_HOST.values(), ids=BAD_HOST.keys())
+def test_a_missing_repeated_or_malformed_host_is_400_and_not_forwarded(worker, origin, request_bytes):
+    assert_refused(worker, origin, request_bytes)
+
+
+def test_good_host_headers_and_http_1_0_without_one_are_relayed(tmp_path):
+    origin = ScriptedOrigin([OK] * len(GOOD_HOST))
+    proc = start_worker(write_config(tmp_path, f"http://127.0.0.1:{origin.port}"), tmp_path)
+    try:
+        port = yaml.safe_load((tmp_path / "agent-proxy.yaml").read_text())["listen"]["port"]
+        for name, request in GOOD_HOST.items():
+            answer, _ = exchange(port, request)
+            assert answer.startswith((b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK")), (name, answer)
+        targets = [r.split(b" ", 2)[1] for r in origin.requests]
+        assert targets == [r.split(b" ", 2)[1] for r in GOOD_HOST.values()]
+    finally:
+        assert proc.stop() == 0, proc.output()
+        origin.close()
 
 
 @pytest.mark.parametrize("target", [t for t in CONTROL_TARGETS.values() if t], ids=[k for k, t in CONTROL_TARGETS.items() if t])

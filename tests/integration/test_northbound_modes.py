@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 from http.client import HTTPSConnection
@@ -73,13 +74,14 @@ def nodes(origin, tmp_path_factory):
 
 
 def call(port: int, method: str, target: str, headers: dict | None = None, body: bytes | None = None,
-         source: str = AGENT) -> tuple[int, dict[str, str], bytes]:
-    """One request over TLS from ``source``, the target sent exactly as given."""
+         source: str = AGENT, host: bool = True) -> tuple[int, dict[str, str], bytes]:
+    """One request over TLS from ``source``, the target sent exactly as given (``host``
+    False: without a Host header)."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     connection = HTTPSConnection("127.0.0.1", port, context=context, timeout=30, source_address=(source, 0))
     try:
-        connection.putrequest(method, target, skip_accept_encoding=True)
+        connection.putrequest(method, target, skip_host=not host, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
             connection.putheader(name, value)
         if body is not None:
@@ -232,6 +234,21 @@ def test_sources_outside_networks_agents_are_refused(node, origin):
 def test_absolute_form_target_is_refused(node):
     status, headers, data = call(node.port, "GET", "http://127.0.0.1/echo")
     assert_contract_error(status, headers, data, 400, "bad-target", "Bad target")
+
+
+def test_http_1_1_without_host_is_400_and_http_1_0_needs_none(node, origin):
+    before = len(origin.received)
+    status, headers, data = call(node.port, "GET", "/echo", host=False)
+    assert_contract_error(status, headers, data, 400, "bad-request", "Bad request")
+    assert "without a Host header" in json.loads(data)["description"]
+    assert len(origin.received) == before
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", node.port), 10, source_address=(AGENT, 0))) as tls:
+        tls.sendall(b"GET /echo/http-1.0 HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: tls.recv(65536), b""))
+    assert re.match(rb"HTTP/1\.[01] 200 ", answer), answer[:300]
+    assert origin.received[-1]["target"] == "/base/echo/http-1.0"
 
 
 def test_body_over_the_limit_is_413(node, origin, tmp_path):
