@@ -40,6 +40,8 @@ FORGED = {
     "X-Agent-Proxy-Signature": "v1 ts=1, sig=" + "0" * 64, "Forwarded": "for=10.6.6.6",
     "X-Forwarded-For": "10.6.6.6", "X-Forwarded-Host": "evil", "X-Forwarded-Proto": "http",
     "X-Real-IP": "10.6.6.6",
+    # Underscores for dashes: the same header to a CGI or WSGI upstream.
+    "X_Agent_Proxy_Client_IP": "10.6.6.6", "X-Agent_Proxy-Id": "site-evil", "X_Forwarded_For": "10.6.6.6",
 }
 HOP_BY_HOP = {"Keep-Alive": "timeout=5", "Proxy-Authorization": "Basic eA==", "TE": "trailers",
               "Trailer": "X-Sum", "Proxy-Connection": "keep-alive"}
@@ -134,7 +136,24 @@ def test_forged_identity_headers_are_dropped(node):
     for name in FORGED:
         assert name.lower() not in got or got[name.lower()] != [FORGED[name]], name
     assert "x-forwarded-host" not in got and "x-real-ip" not in got
+    assert not [name for name in got if "_" in name]
     assert got["x-agent-proxy-client-ip"] == [AGENT] and got["x-forwarded-for"] == [AGENT]
+
+
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\x01b", b"a\x1bb", b"a\x7fb"], ids=["nul", "soh", "esc", "del"])
+def test_control_characters_in_a_header_value_are_400(node, origin, value):
+    """RFC 9110 5.5: NUL is never relayed, nor any control character but TAB."""
+    before = len(origin.received)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", node.port), 10, source_address=(AGENT, 0))) as tls:
+        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: p\r\nX-Note: " + value + b"\r\nConnection: close\r\n\r\n")
+        answer = b"".join(iter(lambda: tls.recv(65536), b""))
+    head, _, data = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head), answer[:300]
+    assert b"\r\nx-agent-proxy-error: bad-request" in head.lower() and json.loads(data)["title"] == "Bad request"
+    assert len(origin.received) == before
+    assert echo(node.port, headers={"X-Note": "a\tb"})["target"] == "/base/agent/v1/checkin"
 
 
 @pytest.mark.parametrize("connection", [None, "keep-alive", "X-Drop-Me"])
@@ -216,11 +235,16 @@ def test_raw_path_and_query_are_kept(node, target):
     signing.verify_signature_header(got["x-agent-proxy-signature"][0], SECRET.encode(), "site-a", "GET", seen["target"], AGENT)
 
 
-def test_proxy_paths_stay_with_the_workers(node):
-    status, _, data = call(node.port, "GET", "/_proxy/features")
-    assert status == 200 and "northbound" in json.loads(data)
-    status, headers, _ = call(node.port, "GET", "/%5Fproxy/nothing")
+@pytest.mark.parametrize("target", ["/_proxy/features", "//_proxy/features", "///_proxy/features", "/%2F_proxy/features"])
+def test_proxy_paths_stay_with_the_workers(node, origin, target):
+    # The workers route the path decoded, its leading slashes as one (waitress's PATH_INFO):
+    # the native front hands them the same paths, so nothing a worker would answer goes north.
+    before = len(origin.received)
+    status, _, data = call(node.port, "GET", target)
+    assert status == 200 and "northbound" in json.loads(data), data
+    status, headers, _ = call(node.port, "GET", target.replace("features", "nothing").replace("_proxy", "%5Fproxy"))
     assert status == 404 and headers["x-agent-proxy-error"] == "not-found"
+    assert len(origin.received) == before
 
 
 def test_sources_outside_networks_agents_are_refused(node, origin):
