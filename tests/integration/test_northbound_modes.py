@@ -27,7 +27,7 @@ import yaml
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
 from kit import AGENT, SECRET, free_port, headers_of, start_node, wait_until
-from tests.origin import Origin
+from tests.origin import Origin, ScriptedOrigin
 
 MODES = ["worker", "native"]
 MAX_BODY = 4 * 1024 * 1024
@@ -299,6 +299,24 @@ def test_upstream_down_is_502(mode, tmp_path):
         assert_contract_error(status, headers, data, 502, "upstream-unreachable", "Bad gateway")
     finally:
         front.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_control_character_in_an_answers_header_is_502_bad_answer(mode, tmp_path):
+    """RFC 9110 5.5: NUL in a field value is never relayed, nor any control character but TAB."""
+    answers = [b"HTTP/1.1 200 OK\r\nX-A: a" + c + b"b\r\nContent-Length: 2\r\n\r\nok" for c in (b"\x00", b"\x01", b"\x7f")]
+    origin = ScriptedOrigin(answers + [b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nContent-Length: 2\r\n\r\nok"])
+    front = start_node(tmp_path, origin.url, 1, [], name=f"ctl-{mode}", mode=mode, **AGENTS_ONLY)
+    try:
+        for _ in answers:
+            status, headers, data = call(front.port, "GET", "/echo")
+            assert_contract_error(status, headers, data, 502, "bad-answer", "Bad gateway")
+            assert "a control character" in json.loads(data)["description"]
+        status, headers, data = call(front.port, "GET", "/echo")
+        assert (status, headers["x-a"], data) == (200, "a\tb", b"ok")
+    finally:
+        front.stop()
+        origin.close()
 
 
 @pytest.fixture(scope="module")
