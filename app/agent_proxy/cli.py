@@ -175,6 +175,8 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
     from . import files
     from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, self_signed
 
+    if args.days < 1:
+        raise ConfigError([f"--days {args.days}: expected a number of days, 1 or more"])
     tls = _load(args.config).tls
     cert_pem = _read_input("tls.cert_file", tls.cert_file)
     key_pem = _read_input("tls.key_file", tls.key_file)
@@ -211,6 +213,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ConfigError([f"--port {args.port}: expected a TCP port, 1-65535"])
     return serve(args.config, port=args.port)
 
 
@@ -303,6 +307,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_lb(args: argparse.Namespace) -> int:
     from . import lbctl
 
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise ConfigError([f"--timeout {args.timeout:g}: expected a number of seconds, 0 or more"])
     if args.socket:
         sock = lbctl.StatsSocket(args.socket, "--socket")
     else:

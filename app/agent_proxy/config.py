@@ -609,7 +609,10 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the file must hold a mapping of keys, got {type(data).__name__}"])
-    data = _deep_copy(data)
+    try:
+        data = _deep_copy(data)
+    except RecursionError:  # `a: &a [*a]`: YAML lets an alias hold itself
+        raise ConfigError([f"{source}: a YAML alias holds itself (&anchor inside its own *alias)"]) from None
     origins = _apply_environment(data, environ if environ is not None else os.environ, problems)
     defaulted: set[str] = set()
     config = _build(Config, data, "", problems, defaulted)

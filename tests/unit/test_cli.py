@@ -243,3 +243,29 @@ def test_renew_cert_with_an_unreadable_key_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
     assert "cannot renew: not an unencrypted PEM private key" in result.stderr
     assert (tmp_path / "tls" / "proxy.crt").read_bytes() == before
+
+
+def test_a_yaml_alias_holding_itself_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy_id: a\nupstream: {url: 'http://x'}\nloop: &a [*a]\n")
+    result = run("check-config", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"agent-proxy: {path}: a YAML alias holds itself (&anchor inside its own *alias)"]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["renew-cert", "--days", "0"], "--days 0: expected a number of days, 1 or more"),
+    (["renew-cert", "--days", "-5"], "--days -5: expected a number of days, 1 or more"),
+    (["serve", "--port", "99999"], "--port 99999: expected a TCP port, 1-65535"),
+    (["serve", "--port", "0"], "--port 0: expected a TCP port, 1-65535"),
+    (["lb", "status", "--server", "node1", "--socket", "/nonexistent", "--timeout", "-1"],
+     "--timeout -1: expected a number of seconds, 0 or more"),
+    (["lb", "status", "--server", "node1", "--socket", "/nonexistent", "--timeout", "nan"],
+     "--timeout nan: expected a number of seconds, 0 or more"),
+])
+def test_numbers_out_of_range_are_one_line_exit_2_and_change_nothing(tmp_path, args, line):
+    assert _init(tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = run(*args, "-c", str(tmp_path / "agent-proxy.yaml"))
+    assert (result.returncode, result.stderr.splitlines()) == (2, [f"agent-proxy: {line}"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
