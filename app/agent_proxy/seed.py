@@ -89,6 +89,18 @@ def parse_env(text: str, source: str) -> dict[str, str]:
     return values
 
 
+def read_env(path: Path) -> dict[str, str]:
+    """The seed file's values, {} when there is none. A byte-order mark, which some
+    editors write, is allowed; bytes that are not UTF-8 are a SeedError naming the file."""
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SeedError([f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"]) from None
+    return parse_env(text, str(path))
+
+
 def _items(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value) if item]
 
@@ -228,7 +240,7 @@ def system_files(settings: dict[str, Any], root: Path) -> dict[Path, str]:
 def apply(seed_dir: Path, config: Path, firewall_vars: Path, root: Path) -> list[str]:
     """Apply the seed in ``seed_dir``; returns what was done, one line each."""
     env = seed_dir / "seed.env"
-    values = parse_env(env.read_text(encoding="utf-8"), str(env)) if env.exists() else {}
+    values = read_env(env)
     settings = validate(values, str(env))
     done = []
     ca = seed_dir / CA_SEED_FILE
@@ -267,7 +279,7 @@ def seed_values(seed_dir: Path, keys: list[str]) -> list[str]:
     if unknown:
         raise SeedError([f"--get: unknown key {key} (known: {', '.join(KEYS)})" for key in unknown])
     env = seed_dir / "seed.env"
-    values = parse_env(env.read_text(encoding="utf-8"), str(env)) if env.exists() else {}
+    values = read_env(env)
     settings = validate(values, str(env))
     return [_shown(settings.get(key)) for key in keys]
 

@@ -131,6 +131,20 @@ def test_the_command_says_one_line_and_exits_2(node):
     assert "Traceback" not in done.stderr
 
 
+def test_a_seed_that_is_not_utf8_is_one_line_and_one_with_a_byte_order_mark_is_read(node):
+    root, config, fw_vars, seed = node
+    (seed / "seed.env").write_bytes(b"PROXY_ID=site-a\nHOSTNAMES=caf\xe9\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent_proxy.seed", "--seed-dir", str(seed), "--config", str(config),
+         "--firewall-vars", str(fw_vars), "--root", str(root)],
+        capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [f"{seed / 'seed.env'}: not UTF-8 text (byte 0xe9 at offset 29)"])
+    # A byte-order mark (some editors write one) is not part of the first key.
+    (seed / "seed.env").write_bytes("\ufeffPROXY_ID=site-bom\n".encode())
+    apply(seed, config, fw_vars, root)
+    assert yaml.safe_load(config.read_text())["proxy_id"] == "site-bom"
+
+
 def seed_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent_proxy.seed", *args], capture_output=True, text=True, timeout=60)
 
