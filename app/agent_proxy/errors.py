@@ -41,7 +41,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),
     Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback)"),
     Error("bad-answer", 502, "Bad gateway", "the origin's answer breaks HTTP/1.1 and nothing was relayed yet"),
-    Error("worker-failed", 502, "Bad gateway", "the node front's worker closed the connection or broke HTTP/1.1 without answering (the nginx front: or no worker could be reached)"),
+    Error("worker-failed", 502, "Bad gateway", "no whole answer from the node front's worker: it closed the connection or broke HTTP/1.1, or its head was over the HAProxy front's 16 KiB buffer (the nginx front: or no worker could be reached)"),
     Error("upstream-unreachable", 502, "Bad gateway", "no connection to the upstream (refused, TLS failed, ...)"),
     Error("agent-unreachable", 502, "Bad gateway", "no connection to the agent"),
     Error("upstream-closed", 502, "Bad gateway", "the upstream closed the connection before answering"),

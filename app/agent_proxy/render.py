@@ -7,7 +7,8 @@ roles and the image all render through here, so they produce the same files.
 A template sees ``config`` (the parsed :class:`~agent_proxy.config.Config`),
 ``worker_ports`` (the local workers' ports), ``upstream`` (``upstream.url`` taken apart
 as the workers use it), ``errors`` (the error catalogue, errors.CATALOGUE) and
-``error_body(code, description)`` (an error's JSON body, as the workers write it), and
+``error_body(code, description)`` (an error's JSON body, as the workers write it, with
+' and $ as JSON escapes so that it sits in a single-quoted HAProxy or nginx string), and
 any extra variables the caller passes
 (``--set key=value`` or ``--vars FILE`` on the command line); each template documents the
 extra variables it reads in its header comment.
@@ -128,12 +129,17 @@ def read_variables(path: str | Path, missing_ok: bool = False) -> dict[str, Any]
     return loaded
 
 
+def _quotable_error_body(code: str, description: str) -> str:
+    """errors.body() for a single-quoted config string: ' and $ (nginx variables) escaped."""
+    return errors.body(code, description).decode().replace("'", "\\u0027").replace("$", "\\u0024")
+
+
 def render(name: str, config: Config, variables: dict[str, Any] | None = None) -> str:
     """Render the template known as ``name`` (see TEMPLATES) for ``config``."""
     if name not in TEMPLATES:
         raise KeyError(f"unknown template {name!r}; one of: {', '.join(TEMPLATES)}")
     context = {"config": config, "worker_ports": config.worker_ports(), "upstream": upstream_parts(config),
-               "errors": errors.CATALOGUE, "error_body": lambda code, description: errors.body(code, description).decode()}
+               "errors": errors.CATALOGUE, "error_body": _quotable_error_body}
     if name == "node-haproxy-key":  # read only for the one template that holds it
         context["secret_base64"] = base64.b64encode(config.read_secret()).decode()
     context.update(variables or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -247,3 +248,33 @@ def test_node_nginx_renders_a_valid_nginx_conf(tmp_path, capsys, front):
     else:
         assert "listen 0.0.0.0:2002 ssl;" in text
         assert "real_ip" not in text and "limit_conn" not in text
+
+
+@pytest.mark.parametrize("template, front", [
+    ("node-haproxy", {"mode": "worker"}), ("node-haproxy", {"mode": "native"}), ("node-nginx", {}),
+], ids=["haproxy-worker", "haproxy-native", "nginx"])
+def test_every_answer_a_front_makes_is_a_catalogue_error_in_json(tmp_path, capsys, template, front):
+    """Each answer the front makes itself: the catalogue's status and title, a JSON body that
+    survives the config's single quotes."""
+    from agent_proxy.errors import CATALOGUE
+
+    if front.get("mode") == "native":
+        (tmp_path / "psk.haproxy-map").write_text("key " + base64.b64encode(SECRET.encode()).decode() + "\n")
+    code, text, err = render(capsys, template, config(tmp_path, **front))
+    assert code == 0, err
+    if template == "node-nginx":
+        answers = re.findall(r"add_header X-Agent-Proxy-Error (\S+) always;\s+return (\d+) '(.*)';", text)
+        made = text.count("add_header X-Agent-Proxy-Error ")
+    else:
+        answers = re.findall(r"status (\d+) content-type application/json hdr X-Agent-Proxy-Error (\S+) .*?'(.*)'", text)
+        answers = [(name, status, body) for status, name, body in answers]
+        made = text.count("hdr X-Agent-Proxy-Error ")
+    assert len(answers) == made >= 3
+    for name, status, body in answers:
+        error = CATALOGUE[name]
+        # HAProxy's own 503 for "no connection" is turned into the contract's 502 (native).
+        assert int(status) == error.status or (name, status) == ("upstream-unreachable", "503")
+        assert "'" not in body, body  # it would end the config's string early
+        parsed = json.loads(body)
+        assert set(parsed) == {"title", "description"} and parsed["title"] == error.title
+    (haproxy_check if template == "node-haproxy" else nginx_check)(tmp_path, text)
