@@ -9,13 +9,14 @@ PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv lock deb apt-repo test test-fast test-multinode demo lab-up lab-down bench compliance image vagrant-lab vagrant-demo clean
+.PHONY: help deps venv lock deb apt-repo test test-host test-fast test-image test-multinode demo lab-up lab-down bench compliance image vagrant-lab vagrant-demo clean
 
 help:
 	@echo "make demo        bring up the namespace lab, run the whole path, print a report, tear down"
 	@echo "make test        install what the tests need (apt, pip into .venv) and run them"
 	@echo "make test-fast   unit and integration tests only, nothing installed"
-	@echo "make test-multinode  two booted nodes made one proxy by the site playbook (about 20 minutes)"
+	@echo "make test-image  the image built, booted and audited alone (part of make test)"
+	@echo "make test-multinode  two booted nodes made one proxy by the site playbook, alone (part of make test)"
 	@echo "make lab-up      build the lab and leave it running;  make lab-down  tears it down"
 	@echo "make bench       throughput and latency side by side (about 10 minutes)"
 	@echo "make compliance HOSTS=ssh://node   audit a node"
@@ -43,25 +44,35 @@ $(STAMP): app/pyproject.toml
 	$(VENV)/bin/pip install -q -e 'app[test]'
 	touch $@
 
-# The whole suite: unit, integration (real waitress, HAProxy, nginx, curl on loopback),
-# the namespace lab, compliance against a lab node, the Ansible/Packer/Vagrant checks, a
-# smoke run of the benchmark harness (`bench --smoke`: every path briefly and the scale
-# measurements at a small size), and (unless SKIP_IMAGE=1) the VM image built,
-# booted under TCG and audited. ansible/lint.sh goes first: it
-# installs ansible-core, which tests/integration/test_role_key_material.py runs.
+# The whole suite, in two runs side by side (tools/side-by-side; on two cores each leaves
+# CPU idle that the other uses):
+#   host  unit, integration (real waitress, HAProxy, nginx, curl on loopback), the
+#         namespace lab, compliance against a lab node, the Ansible/Packer/Vagrant checks,
+#         a smoke run of the benchmark harness (`bench --smoke`: every path briefly and
+#         the scale measurements at a small size);
+#   vms   packer/test-vms.sh: the VM image built, then booted under TCG and audited
+#         (test-image.sh) beside two booted nodes made one proxy by site.yml
+#         (test-multinode.sh). SKIP_IMAGE=1 (local runs only): the template checks alone.
+# ansible/lint.sh goes first: it installs ansible-core, which the host's
+# tests/integration/test_role_key_material.py and the VM tests run.
 test: deps venv
 	ansible/lint.sh
-	$(PYTEST) tests/unit tests/integration tests/lab tests/compliance/test_lab_node.py
-	$(PY) -m bench --smoke
 ifeq ($(SKIP_IMAGE),1)
+	$(MAKE) --no-print-directory test-host
 	packer/check.sh
 else
-	packer/test-image.sh
+	tools/side-by-side host '$(MAKE) --no-print-directory test-host' vms packer/test-vms.sh
 endif
 
-# Two booted nodes made one proxy by site.yml behind a balancer (issue-15 proof; ~24 min
-# under TCG, so not yet in `make test`: see packer/README.md). The image is built first
-# when its inputs changed; ansible/lint.sh installs the ansible-playbook the script runs.
+test-host: venv
+	$(PYTEST) tests/unit tests/integration tests/lab tests/compliance/test_lab_node.py
+	$(PY) -m bench --smoke
+
+# Either VM test alone (both run in `make test`). The image is built first when its
+# inputs changed; ansible/lint.sh installs the ansible-playbook they run.
+test-image: deps venv image
+	packer/test-image.sh
+
 test-multinode: deps venv image
 	ansible/lint.sh
 	packer/test-multinode.sh

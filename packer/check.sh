@@ -1,7 +1,7 @@
 #!/bin/bash
 # Fast static checks of the image template and the Vagrant lab (seconds, no VM):
 # `packer fmt -check`, `packer validate` (with a throwaway key and placeholder paths) and
-# `vagrant validate -p`. Run by packer/test-image.sh and, on its own, by `make test`
+# `vagrant validate -p`. Run first by packer/test-vms.sh and, on its own, by `make test`
 # even when SKIP_IMAGE=1.
 set -euo pipefail
 

@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 find packer appliance ansible app haproxy firewall deb -type f \
     ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.pyc' ! -name '*.md' \
-    ! -path packer/check.sh ! -path packer/test-image.sh ! -path packer/test-multinode.sh \
+    ! -path packer/check.sh ! -path packer/test-image.sh ! -path packer/test-multinode.sh ! -path packer/test-vms.sh \
     ! -path packer/test-helpers.sh ! -path 'packer/vagrant-*.sh' \
     ! -path ansible/playbooks/lab.yml ! -path 'ansible/playbooks/tasks/lab-*' -print0 |
   LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16

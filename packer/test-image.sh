@@ -1,7 +1,7 @@
 #!/bin/bash
-# The image test in `make test`: the template checks, the image (rebuilt only when an
-# input changed, see packer/inputs-hash.sh), then two boots under QEMU TCG with user
-# networking (SSH and :2002 forwarded to 127.0.0.1 only):
+# The image test (in `make test` through packer/test-vms.sh, beside test-multinode.sh;
+# alone: `make test-image`), on the image built (out/agent-proxy.qcow2): two boots under
+# QEMU TCG with user networking (SSH and :2002 forwarded to 127.0.0.1 only):
 #   1. a boot seed for a working node: an http:// upstream (an origin on the host's
 #      loopback, 10.0.2.2 to the guest) with allow-insecure, the host as agent and admin
 #      network, a static address, hostname and NTP server. Asserted: first boot OK, the
@@ -48,11 +48,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-packer/check.sh
-step "template checks"
-
-packer/build-image.sh
-step "image"
+[[ -f $OUT/agent-proxy.qcow2 ]] || fail "no out/agent-proxy.qcow2: run packer/build-image.sh (make image) first"
 
 rm -rf "$T"
 mkdir -p "$T"

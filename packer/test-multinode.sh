@@ -1,6 +1,6 @@
 #!/bin/bash
-# Several nodes, one proxy, on booted VMs (`make test-multinode`, after `make image` or
-# packer/test-image.sh built the image): two qcow2 overlays of out/agent-proxy.qcow2 under QEMU TCG, each having made
+# Several nodes, one proxy, on booted VMs (in `make test` through packer/test-vms.sh, beside
+# test-image.sh; alone: `make test-multinode`), on the image built: two qcow2 overlays of out/agent-proxy.qcow2 under QEMU TCG, each having made
 # its own key material at first boot, then the site playbook over SSH with an inventory
 # written here, and a balancer in front of them. Then, with the reference upstream on the
 # host: `agent-proxy register` through the balancer, signed agent calls through each node,
