@@ -38,6 +38,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("not-found", 404, "Not found", "a path under `/_proxy/` that is not in the route table, or not served on this listener"),
     Error("method-not-allowed", 405, "Method not allowed", "a method the route does not take, and CONNECT anywhere"),
     Error("body-too-large", 413, "Body too large", "a request body over `limits.max_body_bytes`"),
+    Error("too-many-connections", 429, "Too many connections", "the nginx front: a request on a connection past `front.max_conn_per_source` from one client address (with `Retry-After: 1`; the HAProxy front closes such a connection instead)"),
     Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),
     Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback)"),
     Error("bad-answer", 502, "Bad gateway", "the origin's answer breaks HTTP/1.1 and nothing was relayed yet"),

@@ -12,6 +12,8 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -109,3 +111,46 @@ def test_nginxs_own_errors_are_the_contracts_json(front):
     status, headers, body = raw_via_balancer(front["port"], b"GET /echo HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 502 "), (status, body)
     assert headers["x-agent-proxy-error"] == "worker-failed" and json.loads(body)["title"] == "Bad gateway"
+
+
+def test_a_request_past_the_per_source_limit_is_429_in_json(tmp_path):
+    """nginx counts an address's connections with a request in progress: with one allowed,
+    a second request while the first is slow is refused in the contract's JSON; the
+    limit holds per address, and frees up when the first is answered."""
+    origin, origin_url = start_origin(tmp_path)
+    worker_port, port = free_port(), free_port()
+    config = write_config(tmp_path, origin_url, listen={"host": "127.0.0.1", "port": worker_port},
+                          front={"bind": "127.0.0.1", "port": port, "workers": 1, "max_conn_per_source": 1})
+    worker = start_worker(config, tmp_path, worker_port)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render("node-nginx", config, f"nginx_pid={tmp_path / 'nginx.pid'}"))
+    nginx = Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log").start()
+    try:
+        wait_for_port("127.0.0.1", port, proc=nginx)
+
+        def get(source: str, path: str) -> tuple[bytes, dict[str, str], bytes]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode())
+                answer = b"".join(iter(lambda: tls.recv(65536), b""))
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            return status_line.encode(), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(get, AGENT, "/slow?s=3")
+            time.sleep(1)  # the slow request is in progress at the worker
+            status, headers, body = get(AGENT, "/echo/second")
+            assert status.startswith(b"HTTP/1.1 429 "), (status, body)
+            assert headers["x-agent-proxy-error"] == "too-many-connections" and headers["retry-after"] == "1"
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body) == {"title": "Too many connections", "description": "more than 1 connections from this address"}
+            assert get(BALANCER, "/echo/other-address")[0].startswith(b"HTTP/1.1 200 ")
+            assert slow.result(timeout=15)[0].startswith(b"HTTP/1.1 200 ")
+        assert get(AGENT, "/echo/after")[0].startswith(b"HTTP/1.1 200 ")
+    finally:
+        nginx.stop()
+        worker.stop()
+        origin.stop()

@@ -263,7 +263,7 @@ def test_every_answer_a_front_makes_is_a_catalogue_error_in_json(tmp_path, capsy
     code, text, err = render(capsys, template, config(tmp_path, **front))
     assert code == 0, err
     if template == "node-nginx":
-        answers = re.findall(r"add_header X-Agent-Proxy-Error (\S+) always;\s+return (\d+) '(.*)';", text)
+        answers = re.findall(r"add_header X-Agent-Proxy-Error (\S+) always;\s+(?:add_header .*\s+)*return (\d+) '(.*)';", text)
         made = text.count("add_header X-Agent-Proxy-Error ")
     else:
         answers = re.findall(r"status (\d+) content-type application/json hdr X-Agent-Proxy-Error (\S+) .*?'(.*)'", text)
