@@ -104,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, json.dumps(record).encode(), [("Content-Type", "application/json")])
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_any
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = handle_any
 
 
 class Origin:

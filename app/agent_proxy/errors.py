@@ -27,7 +27,7 @@ class Error:
 
 
 CATALOGUE: dict[str, Error] = {e.code: e for e in (
-    Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, an HTTP/1.1 request without exactly one Host of the form host[:port], a malformed head (the connection is closed)"),
+    Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, an HTTP/1.1 request without exactly one Host of the form host[:port], an OPTIONS or TRACE whose `Max-Forwards` is not one number, a malformed head (the connection is closed)"),
     Error("bad-target", 400, "Bad target", "a southbound target that is not `/_proxy/agents/{ip}/{port}/{path}` with a canonical IP and port, or an absolute-form target"),
     Error("bad-forwarded-for", 400, "Bad request", "the trusted front sent an X-Forwarded-For that is not an address"),
     Error("bad-nonce", 400, "Bad handshake", "a handshake body that is not `{\"nonce\": N}` with 8-256 URL-safe characters"),
@@ -36,7 +36,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("target-forbidden", 403, "Forbidden", "a southbound target that is never allowed (loopback, link-local, multicast, ...)"),
     Error("target-not-allowed", 403, "Forbidden", "a southbound target outside `networks.agents` or `agents.ports`"),
     Error("not-found", 404, "Not found", "a path under `/_proxy/` that is not in the route table, or not served on this listener"),
-    Error("method-not-allowed", 405, "Method not allowed", "a method the route does not take, and CONNECT anywhere"),
+    Error("method-not-allowed", 405, "Method not allowed", "a method the route does not take, CONNECT anywhere, and a TRACE whose `Max-Forwards` is 0 (with `Allow`)"),
     Error("body-too-large", 413, "Body too large", "a request body over `limits.max_body_bytes`"),
     Error("too-many-connections", 429, "Too many connections", "the nginx front: a request on a connection past `front.max_conn_per_source` from one client address (with `Retry-After: 1`; the HAProxy front closes such a connection instead)"),
     Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),

@@ -247,6 +247,36 @@ def test_proxy_paths_stay_with_the_workers(node, origin, target):
     assert len(origin.received) == before
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
+def test_max_forwards_counts_down_and_ends_at_the_proxy(node, origin, method):
+    """RFC 9110 7.6.2: an OPTIONS or TRACE goes on with Max-Forwards one less; at 0 the
+    proxy answers it itself (OPTIONS: the methods it relays; TRACE: 405, it reflects none)."""
+    got = headers_of(echo(node.port, headers={"Max-Forwards": "5"}, method=method))
+    assert got["max-forwards"] == ["4"] and got["x-agent-proxy-id"] == ["site-a"]
+    assert headers_of(echo(node.port, headers={"Max-Forwards": "1"}, method=method))["max-forwards"] == ["0"]
+    before = len(origin.received)
+    status, headers, data = call(node.port, method, "/echo", {"Max-Forwards": "0"})
+    if method == "OPTIONS":
+        assert status == 200 and data == b"", data
+    else:
+        assert_contract_error(status, headers, data, 405, "method-not-allowed", "Method not allowed")
+    assert headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert len(origin.received) == before
+
+
+@pytest.mark.parametrize("value", ["", "-1", "1.5", "two", "1, 2"])
+def test_max_forwards_that_is_not_a_number_is_400(node, origin, value):
+    before = len(origin.received)
+    status, headers, data = call(node.port, "OPTIONS", "/echo", {"Max-Forwards": value})
+    assert_contract_error(status, headers, data, 400, "bad-request", "Bad request")
+    assert "Max-Forwards" in json.loads(data)["description"]
+    assert len(origin.received) == before
+
+
+def test_max_forwards_on_other_methods_passes_untouched(node):
+    assert headers_of(echo(node.port, headers={"Max-Forwards": "0"}))["max-forwards"] == ["0"]
+
+
 def test_sources_outside_networks_agents_are_refused(node, origin):
     before = len(origin.received)
     status, headers, data = call(node.port, "GET", "/echo", source=OUTSIDER)

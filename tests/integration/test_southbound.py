@@ -95,3 +95,18 @@ def test_unreachable_agent_is_502(site):
 def test_unsigned_request_never_reaches_the_agent(site):
     status, headers, _ = southbound(site, "GET", "/_proxy/agents/10.0.0.2/2003/", None)
     assert status == 401 and headers["x-agent-proxy-error"] == "bad-signature"
+
+
+def test_max_forwards_counts_down_to_the_agent_and_ends_at_the_proxy(site):
+    """RFC 9110 7.6.2, southbound too: an OPTIONS reaches the agent with Max-Forwards one
+    less; at 0 the proxy answers it itself, and a TRACE at 0 is 405."""
+    path = "/_proxy/agents/10.0.0.2/2003/agent/v1/status"
+    auth = signing.authorization(SECRET.encode(), "site-a", "OPTIONS", path)
+    status, _, body = southbound(site, "OPTIONS", path, auth, "-H", "Max-Forwards: 3")
+    assert status == 200, body
+    assert [value for name, value in json.loads(body)["headers"] if name.lower() == "max-forwards"] == ["2"]
+    status, headers, body = southbound(site, "OPTIONS", path, auth, "-H", "Max-Forwards: 0")
+    assert status == 200 and body == b"" and headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    trace = signing.authorization(SECRET.encode(), "site-a", "TRACE", path)
+    status, headers, _ = southbound(site, "TRACE", path, trace, "-H", "Max-Forwards: 0")
+    assert status == 405 and headers["x-agent-proxy-error"] == "method-not-allowed"
