@@ -54,14 +54,15 @@ $(STAMP): app/pyproject.toml
 #         (test-image.sh) beside two booted nodes made one proxy by site.yml
 #         (test-multinode.sh). SKIP_IMAGE=1 (local runs only): the template checks alone.
 # ansible/lint.sh goes first: it installs ansible-core, which the host's
-# tests/integration/test_role_key_material.py and the VM tests run.
+# tests/integration/test_role_key_material.py and the VM tests run. (Plain `make`, not
+# $(MAKE), in the side-by-side line: make runs a line naming $(MAKE) even under `make -n`.)
 test: deps venv
 	ansible/lint.sh
 ifeq ($(SKIP_IMAGE),1)
 	$(MAKE) --no-print-directory test-host
 	packer/check.sh
 else
-	tools/side-by-side host '$(MAKE) --no-print-directory test-host' vms packer/test-vms.sh
+	tools/side-by-side host 'make --no-print-directory test-host' vms packer/test-vms.sh
 endif
 
 test-host: venv
