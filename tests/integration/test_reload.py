@@ -43,31 +43,52 @@ def client(ca: str) -> urllib3.PoolManager:
                                timeout=urllib3.Timeout(connect=5, read=20))
 
 
-def repeatedly(action, every: float, until: threading.Event) -> threading.Thread:
-    def loop():
-        while not until.wait(every):
-            action()
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    return thread
+class Repeatedly:
+    """``action`` every ``every`` seconds in a thread, from ``start()`` until ``stop()``,
+    which waits for the action in progress and raises what any run of it raised: a
+    reload that failed fails the test, and none runs after the test has stopped its front."""
+
+    def __init__(self, action, every: float):
+        self.action, self.every = action, every
+        self.runs, self.errors = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            try:
+                self.action()
+                self.runs += 1
+            except Exception as exc:  # reported by stop(), in the test's thread
+                self.errors.append(exc)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        assert not self._thread.is_alive(), "the repeated action did not end within 30 s"
+        assert not self.errors, self.errors[:3]
 
 
 def test_workers_reload_under_load_without_a_failed_request(origin, tmp_path):
     node = start_node(tmp_path, origin, workers=2, balancers=[])
-    stop = threading.Event()
+
+    def hup_all():
+        for proc in node.workers.values():
+            proc.signal(signal.SIGHUP)
+    hups = Repeatedly(hup_all, 0.3)
     try:
-        def hup_all():
-            for proc in node.workers.values():
-                proc.signal(signal.SIGHUP)
-        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100,
-                          action=lambda: repeatedly(hup_all, 0.3, stop), limit=LIMIT)
-        stop.set()
+        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100, action=hups.start, limit=LIMIT)
+        hups.stop()
         print(f"worker reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
         assert result.failed["GET"] == [], result.failed["GET"][:5]
         reloads = sum(p.output().count("configuration reloaded") for p in node.workers.values())
         assert reloads >= 4, "the workers were not reloaded during the load"
     finally:
-        stop.set()
+        hups.stop()
         node.stop()
 
 
@@ -91,18 +112,17 @@ def test_a_worker_reload_applies_a_new_allowlist_to_new_requests(origin, tmp_pat
 
 def test_haproxy_front_reloads_under_load_without_a_failed_request(origin, tmp_path):
     node = start_node(tmp_path, origin, workers=2, balancers=[])
-    stop = threading.Event()
+    # HAProxy runs in master-worker mode; SIGUSR2 to the master is `systemctl reload`.
+    reloads = Repeatedly(lambda: node.haproxy.signal(signal.SIGUSR2), 1.0)
     try:
-        # HAProxy runs in master-worker mode; SIGUSR2 to the master is `systemctl reload`.
-        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100,
-                          action=lambda: repeatedly(lambda: node.haproxy.signal(signal.SIGUSR2), 1.0, stop), limit=LIMIT)
-        stop.set()
+        result = run_load(client(str(node.cert)), node.url, TOTAL, THREADS, at=100, action=reloads.start, limit=LIMIT)
+        reloads.stop()
         print(f"haproxy reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
         assert result.failed["GET"] == [], result.failed["GET"][:5]
         assert node.haproxy.output().count("Loading success") >= 2, node.haproxy.output()[-2000:]
         wait_until(lambda: all_up(node.stats_socket, "workers"), 10, "workers UP after the reloads")
     finally:
-        stop.set()
+        reloads.stop()
         node.stop()
 
 
@@ -115,25 +135,24 @@ def test_nginx_front_reloads_under_load_without_a_failed_request(origin, tmp_pat
     conf = tmp_path / "nginx.conf"
     conf.write_text(render("node-nginx", config, f"nginx_pid={tmp_path / 'nginx.pid'}"))
     nginx = Process("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log").start()
-    stop = threading.Event()
+
+    def reload():
+        done = subprocess.run([NGINX, "-c", str(conf), "-s", "reload"], capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+    reloads = Repeatedly(reload, 0.5)
     try:
         wait_for_port("127.0.0.1", front_port, proc=nginx)
-
-        def reload():
-            done = subprocess.run([NGINX, "-c", str(conf), "-s", "reload"], capture_output=True, text=True, timeout=10)
-            assert done.returncode == 0, done.stderr
         result = run_load(client(str(tmp_path / "proxy.crt")), f"https://127.0.0.1:{front_port}", TOTAL, THREADS, at=100,
-                          action=lambda: repeatedly(reload, 1.0, stop), limit=LIMIT)
-        stop.set()
-        print(f"nginx reloads: {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
+                          action=reloads.start, limit=LIMIT)
+        reloads.stop()  # before nginx stops: a reload after it would find no nginx
+        print(f"nginx reloads: {reloads.runs}; {result.ok['GET']} ok, {len(result.failed['GET'])} failed, {result.client_retries} client retries")
         assert result.failed["GET"] == [], result.failed["GET"][:5]
+        assert reloads.runs >= 1, "nginx was not reloaded during the load"
     finally:
-        stop.set()
+        reloads.stop()
         nginx.stop()
         for proc in workers:
             proc.stop()
-
-
 
 
 def test_start_up_logs_one_line_of_settings_and_a_reload_names_what_needs_a_restart(origin, tmp_path):
