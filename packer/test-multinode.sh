@@ -191,6 +191,11 @@ EOF
 export ANSIBLE_CONFIG=$REPO/ansible/ansible.cfg ANSIBLE_NOCOLOR=1 ANSIBLE_HOST_KEY_CHECKING=False
 export ANSIBLE_HOME=$T/ansible-home ANSIBLE_LOCAL_TEMP=$T/ansible-home/tmp
 export ANSIBLE_SSH_ARGS="-F $T/ssh_config -o ControlMaster=auto -o ControlPersist=900"
+# A TCG guest sharing two cores with another (make test runs test-image.sh beside this) can
+# take longer than Ansible's default 10 s to start sudo: seen once as "Timeout (12s)
+# waiting for privilege escalation prompt" on the first task. The connection and become
+# timeout, not a check.
+export ANSIBLE_TIMEOUT=60
 # Facts gathered by the first run serve the later ones (each module costs seconds under TCG).
 export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGIN_CONNECTION=$T/facts
 # playbook NAME FILE ARGS...: runs it, keeps its output in $T/NAME.log, prints its recap.
