@@ -1,0 +1,34 @@
+"""tools/side-by-side: the commands run at once, each line whole and named, every ending told."""
+
+from __future__ import annotations
+
+import subprocess
+
+from kit import REPO
+
+TOOL = REPO / "tools" / "side-by-side"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TOOL), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_lines_come_whole_and_named_and_a_failure_does_not_stop_the_other():
+    done = run("a", "printf 'half'; sleep 1; echo ' line'; exit 3", "b", "echo first; sleep 2; echo second")
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert "a | half line" in lines and "b | first" in lines and "b | second" in lines
+    assert lines.index("b | first") < lines.index("a | half line") < lines.index("b | second")
+    assert "side-by-side: a: FAILED (exit 3)" in lines and "side-by-side: b: passed" in lines
+    assert done.stderr.strip() == "side-by-side: failed: a"
+
+
+def test_all_passed_is_exit_0():
+    done = run("one", "true", "two", "echo out; echo err >&2")
+    assert done.returncode == 0 and "two | out" in done.stdout and "two | err" in done.stdout
+
+
+def test_bad_arguments_are_one_line_and_exit_2():
+    for args in [(), ("lonely",), ("a/b", "true")]:
+        done = run(*args)
+        assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, (args, done)
