@@ -289,7 +289,9 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
     proc = start_worker(config, tmp_path)
     url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
     try:
-        slow = [threading.Thread(target=http.request, args=("GET", url + "/slow?s=2")) for _ in range(2)]
+        # Slow enough that both are still in flight after five refusals on a machine busy
+        # with other work (2 s was not, once, beside an image build).
+        slow = [threading.Thread(target=http.request, args=("GET", url + "/slow?s=8")) for _ in range(2)]
         for thread in slow:
             thread.start()
         wait_until(lambda: sum(r["target"].startswith("/slow") for r in origin.received) >= 2, 5, "both slow requests reach the origin")
@@ -299,11 +301,11 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
             elapsed = time.monotonic() - started
             assert response.status == 503 and response.headers["Retry-After"] == "1"
             assert response.headers["X-Agent-Proxy-Error"] == "overloaded"
-            # At once: not after the slow requests' 2 s (the bound leaves room for a busy machine).
+            # At once: not after the slow requests' 8 s (the bound leaves room for a busy machine).
             assert elapsed < 0.5, f"the refusal took {elapsed * 1000:.0f} ms"
         assert http.request("GET", url + "/_proxy/health").status == 200  # the balancer still sees it alive
         for thread in slow:
-            thread.join(10)
+            thread.join(20)
         assert http.request("GET", url + "/echo").status == 200
         metrics = http.request("GET", url + "/_proxy/metrics").data.decode()
         assert 'agent_proxy_rejected_total{reason="overload"} 5.0' in metrics
