@@ -229,7 +229,7 @@ def test_sigterm_drains_in_flight_requests(origin, tmp_path, http):
     proc = start_worker(config, tmp_path)
     url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
     result = {}
-    slow = threading.Thread(target=lambda: result.update(r=http.request("GET", url + "/slow?s=2")))
+    slow = threading.Thread(target=lambda: result.update(r=http.request("GET", url + "/slow?s=4")))
     slow.start()
     wait_until(lambda: any(r["target"].startswith("/slow") for r in origin.received), 5, "the slow request reaches the origin")
     proc.signal(signal.SIGTERM)
