@@ -135,31 +135,26 @@ _HOP_LIMITED = frozenset({"OPTIONS", "TRACE"})
 RELAYED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
-def forwards_left(method: str, env: dict) -> int | None:
-    """An OPTIONS or TRACE request's Max-Forwards as received; None without one."""
-    value = env.get("HTTP_MAX_FORWARDS") if method in _HOP_LIMITED else None
+def relayed_headers(req: falcon.Request, resp: falcon.Response, dropped: frozenset) -> list[tuple[str, str]] | None:
+    """The headers to relay (``incoming_headers``), an OPTIONS or TRACE's Max-Forwards one
+    less; None when it was 0 and ``resp`` holds the proxy's answer as the final recipient."""
+    headers = incoming_headers(req.env, dropped)
+    value = req.env.get("HTTP_MAX_FORWARDS") if req.method in _HOP_LIMITED else None
     if value is None:
-        return None
+        return headers
     value = value.strip(" \t")
     if not (value.isascii() and value.isdigit()):
         raise ProxyError("bad-request", f"Max-Forwards is one number (RFC 9110 7.6.2), not {value[:40]!r}")
-    return int(value) if len(value) < 10 else 999_999_999
-
-
-def end_of_the_hops(method: str, resp: falcon.Response) -> None:
-    """Answers an OPTIONS or TRACE whose Max-Forwards is 0 as its final recipient."""
-    if method == "TRACE":
-        raise ProxyError("method-not-allowed", "Max-Forwards is 0, and this proxy reflects no TRACE",
-                         {"Allow": RELAYED_METHODS})
-    resp.status = falcon.HTTP_200
-    resp.set_header("Allow", RELAYED_METHODS)
-    resp.data = b""
-
-
-def with_one_forward_less(headers: list[tuple[str, str]], left: int | None) -> list[tuple[str, str]]:
-    if left is None:
-        return headers
-    return [(name, str(left - 1) if name == "Max-Forwards" else value) for name, value in headers]
+    if int(value) == 0:
+        if req.method == "TRACE":
+            raise ProxyError("method-not-allowed", "Max-Forwards is 0, and this proxy reflects no TRACE",
+                             {"Allow": RELAYED_METHODS})
+        resp.status = falcon.HTTP_200
+        resp.set_header("Allow", RELAYED_METHODS)
+        resp.data = b""
+        return None
+    left = str(int(value) - 1) if len(value) < 10 else "999999999"  # a count no path comes near
+    return [(name, left if name == "Max-Forwards" else item) for name, item in headers]
 
 
 def raw_target(env: dict) -> str:
@@ -406,15 +401,14 @@ class Northbound:
         config = proxy.config
         proxy.refuse_if_failed("northbound")
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
-        left = forwards_left(req.method, env)
-        if left == 0:
-            return end_of_the_hops(req.method, resp)
+        headers = relayed_headers(req, resp, _NORTHBOUND_DROPPED)
+        if headers is None:  # Max-Forwards 0: answered here
+            return
         proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
         proto = proto if proto in ("http", "https") else env.get("wsgi.url_scheme", "http")
         ts = int(time.time())
         sig = signing.signature(proxy.secret, ts, config.proxy_id, req.method, target, ip)
         for_value = f'"[{ip}]"' if ":" in ip else f'"{ip}"'
-        headers = with_one_forward_less(incoming_headers(env, _NORTHBOUND_DROPPED), left)
         headers += [
             ("Host", proxy.upstream.authority),
             ("X-Agent-Proxy-Id", config.proxy_id),
@@ -455,11 +449,10 @@ class Southbound:
         target = targets.parse(info["raw_target"], proxy.config)
         info["target"] = f"{target.ip}:{target.port}{target.path_and_query.split('?', 1)[0]}"
         request_id = info["request_id"] = proxy.request_ids.keep_or_new(env)
-        left = forwards_left(req.method, env)
-        if left == 0:
-            return end_of_the_hops(req.method, resp)
+        headers = relayed_headers(req, resp, _SOUTHBOUND_DROPPED)
+        if headers is None:  # Max-Forwards 0: answered here
+            return
         origin = relay.Origin(proxy.agent_scheme, target.ip, target.port, *proxy.timeouts, proxy.agent_context)
-        headers = with_one_forward_less(incoming_headers(env, _SOUTHBOUND_DROPPED), left)
         headers += [("Host", origin.authority), ("X-Request-ID", request_id), ("Via", VIA)]
         length = _body_length(req, proxy.config)
         info["bytes_in"] = length
