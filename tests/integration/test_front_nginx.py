@@ -87,8 +87,13 @@ def test_a_dead_worker_is_passed_over(front):
 
 def raw_via_balancer(port: int, request: bytes) -> tuple[bytes, dict[str, str], bytes]:
     """``request`` over TLS as a balancer passes it (PROXY header for an agent): status line, headers, body."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(BALANCER, 0))
-    raw.sendall(proxy_v2_header(AGENT, "127.0.0.1", 40000, port))
+    return raw_request(port, request, BALANCER, proxy_v2_header(AGENT, "127.0.0.1", 40000, port))
+
+
+def raw_request(port: int, request: bytes, source: str, prefix: bytes = b"") -> tuple[bytes, dict[str, str], bytes]:
+    """``request`` over TLS from ``source``, after ``prefix``: status line, headers, body."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    raw.sendall(prefix)
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with context.wrap_socket(raw) as tls:
@@ -129,15 +134,7 @@ def test_a_request_past_the_per_source_limit_is_429_in_json(tmp_path):
         wait_for_port("127.0.0.1", port, proc=nginx)
 
         def get(source: str, path: str) -> tuple[bytes, dict[str, str], bytes]:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            with context.wrap_socket(raw) as tls:
-                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode())
-                answer = b"".join(iter(lambda: tls.recv(65536), b""))
-            head, _, body = answer.partition(b"\r\n\r\n")
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            return status_line.encode(), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+            return raw_request(port, f"GET {path} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode(), source)
 
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(get, AGENT, "/slow?s=3")
