@@ -6,9 +6,8 @@
 #              life cycle, and a seed that cannot work;
 #   multinode  packer/test-multinode.sh: two nodes made one proxy by site.yml behind a
 #              balancer, the rolling upgrade and a node powered off under load.
-# Side by side, because on two cores each leaves CPU idle that the other uses: measured
-# on 2026-12-04, 487 s and about 975 s together against 330 s and 750 s one after the
-# other. Each prints its steps with their times; this prints how each ended.
+# Side by side, because on two cores each leaves CPU idle that the other uses (the times,
+# both ways: packer/README.md, "Checks"). Each prints its steps with their times.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"

@@ -29,6 +29,6 @@ def test_all_passed_is_exit_0():
 
 
 def test_bad_arguments_are_one_line_and_exit_2():
-    for args in [(), ("lonely",), ("a/b", "true")]:
+    for args in [(), ("lonely",), ("a/b", "true"), ("ok", "echo started", "a b", "true")]:
         done = run(*args)
         assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, (args, done)
