@@ -241,13 +241,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .render import MissingVariables, render
 
     config = _load(args.config)
+    variables = _variables(args)
     try:
-        sys.stdout.write(render(args.template, config, _variables(args)))
+        sys.stdout.write(render(args.template, config, variables))
     except MissingVariables as exc:
         them = "it" if len(exc.names) == 1 else "them"
         return _fail(f"render {args.template}: {exc} (pass {them} with --set or --vars)", EXIT_USAGE)
     except jinja2.UndefinedError as exc:
         return _fail(f"render {args.template}: {exc.message}", EXIT_USAGE)
+    except (TypeError, ValueError, AttributeError, jinja2.TemplateError) as exc:
+        if not variables:
+            raise  # the template's own fault, not the user's: a traceback is the report
+        # A variable of the wrong shape (--set nodes=5 where a list of nodes is due).
+        return _fail(f"render {args.template}: a variable from --set or --vars has the wrong type or shape "
+                     f"({exc}); the template's header says what each one takes", EXIT_USAGE)
     return EXIT_OK
 
 

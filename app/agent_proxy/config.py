@@ -640,10 +640,16 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None, leni
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError([f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+        raise ConfigError([f"{source}: {yaml_problem(exc)}"]) from None
     return parse(data, source, environ, lenient)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: PyYAML's own message spans several, with a caret."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"not valid YAML{where}: {problem}"
 
 
 def _deep_copy(data: Any) -> Any:

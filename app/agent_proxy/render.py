@@ -25,7 +25,7 @@ import jinja2
 import yaml
 
 from . import errors, relay
-from .config import Config, ConfigError, is_address
+from .config import Config, ConfigError, is_address, yaml_problem
 
 # CLI name -> template path relative to the template root.
 TEMPLATES = {
@@ -122,7 +122,9 @@ def read_variables(path: str | Path, missing_ok: bool = False) -> dict[str, Any]
         if missing_ok:
             return {}
         raise ConfigError([f"{path}: cannot read the template variables: no such file"]) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: cannot read the template variables: {yaml_problem(exc)}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read the template variables: {getattr(exc, 'strerror', None) or exc}"]) from None
     if not isinstance(loaded, dict):
         raise ConfigError([f"{path}: the template variables must be a mapping"])

@@ -328,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    except (OSError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        print(f"seed: {configuration.yaml_problem(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
         print(f"{getattr(exc, 'filename', None) or 'seed'}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
     return 0

@@ -227,6 +227,25 @@ def test_lb_haproxy_without_nodes_is_a_clear_usage_error(tmp_path, capsys):
     assert err.strip() == "agent-proxy: render lb-haproxy: missing variable: 'nodes' is undefined (pass it with --set or --vars)"
 
 
+
+@pytest.mark.parametrize("value", ["5", "node1", "{name: node1}", "[5]"])
+def test_a_variable_of_the_wrong_shape_is_one_line_not_a_traceback(tmp_path, capsys, value):
+    code, text, err = render(capsys, "lb-haproxy", config(tmp_path), "--set", f"nodes={value}")
+    assert code == 2 and text == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("agent-proxy: render lb-haproxy: ")
+    if value == "5":
+        assert "a variable from --set or --vars has the wrong type or shape ('int' object is not iterable)" in err
+
+
+def test_a_variables_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
+    variables = tmp_path / "vars.yaml"
+    variables.write_text("nodes: [\n  {name: node1\n")
+    code, text, err = render(capsys, "lb-haproxy", config(tmp_path), "--vars", str(variables))
+    assert code == 2 and text == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"agent-proxy: {variables}: cannot read the template variables: not valid YAML (line 3): ")
+
 @pytest.mark.parametrize("front", [
     {"balancers": [], "max_conn_per_source": 0},
     {"balancers": ["10.1.2.0/28"], "max_conn_per_source": 50},
