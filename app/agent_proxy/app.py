@@ -52,7 +52,9 @@ _DROPPED = relay.HOP_BY_HOP | {"host", "forwarded", "x-real-ip", "content-length
 # upstream's Authorization is for the proxy, never for an agent.
 _NORTHBOUND_DROPPED = _DROPPED | {"x-request-id"}
 _SOUTHBOUND_DROPPED = _DROPPED | {"x-request-id", "authorization"}
-_NONCE_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
+# URL-safe: RFC 3986's unreserved characters (secrets.token_urlsafe() makes such nonces);
+# not base64's +, / and =, which a URL must escape.
+_NONCE_RE = re.compile(r"[A-Za-z0-9._~-]{8,256}")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
 # every message it forwards (requests both ways, and their answers).
@@ -584,7 +586,7 @@ class Handshake:
         except ValueError:
             data = None
         nonce = data.get("nonce") if isinstance(data, dict) else None
-        if not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
+        if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
             raise ProxyError("bad-nonce", 'body must be {"nonce": "<8-256 URL-safe characters>"}')
         config = self.proxy.config
         resp.set_header(

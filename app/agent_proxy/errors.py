@@ -30,7 +30,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("bad-request", 400, "Bad request", "the request breaks HTTP/1.1 framing: Content-Length with Transfer-Encoding, a Transfer-Encoding other than `chunked`, control bytes in the target, an HTTP/1.1 request without exactly one Host of the form host[:port], an OPTIONS or TRACE whose `Max-Forwards` is not one number, a malformed head (the connection is closed)"),
     Error("bad-target", 400, "Bad target", "a southbound target that is not `/_proxy/agents/{ip}/{port}/{path}` with a canonical IP and port, or an absolute-form target"),
     Error("bad-forwarded-for", 400, "Bad request", "the trusted front sent an X-Forwarded-For that is not an address"),
-    Error("bad-nonce", 400, "Bad handshake", "a handshake body that is not `{\"nonce\": N}` with 8-256 URL-safe characters"),
+    Error("bad-nonce", 400, "Bad handshake", "a handshake body that is not `{\"nonce\": N}` with 8-256 URL-safe characters (`A-Z a-z 0-9 - . _ ~`)"),
     Error("bad-signature", 401, "Signature required", "a signature that is missing, malformed, wrong or outside `limits.auth_skew_seconds`"),
     Error("source-not-allowed", 403, "Forbidden", "the caller's address may not call this path"),
     Error("target-forbidden", 403, "Forbidden", "a southbound target that is never allowed (loopback, link-local, multicast, ...)"),

@@ -1,5 +1,6 @@
 """The worker's own endpoints and its gatekeeping, through falcon.testing (no server)."""
 
+import secrets
 import time
 
 import falcon.testing
@@ -58,19 +59,25 @@ def test_v2_features_is_signed_and_shaped_like_foreman(client):
     assert {"agent-tls", "agent-port-2003"} <= set(result.json["southbound"]["capabilities"])
 
 
-def test_handshake_signs_the_nonce_back(client):
+@pytest.mark.parametrize("nonce", ["n0nce-abcdef", "A.b_c~d-9", "x" * 256, secrets.token_urlsafe(24)])
+def test_handshake_signs_the_nonce_back(client, nonce):
     result = client.simulate_post(
-        "/_proxy/handshake", remote_addr=UPSTREAM, json={"nonce": "n0nce-abcdef"},
+        "/_proxy/handshake", remote_addr=UPSTREAM, json={"nonce": nonce},
         headers=signed("POST", "/_proxy/handshake"),
     )
     assert result.status_code == 200
-    assert result.json["proxy_id"] == "site-a" and result.json["nonce"] == "n0nce-abcdef"
+    assert result.json["proxy_id"] == "site-a" and result.json["nonce"] == nonce
     signing.verify_signature_header(
-        result.headers["X-Agent-Proxy-Signature"], SECRET, "site-a", "HANDSHAKE", "n0nce-abcdef",
+        result.headers["X-Agent-Proxy-Signature"], SECRET, "site-a", "HANDSHAKE", nonce,
     )
 
 
-@pytest.mark.parametrize("body", [{"nonce": "short"}, {"nonce": 5}, {}, [1]])
+@pytest.mark.parametrize("body", [
+    {"nonce": "short"}, {"nonce": "x" * 257}, {"nonce": 5}, {}, [1],
+    # not URL-safe: base64's own characters, a space, a quote, a non-ASCII letter, a newline
+    {"nonce": "abc/def+ghi="}, {"nonce": "abcd efgh"}, {"nonce": 'abcd"efgh'}, {"nonce": "abcdéfgh"},
+    {"nonce": "abcdefgh\n"},
+])
 def test_handshake_rejects_bad_nonces(client, body):
     result = client.simulate_post("/_proxy/handshake", remote_addr=UPSTREAM, json=body, headers=signed("POST", "/_proxy/handshake"))
     assert result.status_code == 400 and result.headers["X-Agent-Proxy-Error"] == "bad-nonce"
