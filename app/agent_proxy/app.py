@@ -416,7 +416,9 @@ class Northbound:
             ("X-Agent-Proxy-Id", config.proxy_id),
             ("X-Agent-Proxy-Client-IP", ip),
             ("X-Agent-Proxy-Signature", f"v1 ts={ts}, sig={sig}"),
-            ("Forwarded", f'for={for_value};by="{config.proxy_id}";proto={proto}'),
+            # The contract's form (RFC 7239): who sent it, through which proxy; the scheme
+            # is X-Forwarded-Proto's.
+            ("Forwarded", f'for={for_value};by="{config.proxy_id}"'),
             ("X-Forwarded-For", ip),
             ("X-Forwarded-Proto", proto),
             ("X-Request-ID", request_id),
