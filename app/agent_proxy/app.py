@@ -272,7 +272,6 @@ class Proxy:
         direction = info["direction"]
         self.metrics.origin_errors.labels(direction, exc.kind).inc()
         if exc.kind == "bad-answer":
-            info["outcome"] = "refused"
             logs.event(log, f"refused an answer: {exc}", logging.WARNING, request_id=info.get("request_id", ""))
             return ProxyError("bad-answer", str(exc))
         peer = "agent" if direction == "southbound" else "upstream"
@@ -657,7 +656,9 @@ class Worker:
             if status[0] in "45":  # only the proxy's own errors carry the header
                 for name, value in headers:
                     if name.lower() == _ERROR_HEADER_LOWER:
+                        # The proxy answered itself instead of relaying: refused.
                         info["error"] = value
+                        info["outcome"] = "refused"
             return start_response(status, headers, exc_info)
 
         try:

@@ -42,6 +42,7 @@ def test_a_relayed_answer_logs_the_origins_time_and_no_error(origin, tmp_path):
         assert 300 <= slow["origin_ms"] <= slow["duration_ms"] and "error" not in slow
         # The origin's own 502 is relayed: it is not the proxy's error.
         assert relayed_502["status"] == 502 and "error" not in relayed_502 and "origin_ms" in relayed_502
+        assert slow["outcome"] == relayed_502["outcome"] == "complete"
     finally:
         proc.stop()
 
@@ -57,6 +58,8 @@ def test_a_proxy_made_error_logs_its_code(tmp_path):
         unreachable, not_found = access_lines(proc)
         assert unreachable["error"] == "upstream-unreachable" and unreachable["origin_ms"] >= 0
         assert not_found["error"] == "not-found" and "origin_ms" not in not_found
+        # The proxy answered itself instead of relaying: refused.
+        assert unreachable["outcome"] == not_found["outcome"] == "refused"
     finally:
         proc.stop()
 

@@ -402,14 +402,24 @@ def test_access_line_has_the_workers_fields(node):
     wait_until(lambda: found.extend(l for l in access_lines(node) if l.get("request_id") == request_id) or found,
                5, "the access line")
     line = found[0]
+    native = ["termination_state"] if node.mode == "native" else []
     assert list(line) == ["ts", "level", "logger", "message", "request_id", "direction", "client_ip", "method",
-                          "target", "status", "bytes_in", "bytes_out", "duration_ms", "outcome", "origin_ms"]
-    # The worker's outcome is a word, HAProxy's its termination state ("----": complete).
-    assert line["outcome"] == ("----" if node.mode == "native" else "complete")
+                          "target", "status", "bytes_in", "bytes_out", "duration_ms", "outcome", "origin_ms", *native]
+    assert line["outcome"] == "complete"
+    assert line.get("termination_state", "----") == "----"
     assert 0 <= line["origin_ms"] <= line["duration_ms"] + 1
     assert (line["logger"], line["direction"], line["client_ip"], line["method"], line["target"], line["status"]) == (
         "agent_proxy.access", "northbound", AGENT, "POST", "/agent/v1/checkin", 200)
     assert line["bytes_out"] > 0 and line["bytes_in"] == 0
+
+
+def test_access_line_of_a_refusal_says_refused(node):
+    status, _, _ = call(node.port, "GET", "/echo", source=OUTSIDER)
+    assert status == 403
+    found = []
+    wait_until(lambda: found.extend(l for l in access_lines(node) if l.get("client_ip") == OUTSIDER) or found,
+               5, "the access line")
+    assert (found[-1]["status"], found[-1]["outcome"], found[-1]["direction"]) == (403, "refused", "northbound")
 
 
 def test_native_front_exports_prometheus_metrics(node):
