@@ -9,6 +9,7 @@ refused whatever the configuration says.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -79,8 +80,11 @@ def parse(raw_target: str, config: Config) -> Target:
     if port not in config.agents.ports:
         raise ProxyError("target-not-allowed", f"port {port} is not in agents.ports")
 
+    # A dot segment escapes (or, for ".", is meant to be normalised away) however it is
+    # spelled: %2e%2e, or between encoded separators (a%2F..%2Fb, %5C..) that an agent may
+    # decode before it splits. An encoded separator between names (cmd%2Fz) passes as sent.
     for segment in agent_path.split("/"):
         decoded = unquote(segment)
-        if decoded in (".", "..") or "/" in decoded or "\\" in decoded or "\x00" in decoded:
-            raise ProxyError("bad-target", "the agent path must not contain '.', '..' or encoded separators")
+        if "\x00" in decoded or any(part in (".", "..") for part in re.split(r"[/\\]", decoded)):
+            raise ProxyError("bad-target", "the agent path must not contain a '.' or '..' segment (however encoded) or a NUL")
     return Target(ip_text, port, agent_path + (sep + query if sep else ""))

@@ -66,12 +66,12 @@ def southbound(proxy_ns: str, method: str, path: str, auth: str | None, *extra: 
 
 
 def test_signed_request_reaches_the_agent_with_authorization_consumed(site):
-    path = "/_proxy/agents/10.0.0.2/2003/agent/v1/commands?run=%2Fecho"
+    path = "/_proxy/agents/10.0.0.2/2003/agent/v1/commands/job%2F7?run=%2Fecho"
     auth = signing.authorization(SECRET.encode(), "site-a", "POST", path)
     status, headers, body = southbound(site, "POST", path, auth, "-H", "Content-Type: application/json", "--data", '{"command":"echo"}')
     assert status == 200, body
     seen = json.loads(body)
-    assert seen["target"] == "/agent/v1/commands?run=%2Fecho"
+    assert seen["target"] == "/agent/v1/commands/job%2F7?run=%2Fecho"
     assert seen["method"] == "POST" and seen["body_size"] == len('{"command":"echo"}')
     names = {name.lower() for name, _ in seen["headers"]}
     assert "authorization" not in names and "x-request-id" in names

@@ -29,6 +29,11 @@ def test_literal_agent_ip_is_accepted_with_path_and_query_raw():
     assert targets.parse("/_proxy/agents/10.0.0.2/2003", NARROW).path_and_query == "/"
 
 
+@pytest.mark.parametrize("path", ["/cmd%2Fz", "/a%5Cb", "/v1/..x/x..", "/a/.hidden", "/%2e%2e%2e"])
+def test_an_agent_path_without_dot_segments_passes_as_sent(path):
+    assert targets.parse(f"/_proxy/agents/10.0.0.2/2003{path}", NARROW).path_and_query == path
+
+
 @pytest.mark.parametrize(
     "ip",
     ["127.0.0.1", "127.1.2.3", "::1", "169.254.169.254", "fe80::1", "224.0.0.1", "ff02::1",
@@ -66,6 +71,11 @@ def test_names_and_odd_encodings_are_bad_targets(ip):
         ("/_proxy/agents/10.0.0.2/2003/a/%2E./x", 400, "bad-target"),
         ("/_proxy/agents/10.0.0.2/2003/a%2f..%2fb", 400, "bad-target"),
         ("/_proxy/agents/10.0.0.2/2003/./x", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a/..%2Fetc", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a/%2F..", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a%5C..%5Cb", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a/.%2e/b", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a/b%00", 400, "bad-target"),
     ],
 )
 def test_targets_outside_the_rules(raw, status, code):
