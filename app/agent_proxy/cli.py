@@ -37,9 +37,9 @@ def _load(path: str) -> configuration.Config:
 # -- init
 
 
-def _config_text(proxy_id: str, upstream_url: str, public_url: str, directory: Path) -> str:
+def _config_text(proxy_id: str, upstream_url: str | None, public_url: str, directory: Path) -> str:
     upstream: dict = {"url": upstream_url}
-    if upstream_url.startswith("http:"):
+    if upstream_url and upstream_url.startswith("http:"):
         upstream["allow_insecure"] = True
     data = {
         "proxy_id": proxy_id,
@@ -55,6 +55,8 @@ def _config_text(proxy_id: str, upstream_url: str, public_url: str, directory: P
         "# agent-proxy configuration, written by `agent-proxy init`.\n"
         "# Every other key has a default; see the README for the full list.\n"
     )
+    if upstream_url is None:
+        header += "# upstream.url is not set yet: the control plane's URL, e.g. https://8.7.6.5:3302.\n"
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -113,13 +115,19 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _fail(f"refusing to overwrite {', '.join(existing)} (nothing was changed)", EXIT_FAILURE)
     # Validate exactly what we are about to write before touching the disk.
     text = _config_text(proxy_id, args.upstream_url, public_url, directory)
+    checked = yaml.safe_load(text)
+    if args.upstream_url is None:  # the rest is checked; the URL is the operator's to add
+        checked["upstream"]["url"] = "https://upstream.invalid"
     try:
-        configuration.parse(yaml.safe_load(text), "--proxy-id/--upstream-url", environ={})
+        configuration.parse(checked, "--proxy-id/--upstream-url", environ={})
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"agent-proxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    if args.upstream_url.startswith("http:"):
+    if args.upstream_url is None:
+        print(f"agent-proxy: warning: no --upstream-url: set upstream.url in {files['config']} before serving "
+              "(check-config fails until then)", file=sys.stderr)
+    elif args.upstream_url.startswith("http:"):
         print("agent-proxy: warning: --upstream-url is plain http; wrote upstream.allow_insecure: true "
               "(agents' calls reach the upstream unencrypted)", file=sys.stderr)
     secret, cert_pem, key_pem = _given_material(args, hostnames)
@@ -358,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a config, a certificate and a shared secret (made, or the given ones)")
     p.add_argument("--config-dir", default=str(Path(configuration.DEFAULT_PATH).parent))
     p.add_argument("--proxy-id", help="default: the short host name")
-    p.add_argument("--upstream-url", required=True, help="the control plane, e.g. https://8.7.6.5:3302")
+    p.add_argument("--upstream-url", help="the control plane, e.g. https://8.7.6.5:3302 (without it, upstream.url "
+                                          "is left for you to set in the config)")
     p.add_argument("--public-url", help="where the upstream reaches this proxy (default: https://HOSTNAME:2002)")
     p.add_argument("--hostname", action="append",
                    help="name or IP for the certificate (repeatable); with --tls-cert: each must be in it")
@@ -434,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`agent-proxy render ... | head`): nothing more to say, and
+        # Python's flush at exit must not fail on the closed pipe either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
 
 

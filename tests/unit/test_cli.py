@@ -40,6 +40,21 @@ def test_init_writes_config_certificate_key_and_secret(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
+def test_init_without_an_upstream_url_leaves_it_to_set(tmp_path):
+    result = run("init", "--config-dir", str(tmp_path), "--proxy-id", "site-a", "--hostname", "10.1.2.3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"agent-proxy: warning: no --upstream-url: set upstream.url in {tmp_path}/agent-proxy.yaml "
+                             "before serving (check-config fails until then)\n")
+    assert "shared secret: " in result.stdout and "BEGIN CERTIFICATE" in result.stdout
+    assert stat.S_IMODE((tmp_path / "psk").stat().st_mode) == 0o600
+    text = (tmp_path / "agent-proxy.yaml").read_text()
+    assert "# upstream.url is not set yet" in text and yaml.safe_load(text)["upstream"]["url"] is None
+    check = run("check-config", "-c", str(tmp_path / "agent-proxy.yaml"))
+    assert check.returncode == 2 and "upstream.url" in check.stderr
+    (tmp_path / "agent-proxy.yaml").write_text(text.replace("url: null", "url: https://8.7.6.5:3302"))
+    assert run("check-config", "-c", str(tmp_path / "agent-proxy.yaml")).returncode == 0
+
+
 def test_init_names_the_public_urls_host_in_the_certificate(tmp_path):
     # The upstream calls public_url back (registration) and verifies the certificate
     # against its host: README's example gives --hostname 10.1.2.3 and a public URL at 4.3.2.1.
