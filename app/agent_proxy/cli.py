@@ -212,6 +212,8 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     config.read_secret()
+    if problems := configuration.tls_file_problems(config):
+        raise ConfigError([f"{config.source}: {problem}" for problem in problems])
     for warning in configuration.warnings(config):
         print(f"agent-proxy: warning: {config.source}: {warning}", file=sys.stderr)
     print(f"{config.source}: ok (proxy_id {config.proxy_id})")

@@ -567,6 +567,26 @@ def prerequisites(config: Config) -> list[tuple[str, str]]:
     return failed
 
 
+def tls_file_problems(config: Config) -> list[str]:
+    """The front's certificate and key, for check-config: each must be a file that opens.
+
+    Not part of ``parse``: `init` writes them with the config, and nothing but the front
+    (root) reads them. So a file this user may not open (the key, 0600 root, when a
+    worker's reload runs check-config as agent-proxy) passes: it is root's to read."""
+    problems = []
+    for key, path in (("tls.cert_file", config.tls.cert_file), ("tls.key_file", config.tls.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            continue
+        except FileNotFoundError:
+            problems.append(f"{key}: cannot read file {path}: no such file")
+        except OSError as exc:
+            problems.append(f"{key}: cannot read file {path}: {exc.strerror}")
+    return problems
+
+
 def _check_client_files(config: Config, problems: list[str]) -> None:
     """Readable is not enough: the client certificate and key must load together."""
     up = config.upstream

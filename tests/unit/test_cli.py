@@ -113,6 +113,20 @@ def test_check_config_lists_every_problem_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_names_a_missing_certificate_or_key(tmp_path):
+    assert run("init", "--config-dir", str(tmp_path), "--proxy-id", "site-a", "--upstream-url", "https://8.7.6.5:3302").returncode == 0
+    config = tmp_path / "agent-proxy.yaml"
+    (tmp_path / "tls" / "proxy.key").unlink()
+    (tmp_path / "tls" / "proxy.crt").unlink()
+    (tmp_path / "tls" / "proxy.crt").mkdir()
+    result = run("check-config", "-c", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "warning" not in line] == [
+        f"agent-proxy: {config}: tls.cert_file: cannot read file {tmp_path}/tls/proxy.crt: Is a directory",
+        f"agent-proxy: {config}: tls.key_file: cannot read file {tmp_path}/tls/proxy.key: no such file",
+    ]
+
+
 def test_serve_with_a_bad_config_exits_2_without_traceback(tmp_path):
     result = run("serve", "-c", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot read" in result.stderr
