@@ -23,6 +23,15 @@ def test_lines_come_whole_and_named_and_a_failure_does_not_stop_the_other():
     assert done.stderr.strip() == "side-by-side: failed: a"
 
 
+def test_each_command_reads_an_empty_stdin_of_its_own(tmp_path):
+    # Were stdin shared, a command that makes it non-blocking would make it so for the other.
+    done = subprocess.run([str(TOOL), "a", "cat; echo a-read-eof", "b", "cat; echo b-read-eof"], input="from the caller\n",
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert "a | a-read-eof" in done.stdout.splitlines() and "b | b-read-eof" in done.stdout.splitlines()
+    assert "from the caller" not in done.stdout
+
+
 def test_all_passed_is_exit_0():
     done = run("one", "true", "two", "echo out; echo err >&2")
     assert done.returncode == 0 and "two | out" in done.stdout and "two | err" in done.stdout
