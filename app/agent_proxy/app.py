@@ -634,7 +634,7 @@ class Worker:
             info["client_ip"] = self.proxy.client_ip(env)
         except ProxyError:
             pass  # a bad X-Forwarded-For: the line names the peer; the answer is 503 either way
-        info.update(direction=route.direction if route else "local", error="overloaded", outcome="refused")
+        info.update(direction=route.direction if route else "local", error="overloaded")
         status, headers, data = wsgi_answer(
             ProxyError("overloaded", "limits.max_in_flight requests are in flight", {"Retry-After": "1"}))
         start_response(status, headers)
@@ -656,9 +656,7 @@ class Worker:
             if status[0] in "45":  # only the proxy's own errors carry the header
                 for name, value in headers:
                     if name.lower() == _ERROR_HEADER_LOWER:
-                        # The proxy answered itself instead of relaying: refused.
                         info["error"] = value
-                        info["outcome"] = "refused"
             return start_response(status, headers, exc_info)
 
         try:
@@ -692,7 +690,9 @@ class Worker:
                 "bytes_in": info["bytes_in"],
                 "bytes_out": sent,
                 "duration_ms": round(duration * 1000, 3),
-                "outcome": info.get("outcome", "complete"),
+                # truncated (set where the cut is made); refused: the proxy answered with
+                # its own error instead of relaying; else complete.
+                "outcome": info.get("outcome") or ("refused" if "error" in info else "complete"),
             }
             # Only where they apply: the proxy's own error code, the time the origin took
             # to be connected to and to answer (first byte).

@@ -16,6 +16,8 @@ from urllib.parse import unquote
 from .config import Config
 from .errors import ProxyError
 
+_SEPARATORS = re.compile(r"[/\\]")  # what an agent may split a decoded segment at
+
 PREFIX = "/_proxy/agents/"
 
 
@@ -85,6 +87,6 @@ def parse(raw_target: str, config: Config) -> Target:
     # decode before it splits. An encoded separator between names (cmd%2Fz) passes as sent.
     for segment in agent_path.split("/"):
         decoded = unquote(segment)
-        if "\x00" in decoded or any(part in (".", "..") for part in re.split(r"[/\\]", decoded)):
+        if "\x00" in decoded or any(part in (".", "..") for part in _SEPARATORS.split(decoded)):
             raise ProxyError("bad-target", "the agent path must not contain a '.' or '..' segment (however encoded) or a NUL")
     return Target(ip_text, port, agent_path + (sep + query if sep else ""))
