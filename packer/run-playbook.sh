@@ -29,7 +29,7 @@ start=$SECONDS
 "$ANSIBLE_PLAYBOOK" -i "$BUILD/inventory.ini" "$PLAYBOOK" \
   -e "agent_proxy_package_dir=$REPO/out" \
   -e "{\"firewall_admin_networks\": $(python3 -c 'import json, sys; print(json.dumps(sys.argv[1].split(",")))' "$PLAYBOOK_ADMIN_NETWORKS")}" \
-  2>&1 | tee "$LOG"
+  < /dev/null 2>&1 | tee "$LOG"
 if ! recap=$(sed -n '/^PLAY RECAP/,$p' "$LOG" | grep -E 'ok='); then
   echo "run-playbook: no PLAY RECAP in $LOG" >&2
   exit 1

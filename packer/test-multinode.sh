@@ -80,7 +80,7 @@ for node in "${NODES[@]}"; do
     -device virtio-net,netdev=n0 \
     -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \
     -fw_cfg "name=opt/agent-proxy/seed.env,file=$T/seed.env" \
-    -serial "file:$T/$node-serial.log" > "$T/$node-qemu.log" 2>&1 &
+    -serial "file:$T/$node-serial.log" < /dev/null > "$T/$node-qemu.log" 2>&1 &
   QEMU_PID[$node]=$!
 done
 deadline=$((SECONDS + BOOT_TIMEOUT))
@@ -202,7 +202,10 @@ export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGI
 playbook() {
   local name=$1 file=$2
   shift 2
-  if ! .venv/bin/ansible-playbook -i "$T/hosts.yml" "ansible/playbooks/$file" "$@" > "$T/$name.log" 2>&1; then
+  # stdin is a /dev/null of its own: ssh's ControlPersist masters and qemu share the
+  # script's, and one of them leaving it non-blocking stopped a run with "Ansible requires
+  # blocking IO on stdin" (seen once in make test).
+  if ! .venv/bin/ansible-playbook -i "$T/hosts.yml" "ansible/playbooks/$file" "$@" < /dev/null > "$T/$name.log" 2>&1; then
     tail -n 40 "$T/$name.log" >&2
     fail "$file ($name) failed; its output: $T/$name.log"
   fi
