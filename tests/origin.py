@@ -126,6 +126,11 @@ class Origin:
     def received(self) -> list[dict]:
         return self.server.received
 
+    def arrivals(self, prefix: str, since: int = 0) -> int:
+        """How many requests whose target starts with ``prefix`` came after the first
+        ``since`` (a ``len(received)`` taken earlier: a module's origin keeps every test's)."""
+        return sum(record["target"].startswith(prefix) for record in self.received[since:])
+
     def start(self) -> "Origin":
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self

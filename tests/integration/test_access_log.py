@@ -67,14 +67,13 @@ def test_a_proxy_made_error_logs_its_code(tmp_path):
 def test_an_overload_refusal_logs_its_code_and_outcome(origin, tmp_path):
     proc, url = serve(tmp_path, origin.url, limits={"threads": 2, "max_in_flight": 2})
     try:
-        # Counted from here (the module's origin holds earlier tests' /slow calls); slow
-        # enough to be still in flight when the refused call comes on a busy machine.
+        # Slow enough to be still in flight when the refused call comes on a busy machine.
         seen = len(origin.received)
         slow = [threading.Thread(target=urllib3.request, args=("GET", url + "/slow?s=2"), kwargs={"retries": False, "timeout": 10})
                 for _ in range(2)]
         for thread in slow:
             thread.start()
-        wait_until(lambda: sum(r["target"].startswith("/slow") for r in origin.received[seen:]) >= 2, 5, "both slow requests reach the origin")
+        wait_until(lambda: origin.arrivals("/slow", since=seen) >= 2, 5, "both slow requests reach the origin")
         answer = urllib3.request("GET", url + "/agent/checkin", retries=False)
         assert answer.status == 503 and answer.headers["X-Agent-Proxy-Error"] == "overloaded"
         for thread in slow:

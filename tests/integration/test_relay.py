@@ -229,10 +229,10 @@ def test_sigterm_drains_in_flight_requests(origin, tmp_path, http):
     proc = start_worker(config, tmp_path)
     url = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['listen']['port']}"
     result = {}
-    seen = len(origin.received)  # the module's origin: earlier tests' /slow calls are in it
+    seen = len(origin.received)
     slow = threading.Thread(target=lambda: result.update(r=http.request("GET", url + "/slow?s=4")))
     slow.start()
-    wait_until(lambda: any(r["target"].startswith("/slow") for r in origin.received[seen:]), 5, "the slow request reaches the origin")
+    wait_until(lambda: origin.arrivals("/slow", since=seen) >= 1, 5, "the slow request reaches the origin")
     proc.signal(signal.SIGTERM)
     time.sleep(0.2)
     assert http.request("GET", url + "/_proxy/health").status == 503
@@ -292,13 +292,13 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
     try:
         # Slow enough that both are still in flight after five refusals on a machine busy
         # with other work (2 s was not, once, beside an image build).
-        # Counted from here: the module's origin holds earlier tests' /slow calls, and one
-        # of them counted made an /echo race the second slow request (a 200, seen once).
+        # Counted from here: an earlier test's /slow call counted made an /echo race the
+        # second slow request (a 200, seen once).
         seen = len(origin.received)
         slow = [threading.Thread(target=http.request, args=("GET", url + "/slow?s=8")) for _ in range(2)]
         for thread in slow:
             thread.start()
-        wait_until(lambda: sum(r["target"].startswith("/slow") for r in origin.received[seen:]) >= 2, 5, "both slow requests reach the origin")
+        wait_until(lambda: origin.arrivals("/slow", since=seen) >= 2, 5, "both slow requests reach the origin")
         for _ in range(5):
             started = time.monotonic()
             response = http.request("GET", url + "/echo")
