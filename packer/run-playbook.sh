@@ -26,6 +26,8 @@ export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGI
 LOG=$BUILD/playbook-$RUN.log
 start=$SECONDS
 # The image installs the application from the package `make deb` built and Debian packages only.
+# stdin is a /dev/null of its own: ansible-playbook refuses a non-blocking one, and one
+# shared with other processes can be left so (test-multinode.sh, playbook()).
 "$ANSIBLE_PLAYBOOK" -i "$BUILD/inventory.ini" "$PLAYBOOK" \
   -e "agent_proxy_package_dir=$REPO/out" \
   -e "{\"firewall_admin_networks\": $(python3 -c 'import json, sys; print(json.dumps(sys.argv[1].split(",")))' "$PLAYBOOK_ADMIN_NETWORKS")}" \

@@ -102,7 +102,7 @@ boot() {
     -netdev "user,id=n0$netdev" -device virtio-net,netdev=n0 \
     -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \
     -fw_cfg "name=opt/agent-proxy/seed.env,file=$seed" \
-    -serial "file:$T/$name.serial.log" < /dev/null > "$T/$name.qemu.log" 2>&1 &
+    -serial "file:$T/$name.serial.log" > "$T/$name.qemu.log" 2>&1 &
   QEMU_PID=$!
 }
 

@@ -80,7 +80,7 @@ for node in "${NODES[@]}"; do
     -device virtio-net,netdev=n0 \
     -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \
     -fw_cfg "name=opt/agent-proxy/seed.env,file=$T/seed.env" \
-    -serial "file:$T/$node-serial.log" < /dev/null > "$T/$node-qemu.log" 2>&1 &
+    -serial "file:$T/$node-serial.log" > "$T/$node-qemu.log" 2>&1 &
   QEMU_PID[$node]=$!
 done
 deadline=$((SECONDS + BOOT_TIMEOUT))
