@@ -13,7 +13,7 @@ if ip netns list | grep -qw "$NS"; then
 fi
 rm -rf "$W"
 mkdir -p "$W/home"
-export VAGRANT_HOME=$W/home VAGRANT_DEFAULT_PROVIDER=libvirt AGENT_PROXY_LIBVIRT_DRIVER=qemu
+export VAGRANT_HOME=$W/home VAGRANT_DEFAULT_PROVIDER=libvirt LAB_LIBVIRT_DRIVER=qemu
 export VAGRANT_DOTFILE_PATH=$W/dotfile
 
 in_ns() { ip netns exec "$NS" "$@"; }

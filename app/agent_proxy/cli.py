@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import __version__, config as configuration
-from .config import ConfigError
+from .config import ConfigError, MIN_SECRET_LENGTH, is_address
 from .errors import CommandError
+from .hostport import hostport, is_host_name
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 VERSION = f"agent-proxy {__version__}"  # `version` and `--version`
@@ -60,7 +61,9 @@ def _config_text(proxy_id: str, upstream_url: str | None, public_url: str, direc
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
-MIN_SECRET_LENGTH = 32  # characters; `agent-proxy init` makes 64 hex digits
+# The config keys init writes from its options: a problem with one names the option.
+_INIT_OPTIONS = {"proxy_id": "--proxy-id", "upstream.url": "--upstream-url", "public_url": "--public-url"}
+MAX_DAYS = 3650  # renew-cert --days: ten years
 
 
 def _read_input(option: str, path: str) -> bytes:
@@ -100,10 +103,17 @@ def _given_material(args: argparse.Namespace, hostnames: list[str]) -> tuple[byt
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    directory = Path(args.config_dir)
+    # Absolute: the config names its certificate, key and secret by these paths.
+    directory = Path(args.config_dir).absolute()
+    for hostname in args.hostname or []:
+        if not (is_address(hostname) or is_host_name(hostname)):
+            raise ConfigError([f"--hostname {configuration.shown(hostname)}: not an IP address or a host name "
+                               "(ASCII letters, digits, hyphens and dots)"])
     hostnames = args.hostname or [socket.getfqdn()]
-    proxy_id = args.proxy_id or socket.gethostname().split(".")[0]
-    public_url = args.public_url or f"https://{hostnames[0]}:2002"
+    proxy_id = args.proxy_id if args.proxy_id is not None else socket.gethostname().split(".")[0]
+    public_url = args.public_url or f"https://{hostport(hostnames[0], 2002)}"
+    # public_url's default comes from the first --hostname (or this host's name).
+    options = {**_INIT_OPTIONS, "public_url": "--public-url" if args.public_url else "--hostname (public_url's default)"}
     files = {
         "config": directory / "agent-proxy.yaml",
         "cert": directory / "tls" / "proxy.crt",
@@ -119,11 +129,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.upstream_url is None:  # the rest is checked; the URL is the operator's to add
         checked["upstream"]["url"] = "https://upstream.invalid"
     try:
-        configuration.parse(checked, "--proxy-id/--upstream-url", environ={})
+        configuration.parse(checked, "init", environ={})
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"agent-proxy: {problem}", file=sys.stderr)
+            key, _, reason = problem.removeprefix("init: ").partition(": ")
+            print(f"agent-proxy: {options.get(key, key)}: {reason}", file=sys.stderr)
         return EXIT_USAGE
+    if public_url.startswith("http:"):
+        print("agent-proxy: warning: public_url is plain http; the upstream will reach this proxy without TLS",
+              file=sys.stderr)
     if args.upstream_url is None:
         print(f"agent-proxy: warning: no --upstream-url: set upstream.url in {files['config']} before serving "
               "(check-config fails until then)", file=sys.stderr)
@@ -181,21 +195,26 @@ def cmd_renew_cert(args: argparse.Namespace) -> int:
     from cryptography.x509.oid import NameOID
 
     from . import files
-    from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, self_signed
+    from .tlsutil import MaterialError, cert_names, fingerprint, load_cert, load_key, same_key, self_signed
 
-    if args.days < 1:
-        raise ConfigError([f"--days {args.days}: expected a number of days, 1 or more"])
+    if not 1 <= args.days <= MAX_DAYS:
+        raise ConfigError([f"--days {args.days}: expected a number of days, 1 to {MAX_DAYS}"])
     tls = _load(args.config).tls
     cert_pem = _read_input("tls.cert_file", tls.cert_file)
     key_pem = _read_input("tls.key_file", tls.key_file)
     try:
         old = load_cert(cert_pem)
-        names = cert_names(old)
-        common_names = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        new_pem, _ = self_signed(str(common_names[0].value) if common_names else names[0], names, days=args.days, key_pem=key_pem)
-    except (MaterialError, IndexError) as exc:
-        reason = exc if isinstance(exc, MaterialError) else "it names no host"
-        raise ConfigError([f"{tls.cert_file} with {tls.key_file}: cannot renew: {reason}"]) from None
+        if not same_key(old, load_key(key_pem)):
+            raise MaterialError("the key is not the certificate's (renew-cert keeps the key; for a new one, "
+                                "move both away and run init)")
+        common_names = [str(a.value) for a in old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        # A certificate without subjectAltName names its host in the common name only.
+        names = cert_names(old) or common_names
+        if not names:
+            raise MaterialError("it names no host")
+        new_pem, _ = self_signed((common_names or names)[0], names, days=args.days, key_pem=key_pem)
+    except MaterialError as exc:
+        raise ConfigError([f"{tls.cert_file} with {tls.key_file}: cannot renew: {exc}"]) from None
     cert_path = Path(tls.cert_file)
     try:
         files.replace(cert_path, new_pem, *files.keep_owner_and_mode(cert_path, 0o644))
@@ -239,7 +258,7 @@ def _variables(args: argparse.Namespace) -> dict:
         if not sep or not key:
             raise ConfigError([f"--set {item!r}: expected key=value"])
         try:
-            variables[key] = yaml.safe_load(value)
+            variables[key] = configuration.load_yaml(value)
         except yaml.YAMLError:
             raise ConfigError([f"--set {item!r}: cannot parse the value"]) from None
     return variables
@@ -371,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-url", help="the control plane, e.g. https://8.7.6.5:3302 (without it, upstream.url "
                                           "is left for you to set in the config)")
     p.add_argument("--public-url", help="where the upstream reaches this proxy (default: https://HOSTNAME:2002)")
-    p.add_argument("--hostname", action="append",
-                   help="name or IP for the certificate (repeatable); with --tls-cert: each must be in it")
+    p.add_argument("--hostname", action="extend", nargs="+", metavar="H",
+                   help="names or IPs for the certificate (one or more, repeatable); with --tls-cert: each must be in it")
     p.add_argument("--secret-file", metavar="FILE", help="install this shared secret (32+ characters) instead of making one")
     p.add_argument("--tls-cert", metavar="FILE", help="install this certificate (PEM, with --tls-key) instead of making one")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")

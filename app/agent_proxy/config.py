@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -25,9 +26,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .hostport import is_host_name
+
 DEFAULT_PATH = "/etc/agent-proxy/agent-proxy.yaml"
 ENV_PREFIX = "AGENT_PROXY_"
-PROXY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PROXY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")   # the whole value: fullmatch
+MIN_SECRET_LENGTH = 32  # characters; `agent-proxy init` makes 64 hex digits
+MAX_SECONDS = 86400     # no wait, timeout or window in the config is longer than a day
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -47,18 +52,19 @@ class ConfigError(Exception):
 def _int(minimum: int, maximum: int | None = None):
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be a whole number, got {value!r}")
+            raise ValueError(f"must be a whole number, got {shown(value)}")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"must be {bound}, got {value}")
+            raise ValueError(f"must be {bound}, got {shown(value)}")
         return value
 
     return check
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not 0 < value <= MAX_SECONDS):
+        raise ValueError(f"must be a number of seconds, more than 0 and at most {MAX_SECONDS}, got {shown(value)}")
     return float(value)
 
 
@@ -95,22 +101,36 @@ def _path(value: Any) -> str:
 
 
 def _proxy_id(value: Any) -> str:
-    if not isinstance(value, str) or not PROXY_ID_RE.match(value):
-        raise ValueError(f"must match [A-Za-z0-9._-]{{1,64}}, got {value!r}")
+    if not isinstance(value, str) or not PROXY_ID_RE.fullmatch(value):
+        raise ValueError(f"must match [A-Za-z0-9._-]{{1,64}}, got {shown(value)}")
     return value
+
+
+# A base path on the upstream: RFC 3986's unreserved characters and slashes. Both node
+# modes put it into every request line, and the native front into its HAProxy config.
+_URL_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 
 
 def _url(value: Any) -> str:
     text = _str(value)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL with a host, got {text!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"must not carry credentials, a query or a fragment, got {text!r}")
+    if re.search(r"[\x00-\x20\x7f-\U0010ffff]", text):
+        raise ValueError(f"must not contain spaces, control or non-ASCII characters, got {shown(text)}")
     try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"has a bad port, got {text!r}") from None
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:  # urlsplit's own reasons: "Port out of range 0-65535", ...
+        raise ValueError(f"is not a valid URL ({exc}), got {shown(text)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {shown(text)}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must not carry credentials, a query or a fragment, got {shown(text)}")
+    host, bracketed = parts.hostname, parts.netloc.startswith("[")
+    if not (is_address(host) and ":" in host if bracketed else is_address(host) or is_host_name(host)):
+        raise ValueError(f"has a host that is neither an IP address ([...] for IPv6) nor a host name, got {shown(text)}")
+    if port == 0:
+        raise ValueError(f"has port 0, got {shown(text)}")
+    if not _URL_PATH.fullmatch(parts.path):
+        raise ValueError(f"has a path with characters other than letters, digits, -._~ and /, got {shown(text)}")
     return text.rstrip("/")
 
 
@@ -140,12 +160,15 @@ def _address(value: Any) -> IPAddress:
 
 def _host(value: Any) -> str:
     text = _str(value)
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", text):
-            raise ValueError(f"is not an IP address or host name: {text!r}") from None
+    if not (is_address(text) or is_host_name(text)):
+        raise ValueError(f"is not an IP address or host name: {shown(text)}")
     return text
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``value`` as an error line quotes it: repr, cut short past ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_address(text: str) -> bool:
@@ -254,7 +277,7 @@ class Agents:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = _setting(
-        10 * 1024 * 1024, _int(0), restart="waitress's own body cap (twice it, plus 1 MiB) is set at start"
+        10 * 1024 * 1024, _int(0, 1 << 40), restart="waitress's own body cap (twice it, plus 1 MiB) is set at start"
     )
     threads: int = _setting(16, _int(1, 1024), restart="waitress makes its thread pool at start")
     # Signatures whose timestamp is further than this from the node's clock are refused;
@@ -372,10 +395,11 @@ class Config:
             raise ConfigError(
                 [f"{self.source}: shared_secret_file: cannot read {self.shared_secret_file}: {_reason(exc)}"]
             ) from None
-        if len(secret) < 16:
-            raise ConfigError(
-                [f"{self.source}: shared_secret_file: {self.shared_secret_file} holds fewer than 16 characters"]
-            )
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ConfigError([
+                f"{self.source}: shared_secret_file: {self.shared_secret_file} holds {len(secret)} characters; "
+                f"at least {MIN_SECRET_LENGTH} are needed"
+            ])
         return secret.encode("utf-8")
 
     def effective(self) -> dict[str, Any]:
@@ -489,9 +513,12 @@ def _apply_environment(data: dict, environ: Mapping[str, str], problems: list[st
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         try:
-            value = yaml.safe_load(text) if text != "" else None
+            value = _deep_copy(load_yaml(text), name) if text != "" else None
         except yaml.YAMLError:
-            problems.append(f"{name}: cannot parse {text!r}")
+            problems.append(f"{name}: cannot parse {shown(text)}")
+            continue
+        except ConfigError as exc:
+            problems.extend(exc.problems)
             continue
         node = data
         for depth, part in enumerate(path[:-1]):
@@ -629,10 +656,7 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the file must hold a mapping of keys, got {type(data).__name__}"])
-    try:
-        data = _deep_copy(data)
-    except RecursionError:  # `a: &a [*a]`: YAML lets an alias hold itself
-        raise ConfigError([f"{source}: a YAML alias holds itself (&anchor inside its own *alias)"]) from None
+    data = _deep_copy(data, source)
     origins = _apply_environment(data, environ if environ is not None else os.environ, problems)
     defaulted: set[str] = set()
     config = _build(Config, data, "", problems, defaulted)
@@ -653,15 +677,48 @@ def parse(data: Any, source: str = "<config>", environ: Mapping[str, str] | None
 def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None, lenient: bool = False) -> Config:
     """Read and parse a configuration file."""
     source = str(path)
+    if not source:
+        raise ConfigError(["the configuration file's path is empty"])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{source}: cannot read: {_reason(exc)}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: {yaml_problem(exc)}"]) from None
     return parse(data, source, environ, lenient)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently). Keys a merge (``<<: *base``) brings in may be
+    given again: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text to data, as every file of ours is read: safe types only, no key twice.
+    Raises yaml.YAMLError; a document nested too deep to parse is one too."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to read") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -672,9 +729,25 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return f"not valid YAML{where}: {problem}"
 
 
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
+MAX_DEPTH, MAX_VALUES = 16, 100_000   # a config is a few levels deep and some hundred values
+
+
+def _deep_copy(data: Any, source: str) -> Any:
+    """A copy that shares nothing, so that overrides change one place. Bounded: YAML
+    aliases can make a few lines stand for billions of values, or for a value that holds
+    itself."""
+    left = [MAX_VALUES]
+
+    def copy(value: Any, depth: int) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            raise ConfigError([f"{source}: holds more than {MAX_VALUES} values (YAML aliases repeating each other?)"])
+        if isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
+            raise ConfigError([f"{source}: nested deeper than {MAX_DEPTH} levels (or a YAML alias holds itself)"])
+        if isinstance(value, dict):
+            return {k: copy(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v, depth + 1) for v in value]
+        return value
+
+    return copy(data, 0)

@@ -56,6 +56,13 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
 )}
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` (a peer's words, say) fit for one line of a message: control characters
+    and backslashes escaped, cut short past ``limit`` characters."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
 class ProxyError(Exception):
     """A request the proxy answers itself: the catalogue's status and title for ``code``."""
 

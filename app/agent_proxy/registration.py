@@ -25,8 +25,8 @@ from typing import Callable
 from urllib.parse import quote, urlsplit
 
 from . import __version__, features, relay, signing
-from .config import Config
-from .errors import CommandError
+from .config import Config, ConfigError
+from .errors import CommandError, printable
 from .hostport import hostport, local_host
 
 API = "/api/v1/agent-proxies"
@@ -88,7 +88,7 @@ class _Upstream:
                     f"the upstream {self.url} did not answer within {self.config.upstream.read_timeout:g} s"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
-                raise CommandError(f"talking to the upstream {self.url} failed: {exc}") from None
+                raise CommandError(f"talking to the upstream {self.url} failed: {printable(str(exc))}") from None
         finally:
             conn.close()
         try:
@@ -100,10 +100,10 @@ class _Upstream:
     def unexpected(self, status: int, answer: dict) -> CommandError:
         if status == 401:
             return CommandError(
-                f"the upstream {self.url} refused this proxy's signature: {answer.get('description') or 'no reason given'} "
+                f"the upstream {self.url} refused this proxy's signature: {printable(str(answer.get('description') or 'no reason given'))} "
                 f"(check that it holds the shared secret of proxy_id {self.config.proxy_id})"
             )
-        reason = ": ".join(str(answer[k]) for k in ("title", "description") if answer.get(k))
+        reason = printable(": ".join(str(answer[k]) for k in ("title", "description") if answer.get(k)))
         return CommandError(f"the upstream {self.url} answered {status}{': ' + reason if reason else ''}")
 
 
@@ -132,7 +132,7 @@ def compare_features(config: Config, answer: dict) -> list[str]:
 
 
 def _warn(line: str) -> None:
-    print(f"agent-proxy: warning: {line}", file=sys.stderr)
+    print(f"agent-proxy: warning: {printable(line, 400)}", file=sys.stderr)  # names from the upstream's answer
 
 
 # Each probe of the front gives up after this long; a wait may end this much after its seconds.
@@ -179,7 +179,7 @@ def wait_for_front(config: Config, seconds: float) -> None:
 def register(config: Config, warn: Callable[[str], None] = _warn) -> str:
     """Register (or refresh); ``warn`` hears each line of compare_features()."""
     if not config.public_url:
-        raise CommandError(f"{config.source}: public_url is not set; the upstream needs it to reach this proxy")
+        raise ConfigError([f"{config.source}: public_url: not set; the upstream needs it to reach this proxy"])
     upstream = _Upstream(config)
     status, answer = upstream.request(
         "POST", API, {"proxy_id": config.proxy_id, "url": config.public_url, "version": __version__}
@@ -187,14 +187,14 @@ def register(config: Config, warn: Callable[[str], None] = _warn) -> str:
     if status in (200, 201):
         for line in compare_features(config, answer):
             warn(line)
-        names = ", ".join(answer.get("features") or []) or "none"
+        names = printable(", ".join(map(str, answer.get("features") or []))) or "none"
         how = "registered with" if status == 201 else "was already registered (refreshed) with"
         return (
             f"{config.proxy_id} {how} {upstream.url}; "
             f"the upstream reached this proxy at {config.public_url} (features: {names})"
         )
     if status == 502:
-        reason = answer.get("description") or answer.get("title") or "no reason given"
+        reason = printable(str(answer.get("description") or answer.get("title") or "no reason given"))
         raise CommandError(
             f"the upstream {upstream.url} could not complete the handshake with this proxy "
             f"(public_url {config.public_url}): {reason}"

@@ -17,6 +17,7 @@ extra variables it reads in its header comment.
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +26,7 @@ import jinja2
 import yaml
 
 from . import errors, relay
-from .config import Config, ConfigError, is_address, yaml_problem
+from .config import Config, ConfigError, is_address, load_yaml, shown, yaml_problem
 
 # CLI name -> template path relative to the template root.
 TEMPLATES = {
@@ -117,7 +118,7 @@ def read_variables(path: str | Path, missing_ok: bool = False) -> dict[str, Any]
     """Template variables from a YAML mapping file (``--vars``, the firewall's and the front's
     variables on a node); {} for a missing file when ``missing_ok``. Raises ConfigError."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         if missing_ok:
             return {}
@@ -129,6 +130,36 @@ def read_variables(path: str | Path, missing_ok: bool = False) -> dict[str, Any]
     if not isinstance(loaded, dict):
         raise ConfigError([f"{path}: the template variables must be a mapping"])
     return loaded
+
+
+# A variable's text goes into the file as it is: one word, without the characters that
+# end a word or start a comment, a string or a block in HAProxy, nginx, keepalived or
+# iptables-restore syntax. Only a command may hold spaces, and nothing may hold a line break.
+_WORD = re.compile(r"[^\s;#\"'{}\\$`]*")
+_LINE = re.compile(r"[^\x00-\x1f\x7f]*")
+_COMMANDS = {"check_command"}
+
+
+def check_variables(variables: dict[str, Any]) -> None:
+    """Raise ConfigError naming each variable whose text could change the rendered file's
+    syntax: ``--set 'nodes=[{name: "a\\nbind :80"}]'`` must not add a listener."""
+    problems: list[str] = []
+
+    def check(value: Any, where: str, command: bool) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(item, f"{where}.{key}", command)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                check(item, f"{where}[{index}]", command)
+        elif isinstance(value, str) and not (_LINE if command else _WORD).fullmatch(value):
+            what = "a line break or control character" if command else "a space, a line break or one of ; # \" ' { } \\ $ `"
+            problems.append(f"template variable {where}: {shown(value)} holds {what}")
+
+    for name, value in variables.items():
+        check(value, str(name), name in _COMMANDS)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _quotable_error_body(code: str, description: str) -> str:
@@ -144,6 +175,7 @@ def render(name: str, config: Config, variables: dict[str, Any] | None = None) -
                "errors": errors.CATALOGUE, "error_body": _quotable_error_body}
     if name == "node-haproxy-key":  # read only for the one template that holds it
         context["secret_base64"] = base64.b64encode(config.read_secret()).decode()
+    check_variables(variables or {})
     context.update(variables or {})
     missing: list[str] = []
     try:

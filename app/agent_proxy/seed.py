@@ -33,6 +33,7 @@ from typing import Any, Callable
 import yaml
 
 from . import config as configuration, files
+from .hostport import is_host_name
 
 # Keys that set a config key, and the config key.
 CONFIG_KEYS = {
@@ -56,8 +57,6 @@ HEADER = (
     "# defaults and the boot seed). Nothing on the appliance overwrites it: edit it with\n"
     "# `sudoedit`, then `sudo agent-proxy apply` checks it and puts it into service.\n"
 )
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 
 class SeedError(Exception):
@@ -123,7 +122,7 @@ def _host(item: str) -> str:
     try:
         return _address(item)
     except ValueError:
-        if _HOSTNAME.match(item) and len(item) <= 253:
+        if is_host_name(item):
             return item
         raise ValueError(f"{item!r} is neither an IP address nor a host name") from None
 
@@ -160,7 +159,7 @@ def validate(values: dict[str, str], source: str) -> dict[str, Any]:
             elif key == "UPSTREAM_ALLOW_INSECURE":
                 settings[key] = _bool(value)
             elif key == "HOSTNAME":
-                if _HOSTNAME.match(value) is None or len(value) > 253:
+                if not is_host_name(value):
                     raise ValueError(f"{value!r} is not a host name")
                 settings[key] = value
             else:

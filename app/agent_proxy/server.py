@@ -378,9 +378,10 @@ def serve(config_path: str, port: int | None = None) -> int:
             ident=IDENT,
             clear_untrusted_proxy_headers=False,
         )
-    except OSError as exc:
-        logs.event(log, f"cannot listen on {listen}: {exc.strerror}", logging.ERROR)
-        return 1
+    except (OSError, ValueError) as exc:  # waitress says ValueError for a host it cannot resolve
+        reason = f"cannot listen on {listen}: {getattr(exc, 'strerror', None) or exc}"
+        logs.event(log, reason, logging.ERROR)
+        raise errors.CommandError(reason) from None
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
             # waitress builds its listeners in create_server, with no class to pass in

@@ -91,12 +91,17 @@ def names_host(names: list[str], host: str) -> bool:
     return _canonical(host) in {_canonical(n) for n in names}
 
 
+def same_key(cert: x509.Certificate, key) -> bool:
+    """Whether ``key`` is the private key of ``cert``'s public key."""
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+
+
 def check_pair(cert_pem: bytes, key_pem: bytes, hostnames: list[str], now: datetime.datetime | None = None) -> None:
     """Raise MaterialError unless the key belongs to the certificate, the certificate is
     valid at ``now`` and it names every one of ``hostnames``."""
     cert, key = load_cert(cert_pem), load_key(key_pem)
-    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+    if not same_key(cert, key):
         raise MaterialError("the key does not belong to the certificate")
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:

@@ -100,7 +100,7 @@ def test_init_refuses_to_overwrite_and_changes_nothing(tmp_path):
 
 def test_init_with_bad_values_is_a_usage_error(tmp_path):
     result = run("init", "--config-dir", str(tmp_path), "--proxy-id", "bad id!", "--upstream-url", "https://x")
-    assert result.returncode == 2 and "proxy_id: must match" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("agent-proxy: --proxy-id: must match")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -136,7 +136,10 @@ def test_environment_override_reaches_check_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"proxy_id": "a", "upstream": {"url": "https://x"}}))
     result = run("check-config", "-c", str(path), env={"AGENT_PROXY_UPSTREAM__URL": "not a url"})
-    assert result.returncode == 2 and "upstream.url: must be an http:// or https:// URL" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "agent-proxy: AGENT_PROXY_UPSTREAM__URL: upstream.url: must not contain spaces, control or non-ASCII "
+        "characters, got 'not a url'"]
 
 
 def test_environment_typo_names_the_variable_not_the_file(tmp_path):
@@ -279,12 +282,14 @@ def test_a_yaml_alias_holding_itself_is_one_line_exit_2(tmp_path):
     path.write_text("proxy_id: a\nupstream: {url: 'http://x'}\nloop: &a [*a]\n")
     result = run("check-config", "-c", str(path))
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"agent-proxy: {path}: a YAML alias holds itself (&anchor inside its own *alias)"]
+    assert result.stderr.splitlines() == [
+        f"agent-proxy: {path}: nested deeper than 16 levels (or a YAML alias holds itself)"]
 
 
 @pytest.mark.parametrize("args, line", [
-    (["renew-cert", "--days", "0"], "--days 0: expected a number of days, 1 or more"),
-    (["renew-cert", "--days", "-5"], "--days -5: expected a number of days, 1 or more"),
+    (["renew-cert", "--days", "0"], "--days 0: expected a number of days, 1 to 3650"),
+    (["renew-cert", "--days", "-5"], "--days -5: expected a number of days, 1 to 3650"),
+    (["renew-cert", "--days", "3000000"], "--days 3000000: expected a number of days, 1 to 3650"),
     (["serve", "--port", "99999"], "--port 99999: expected a TCP port, 1-65535"),
     (["serve", "--port", "0"], "--port 0: expected a TCP port, 1-65535"),
     (["lb", "status", "--server", "node1", "--socket", "/nonexistent", "--timeout", "-1"],
@@ -298,3 +303,148 @@ def test_numbers_out_of_range_are_one_line_exit_2_and_change_nothing(tmp_path, a
     result = run(*args, "-c", str(tmp_path / "agent-proxy.yaml"))
     assert (result.returncode, result.stderr.splitlines()) == (2, [f"agent-proxy: {line}"])
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# -- init's options, and other commands' inputs, checked before anything is written
+
+@pytest.mark.parametrize("hostname", ["bad host!", "b\u00fccher.example", "https://x.example/", "x" * 300, "1.2.3.4.5", "-lead.example"])
+def test_init_refuses_a_hostname_that_is_not_one(tmp_path, hostname):
+    result = _init(tmp_path / "d", f"--hostname={hostname}")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("agent-proxy: --hostname ") and "not an IP address or a host name" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_init_takes_several_hostnames_after_one_option(tmp_path):
+    assert _init(tmp_path, "--hostname", "10.1.2.3", "proxy.lan").returncode == 0
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tmp_path / "tls" / "proxy.crt")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "IP Address:10.1.2.3" in san and "DNS:proxy.lan" in san
+
+
+def test_init_with_an_ipv6_hostname_brackets_it_in_the_public_url(tmp_path):
+    result = _init(tmp_path, "--hostname", "2001:db8::3")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "agent-proxy.yaml").read_text())["public_url"] == "https://[2001:db8::3]:2002"
+
+
+def test_init_names_the_option_a_bad_value_came_from(tmp_path):
+    result = _init(tmp_path / "d", "--public-url", "notaurl")
+    assert result.returncode == 2
+    assert result.stderr.startswith("agent-proxy: --public-url: must be an http:// or https:// URL with a host")
+    result = run("init", "--config-dir", str(tmp_path / "d"), "--proxy-id", "", "--upstream-url", "https://8.7.6.5:3302")
+    assert (result.returncode, result.stderr) == (2, "agent-proxy: --proxy-id: must match [A-Za-z0-9._-]{1,64}, got ''\n")
+    assert not (tmp_path / "d").exists()
+
+
+def test_init_warns_of_a_plain_http_public_url(tmp_path):
+    result = _init(tmp_path, "--public-url", "http://4.3.2.1:2002")
+    assert result.returncode == 0
+    assert "warning: public_url is plain http; the upstream will reach this proxy without TLS" in result.stderr
+
+
+def test_init_with_a_relative_directory_writes_absolute_paths(tmp_path):
+    result = subprocess.run([AGENT_PROXY, "init", "--config-dir", "rel", "--proxy-id", "a", "--upstream-url", "https://x"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((tmp_path / "rel" / "agent-proxy.yaml").read_text())
+    assert config["shared_secret_file"] == str(tmp_path / "rel" / "psk")
+    assert run("check-config", "-c", str(tmp_path / "rel" / "agent-proxy.yaml")).returncode == 0   # from elsewhere
+
+
+def test_renew_cert_refuses_a_key_that_is_not_the_certificates(tmp_path):
+    assert _init(tmp_path / "a").returncode == 0 and _init(tmp_path / "b").returncode == 0
+    cert = tmp_path / "a" / "tls" / "proxy.crt"
+    (tmp_path / "a" / "tls" / "proxy.key").write_bytes((tmp_path / "b" / "tls" / "proxy.key").read_bytes())
+    before = cert.read_bytes()
+    result = run("renew-cert", "-c", str(tmp_path / "a" / "agent-proxy.yaml"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "cannot renew: the key is not the certificate's" in result.stderr and cert.read_bytes() == before
+
+
+def test_renew_cert_of_a_certificate_without_alternative_names_keeps_its_common_name(tmp_path):
+    assert _init(tmp_path).returncode == 0
+    cert, key = tmp_path / "tls" / "proxy.crt", tmp_path / "tls" / "proxy.key"
+    subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(key), "-subj", "/CN=old.site-a.example",
+                    "-days", "5", "-out", str(cert)], check=True, capture_output=True)
+    result = run("renew-cert", "-c", str(tmp_path / "agent-proxy.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {cert} for old.site-a.example, valid 825 days")
+    assert "DNS:old.site-a.example" in subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(cert)], capture_output=True, text=True).stdout
+
+
+def test_an_empty_config_path_is_one_line():
+    result = run("check-config", "-c", "")
+    assert (result.returncode, result.stderr) == (2, "agent-proxy: the configuration file's path is empty\n")
+
+
+def test_render_refuses_a_variable_that_would_change_the_files_syntax(tmp_path):
+    assert _init(tmp_path).returncode == 0
+    config = str(tmp_path / "agent-proxy.yaml")
+    result = run("render", "lb-haproxy", "-c", config, "--set", 'nodes=[{name: "a b; evil", address: "1.2.3.4\\nbind :80"}]')
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "agent-proxy: template variable nodes[0].name: 'a b; evil' holds a space, a line break or one of ; # \" ' { } \\ $ `",
+        "agent-proxy: template variable nodes[0].address: '1.2.3.4\\nbind :80' holds a space, a line break or one of ; # \" ' { } \\ $ `",
+    ]
+    good = run("render", "lb-haproxy", "-c", config, "--set", "nodes=[{name: node1, address: 10.1.2.11}]")
+    assert good.returncode == 0 and "server node1 10.1.2.11:2002" in good.stdout
+
+
+def test_register_without_a_public_url_is_a_configuration_error(tmp_path):
+    assert _init(tmp_path).returncode == 0
+    path = tmp_path / "agent-proxy.yaml"
+    data = yaml.safe_load(path.read_text())
+    del data["public_url"]
+    path.write_text(yaml.safe_dump(data))
+    result = run("register", "-c", str(path))
+    assert (result.returncode, result.stderr) == (
+        2, f"agent-proxy: {path}: public_url: not set; the upstream needs it to reach this proxy\n")
+
+
+def test_an_upstreams_words_reach_the_terminal_escaped(tmp_path):
+    """A register against an upstream answering garbage: one line, its bytes escaped."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"garbage\x1b[2J\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    assert _init(tmp_path).returncode == 0
+    path = tmp_path / "agent-proxy.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["upstream"] = {"url": f"http://127.0.0.1:{port}", "allow_insecure": True}
+    path.write_text(yaml.safe_dump(data))
+    result = run("register", "-c", str(path))
+    thread.join(10)
+    listener.close()
+    assert result.returncode == 1
+    assert result.stderr == (f"agent-proxy: talking to the upstream http://127.0.0.1:{port} failed: "
+                             "garbage\\x1b[2J\\r\\n\n")
+
+
+def test_serve_that_cannot_listen_says_why_on_stderr(tmp_path):
+    import socket
+
+    assert _init(tmp_path).returncode == 0
+    path = tmp_path / "agent-proxy.yaml"
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run("serve", "-c", str(path), "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr == f"agent-proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    data = yaml.safe_load(path.read_text())
+    data["listen"] = {"host": "no-such-host.invalid", "port": 8002}
+    path.write_text(yaml.safe_dump(data))
+    result = run("serve", "-c", str(path))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("agent-proxy: cannot listen on no-such-host.invalid:8002: ")

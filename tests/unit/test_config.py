@@ -41,7 +41,7 @@ def test_the_head_and_idle_timeouts_default_to_the_read_timeout(upstream, timeou
 
 def test_a_head_timeout_must_be_positive_seconds():
     assert problems({**MINIMAL, "upstream": {**MINIMAL["upstream"], "head_timeout": 0}}) == [
-        "agent-proxy.yaml: upstream.head_timeout: must be a positive number of seconds, got 0"
+        "agent-proxy.yaml: upstream.head_timeout: must be a number of seconds, more than 0 and at most 86400, got 0"
     ]
 
 
@@ -67,15 +67,41 @@ def test_required_keys_are_named():
         ({**MINIMAL, "networks": {"agents": ["10.0.0.1/24"]}}, "networks.agents: is not a valid CIDR network: 10.0.0.1/24 has host bits set"),
         ({**MINIMAL, "networks": {"upstream": "8.7.6.5/32"}}, "networks.upstream: must be a list"),
         ({**MINIMAL, "limits": {"threads": "many"}}, "limits.threads: must be a whole number, got 'many'"),
-        ({**MINIMAL, "limits": {"max_body_bytes": -1}}, "limits.max_body_bytes: must be >= 0, got -1"),
+        ({**MINIMAL, "limits": {"max_body_bytes": -1}}, "limits.max_body_bytes: must be between 0 and 1099511627776, got -1"),
         ({**MINIMAL, "listen": {"port": 70000}}, "listen.port: must be between 1 and 65535, got 70000"),
         ({**MINIMAL, "upstream": {"url": "https://x", "ca_file": "/nonexistent/ca.pem"}}, "upstream.ca_file: cannot read file /nonexistent/ca.pem"),
-        ({**MINIMAL, "upstream": {"url": "https://x", "connect_timeout": 0}}, "upstream.connect_timeout: must be a positive number"),
+        ({**MINIMAL, "upstream": {"url": "https://x", "connect_timeout": 0}}, "upstream.connect_timeout: must be a number of seconds, more than 0"),
         ({**MINIMAL, "agents": {"tls": "yes"}}, "agents.tls: must be true or false"),
         ({**MINIMAL, "logging": {"format": "xml"}}, "logging.format: must be one of json, text"),
         ({**MINIMAL, "front": {"mode": "fast"}}, "front.mode: must be one of worker, native, got 'fast'"),
         ({**MINIMAL, "trusted_proxies": ["localhost"]}, "trusted_proxies: is not an IP address: 'localhost'"),
         ({**MINIMAL, "limits": 5}, "limits: must be a mapping"),
+        # a value a pattern with "$" would pass: the whole value must match
+        ({**MINIMAL, "proxy_id": "site-a\n"}, "proxy_id: must match [A-Za-z0-9._-]{1,64}, got 'site-a\\n'"),
+        # numbers that are not numbers, or waits nobody means
+        ({**MINIMAL, "upstream": {"url": "https://x", "read_timeout": float("inf")}}, "upstream.read_timeout: must be a number of seconds, more than 0 and at most 86400, got inf"),
+        ({**MINIMAL, "upstream": {"url": "https://x", "ready_window": float("nan")}}, "upstream.ready_window: must be a number of seconds"),
+        ({**MINIMAL, "limits": {"drain_seconds": 1e308}}, "limits.drain_seconds: must be a number of seconds, more than 0 and at most 86400, got 1e+308"),
+        ({**MINIMAL, "limits": {"max_body_bytes": 1 << 41}}, "limits.max_body_bytes: must be between 0 and 1099511627776"),
+        ({**MINIMAL, "limits": {"threads": 10 ** 400}}, "limits.threads: must be between 1 and 1024, got 1000000"),
+        # URLs: the host, the port, the path, the characters
+        ({**MINIMAL, "upstream": {"url": "https://exa mple.com:3302"}}, "upstream.url: must not contain spaces, control or non-ASCII characters"),
+        ({**MINIMAL, "upstream": {"url": "https://b\u00fccher.example"}}, "upstream.url: must not contain spaces, control or non-ASCII characters"),
+        ({**MINIMAL, "upstream": {"url": "https://8.7.6.5:0"}}, "upstream.url: has port 0"),
+        ({**MINIMAL, "upstream": {"url": "https://8.7.6.5:65536"}}, "upstream.url: is not a valid URL (Port out of range 0-65535)"),
+        ({**MINIMAL, "upstream": {"url": "https://host_name:3302"}}, "upstream.url: has a host that is neither"),
+        ({**MINIMAL, "upstream": {"url": "https://1.2.3.4.5:3302"}}, "upstream.url: has a host that is neither"),
+        ({**MINIMAL, "upstream": {"url": "https://127.1:3302"}}, "upstream.url: has a host that is neither"),
+        ({**MINIMAL, "upstream": {"url": "https://0x7f000001:3302"}}, "upstream.url: has a host that is neither"),
+        ({**MINIMAL, "upstream": {"url": "https://[10.0.0.1]:3302"}}, "upstream.url: is not a valid URL (An IPv4 address cannot be in brackets)"),
+        ({**MINIMAL, "upstream": {"url": "https://[cp.example]:3302"}}, "upstream.url: is not a valid URL"),
+        ({**MINIMAL, "upstream": {"url": "https://cp.example/api%20v1"}}, "upstream.url: has a path with characters other than"),
+        ({**MINIMAL, "upstream": {"url": "https://cp.example/it's"}}, "upstream.url: has a path with characters other than"),
+        ({**MINIMAL, "public_url": "https://bad host!:2002"}, "public_url: must not contain spaces"),
+        ({**MINIMAL, "public_url": "https://4.3.2.1:2002/\x1b[31m"}, "public_url: must not contain spaces, control"),
+        ({**MINIMAL, "listen": {"host": "local host"}}, "listen.host: is not an IP address or host name: 'local host'"),
+        ({**MINIMAL, "listen": {"host": "127.0.0.1\n"}}, "listen.host: is not an IP address or host name"),
+        ({**MINIMAL, "front": {"bind": "-eth0"}}, "front.bind: is not an IP address or host name"),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_key(data, expected):
@@ -134,7 +160,7 @@ def test_secret_must_exist_and_be_long_enough(tmp_path):
     short = tmp_path / "psk"
     short.write_text("tiny\n")
     config = parse({**MINIMAL, "shared_secret_file": str(short)})
-    with pytest.raises(ConfigError, match="fewer than 16 characters"):
+    with pytest.raises(ConfigError, match="holds 4 characters; at least 32 are needed"):
         config.read_secret()
     config = parse({**MINIMAL, "shared_secret_file": str(tmp_path / "none")})
     with pytest.raises(ConfigError, match="shared_secret_file: cannot read"):
@@ -170,3 +196,66 @@ def test_native_mode_with_an_address_and_system_cas_is_a_warning(tmp_path):
     by_name = {**native, "upstream": {"url": "https://upstream.example:3302"}}
     for data in (with_ca, by_name, MINIMAL):
         assert not any(w.startswith("front.mode") for w in configuration.warnings(parse(data)))
+
+
+@pytest.mark.parametrize("url", [
+    "https://8.7.6.5:3302", "https://[2001:db8::5]:3302", "https://cp.example.com", "http://cp-1.example:80/api/v1/",
+    "https://xn--bcher-kva.example/~base/a.b_c-d",
+])
+def test_good_urls_pass_as_written(url):
+    config = parse({**MINIMAL, "upstream": {"url": url, "allow_insecure": True}})
+    assert config.upstream.url == url.rstrip("/")
+
+
+def test_a_value_in_an_error_line_is_cut_short():
+    found = problems({**MINIMAL, "proxy_id": "x" * 200_000})
+    assert len(found) == 1 and len(found[0]) < 250 and found[0].endswith("... (200002 characters)")
+
+
+def test_a_key_given_twice_is_named_with_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy_id: site-a\nupstream: {url: 'https://x', url: 'https://y'}\n")
+    with pytest.raises(ConfigError) as info:
+        configuration.load(path, environ={})
+    assert info.value.problems == [f"{path}: not valid YAML (line 2): found key 'url' twice"]
+    path.write_text("proxy_id: site-a\nupstream: {url: 'https://x'}\nproxy_id: site-b\n")
+    with pytest.raises(ConfigError, match=r"\(line 3\): found key 'proxy_id' twice"):
+        configuration.load(path, environ={})
+
+
+def test_keys_a_merge_brings_in_may_be_given_again(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy_id: site-a\nbase: &base {url: 'https://x', pool_size: 4}\n"
+                    "upstream:\n  <<: *base\n  url: 'https://y'\n")
+    with pytest.raises(ConfigError) as info:   # the merge is fine; "base" is not a key of ours
+        configuration.load(path, environ={})
+    assert info.value.problems == [f"{path}: base: unknown key"]
+
+
+def test_aliases_that_multiply_are_refused_at_once(tmp_path):
+    # A few hundred bytes standing for 10**9 values ("billion laughs"): refused after
+    # MAX_VALUES, in well under a second, not after exhausting the memory.
+    lines = ["proxy_id: site-a", "upstream: {url: 'https://x'}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "c.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        configuration.load(path, environ={})
+    assert info.value.problems == [f"{path}: holds more than 100000 values (YAML aliases repeating each other?)"]
+
+
+@pytest.mark.parametrize("depth", [17, 600, 5000])
+def test_deep_nesting_is_one_line(tmp_path, depth):
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy_id: site-a\nupstream: {url: 'https://x'}\na: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ConfigError) as info:
+        configuration.load(path, environ={})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0] in (f"{path}: nested deeper than 16 levels (or a YAML alias holds itself)",
+                                      f"{path}: not valid YAML: nested too deeply to read")
+
+
+def test_an_environment_value_is_checked_like_the_files():
+    found = problems(MINIMAL, {"AGENT_PROXY_UPSTREAM__CONNECT_TIMEOUT": ".inf"})
+    assert found == ["AGENT_PROXY_UPSTREAM__CONNECT_TIMEOUT: upstream.connect_timeout: must be a number of seconds, "
+                     "more than 0 and at most 86400, got inf"]
