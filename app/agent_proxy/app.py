@@ -55,10 +55,11 @@ _SOUTHBOUND_DROPPED = _DROPPED | {"x-request-id", "authorization"}
 # URL-safe: RFC 3986's unreserved characters (secrets.token_urlsafe() makes such nonces);
 # not base64's +, / and =, which a URL must escape.
 _NONCE_RE = re.compile(r"[A-Za-z0-9._~-]{8,256}")
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")   # the whole value: fullmatch
 # RFC 9110 7.6.3: a proxy adds itself to Via, with the protocol version it received, on
 # every message it forwards (requests both ways, and their answers).
 VIA = "1.1 agent-proxy"
+RELAYED = "agent_proxy.relayed"  # environ key: this answer is an origin's, relayed
 _ERROR_HEADER_LOWER = ERROR_HEADER.lower()
 
 
@@ -92,7 +93,7 @@ class RequestIds:
 
     def keep_or_new(self, env: dict) -> str:
         given = env.get("HTTP_X_REQUEST_ID", "")
-        if given and _REQUEST_ID_RE.match(given):
+        if given and _REQUEST_ID_RE.fullmatch(given):
             return given
         return f"{self._prefix}-{next(self._counter):x}"
 
@@ -169,6 +170,19 @@ def raw_target(env: dict) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
+def canonical_ip(text: str) -> str:
+    """An address as the proxy writes it: compressed, IPv4-mapped IPv6 as IPv4; ``text``
+    as it is when it is no address."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+@functools.lru_cache(maxsize=8192)
 def _in_networks(ip: str, networks: tuple) -> bool:
     """Is ``ip`` inside one of ``networks``? Remembered: agents call again and again."""
     try:
@@ -196,7 +210,7 @@ class Proxy:
         self.secret = secret
         self.state = state
         self.metrics = metrics
-        self.trusted = frozenset(str(a) for a in config.trusted_proxies)
+        self.trusted = frozenset(canonical_ip(str(a)) for a in config.trusted_proxies)
         # A failed feature's TLS context is never built: its requests are refused instead.
         self.timeouts = config.upstream.timeouts()
         up = config.upstream
@@ -226,17 +240,22 @@ class Proxy:
             raise ProxyError("feature-failed", f"{feature} is failed: {reason}")
 
     def client_ip(self, env: dict) -> str:
-        """The caller's address; X-Forwarded-For is believed only from trusted_proxies."""
-        peer = env.get("REMOTE_ADDR", "")
+        """The caller's address; X-Forwarded-For is believed only from trusted_proxies.
+
+        An IPv4 address in IPv6's mapped form (``::ffff:10.0.0.2``, from a dual-stack
+        socket or a front) is written as IPv4: the upstream keys an agent by its address,
+        and one agent must not appear under two."""
+        peer = canonical_ip(env.get("REMOTE_ADDR", ""))
         if peer in self.trusted:
             forwarded = env.get("HTTP_X_FORWARDED_FOR")
             if forwarded:
                 # The trusted front appends the address it saw; that is the last element.
                 candidate = forwarded.rsplit(",", 1)[-1].strip()
                 try:
-                    return str(ipaddress.ip_address(candidate))
+                    ipaddress.ip_address(candidate)
                 except ValueError:
                     raise ProxyError("bad-forwarded-for", "unparseable X-Forwarded-For from the front") from None
+                return canonical_ip(candidate)
         return peer
 
     def verify_upstream(self, req: falcon.Request, target: str) -> None:
@@ -247,7 +266,8 @@ class Proxy:
             )
         except signing.SignatureError as exc:
             self.metrics.rejected.labels("signature").inc()
-            raise ProxyError("bad-signature", str(exc)) from None
+            # RFC 9110 11.6.1: a 401 says how to authenticate.
+            raise ProxyError("bad-signature", str(exc), {"WWW-Authenticate": signing.AUTH_SCHEME}) from None
         self.state.heard_from_upstream()
 
     def check_upstream_source(self, ip: str) -> None:
@@ -256,15 +276,18 @@ class Proxy:
             self.metrics.rejected.labels("source").inc()
             raise ProxyError("source-not-allowed", f"{ip} is not in networks.upstream")
 
-    def relay_answer(self, resp: falcon.Response, answer: relay.Answer) -> None:
+    def relay_answer(self, req: falcon.Request, resp: falcon.Response, answer: relay.Answer) -> None:
+        req.env[RELAYED] = True  # the task leaves waitress's Server header off an origin's answer
         resp.status = f"{answer.status} {answer.reason}"
         for name, value in answer.headers:
             resp.append_header(name, value)
         resp.append_header("Via", VIA)
-        if answer.length is not None:
+        if answer.length is not None and req.method != "HEAD":
             resp.data = b"".join(answer.body)
         else:
-            resp.stream = answer.body
+            # A stream has no length of its own: Falcon adds no Content-Length, so a HEAD
+            # answer carries the origin's or none (never a made-up 0).
+            resp.stream = iter(answer.body)
 
     def origin_failure(self, info: dict, exc: relay.OriginError) -> ProxyError:
         """The answer for an origin (the upstream, or an agent southbound) that failed
@@ -361,10 +384,13 @@ class Guard:
         info["client_ip"] = ip
         # The target as the client sent it: what is signed and relayed (the sinks read it here).
         target = info["raw_target"] = raw_target(env)
+        if req.method == "CONNECT":  # whatever its target (authority-form, as CONNECT has it, or a path)
+            raise ProxyError("method-not-allowed", "CONNECT is never relayed", {"Allow": RELAYED_METHODS})
+        if target == "*":
+            raise ProxyError("bad-target", f"the asterisk-form target ({req.method} *) asks about a server; "
+                                           "this proxy relays requests for paths only")
         if not target.startswith("/"):
             raise ProxyError("bad-target", "absolute-form request targets are not accepted; this is not a forward proxy")
-        if req.method == "CONNECT":
-            raise ProxyError("method-not-allowed", "CONNECT is never relayed")
         path = req.path
         route = self.table.find(path)
         if route is None:
@@ -406,7 +432,7 @@ class Northbound:
         if headers is None:  # Max-Forwards 0: answered here
             return
         proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
-        proto = proto if proto in ("http", "https") else env.get("wsgi.url_scheme", "http")
+        proto = proto.lower() if proto and proto.lower() in ("http", "https") else env.get("wsgi.url_scheme", "http")
         ts = int(time.time())
         sig = signing.signature(proxy.secret, ts, config.proxy_id, req.method, target, ip)
         for_value = f'"[{ip}]"' if ":" in ip else f'"{ip}"'
@@ -436,7 +462,7 @@ class Northbound:
         state.heard_from_upstream()
         if state.found_failures:  # the way to the upstream works (again)
             state.found_failures.pop("northbound", None)
-        proxy.relay_answer(resp, answer)
+        proxy.relay_answer(req, resp, answer)
 
 
 class Southbound:
@@ -466,7 +492,7 @@ class Southbound:
             raise proxy.origin_failure(info, exc) from None
         finally:
             info["origin_seconds"] = time.perf_counter() - started
-        proxy.relay_answer(resp, answer)
+        proxy.relay_answer(req, resp, answer)
 
 
 def _body_length(req: falcon.Request, config: Config) -> int:
@@ -810,6 +836,10 @@ def create_app(
     for route in routes:
         handler = route.build(proxy)
         if not route.prefix:
+            if hasattr(handler, "on_get") and not hasattr(handler, "on_head"):
+                # RFC 9110 9.1: HEAD wherever GET is (a balancer may check with it);
+                # Falcon sends the head, and the length GET's body would have, without it.
+                handler.on_head = handler.on_get
             app.add_route(route.path, handler)
         elif route.path.startswith(PROXY_PREFIX):
             app.add_sink(handler, prefix="^" + re.escape(route.path))

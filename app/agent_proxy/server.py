@@ -26,12 +26,13 @@ import time
 from waitress import trigger, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError, crack_first_line, get_header_lines
+from waitress.utilities import RequestEntityTooLarge
 from waitress.rfc7230 import HEADER_FIELD_RE
 from waitress.server import BaseWSGIServer, TcpWSGIServer, create_server
 from waitress.task import ErrorTask, WSGITask
 
 from . import __version__, config as configuration, errors, features, logs
-from .app import WorkerState, create_app
+from .app import RELAYED, WorkerState, create_app
 from .config import ConfigError
 from .hostport import hostport, local_host
 from .metrics import Metrics
@@ -40,6 +41,7 @@ from .overload import BoundedDispatcher
 log = logging.getLogger("agent_proxy.server")
 IDENT = "agent-proxy"  # waitress's Server header on the answers the proxy makes itself
 _WAITRESS_VIA = f"\r\nVia: {IDENT}\r\n".encode()
+_WAITRESS_SERVER = f"\r\nServer: {IDENT}\r\n".encode()
 
 
 def sd_notify(message: str) -> None:
@@ -64,11 +66,24 @@ class OneWriteTask(WSGITask):
     to another worker) or the answer.
     """
 
+    @property
+    def has_body(self) -> bool:
+        # An answer to HEAD has no body (RFC 9110 9.3.2). Without a Content-Length from
+        # the app, waitress would frame it chunked and send the last chunk after the head.
+        if self.request.command == "HEAD" and not any(n.lower() == "content-length" for n, _ in self.response_headers):
+            return False
+        return super().has_body
+
     def build_response_header(self):
         # waitress adds "Via: <ident>" to an answer that carries its own Server header,
         # without the protocol version RFC 9110 asks for; the app stamps every relayed
-        # answer with app.VIA, so waitress's line goes.
-        return super().build_response_header().replace(_WAITRESS_VIA, b"\r\n", 1)
+        # answer with app.VIA, so waitress's line goes. To a relayed answer without a
+        # Server header, waitress adds "Server: <ident>": an origin's answer is the
+        # origin's, so that goes too.
+        head = super().build_response_header().replace(_WAITRESS_VIA, b"\r\n", 1)
+        if self.environ and self.environ.get(RELAYED):
+            head = head.replace(_WAITRESS_SERVER, b"\r\n", 1)
+        return head
 
     def write(self, data):
         if self.wrote_header or not data:
@@ -83,6 +98,8 @@ class OneWriteTask(WSGITask):
 
 
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_VERSION = re.compile(rb" HTTP/1\.[0-9]$")
+BODY_LIMIT = "agent_proxy_body_limit"  # on waitress's Adjustments: limits.max_body_bytes
 # Host header lines in a lowered header block (a folded continuation starts with a
 # space, so it never matches), and a valid value: RFC 9110 7.2, uri-host [":" port],
 # where uri-host is an IP-literal in brackets or a reg-name (which may be empty).
@@ -114,10 +131,28 @@ class StrictRequestParser(HTTPRequestParser):
     else was sent; the app never sees the request, so nothing is relayed.
     """
 
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        limit = getattr(self.adj, BODY_LIMIT, None)
+        if self.headers_finished and self.error is None and limit is not None and self.content_length > limit:
+            # Refused before the body is read: with or without Expect: 100-continue.
+            self.error = RequestEntityTooLarge(f"a body of {self.content_length} bytes is over limits.max_body_bytes ({limit})")
+            self.completed = True
+        if self.error is not None:
+            # waitress would still send "100 Continue" to a request it refuses, and then
+            # wait for the body it invited.
+            self.expect_continue = False
+        return consumed
+
     def parse_header(self, header_plus: bytes) -> None:
         first_line, _, header = header_plus.partition(b"\r\n")
         if _CONTROL_BYTES.search(first_line):
             raise ParsingError("control bytes in the request line")
+        version = _VERSION.search(first_line)
+        if version is None:
+            raise ParsingError("a request line without HTTP/1.x at its end (HTTP/0.9 and 2 are not served here)")
+        if header[:1] in (b" ", b"\t") or b"\n " in header or b"\n\t" in header:
+            raise ParsingError("obsolete line folding (RFC 9112 5.2)")
         lowered = header.lower()
         problem = _host_problem(first_line, lowered)
         if problem:
@@ -382,6 +417,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         reason = f"cannot listen on {listen}: {getattr(exc, 'strerror', None) or exc}"
         logs.event(log, reason, logging.ERROR)
         raise errors.CommandError(reason) from None
+    # The parser refuses a body over the limit from its Content-Length, before reading it.
+    setattr(server.adj, BODY_LIMIT, limits.max_body_bytes)
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):
             # waitress builds its listeners in create_server, with no class to pass in

@@ -66,7 +66,8 @@ def _verify(
 ) -> None:
     now = time.time() if now is None else now
     if abs(now - ts) > max_skew:
-        raise SignatureError(f"signature timestamp is {int(now - ts)} s off (allowed: {max_skew} s)")
+        when = "old" if now > ts else "in the future"
+        raise SignatureError(f"signature timestamp is {abs(int(now - ts))} s {when} (allowed: {max_skew} s either way)")
     expected = signature(secret, ts, proxy_id, method, path_and_query, client_ip)
     if not hmac.compare_digest(expected, sig):
         raise SignatureError("signature does not match")

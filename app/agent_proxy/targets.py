@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from .config import Config
 from .errors import ProxyError
 
 _SEPARATORS = re.compile(r"[/\\]")  # what an agent may split a decoded segment at
+_OVERLONG_DOT = re.compile(rb"\xc0\xae|\xe0\x80\xae")  # "." in UTF-8 forms decoders should refuse
+_DECODE_ROUNDS = 4
 
 PREFIX = "/_proxy/agents/"
 
@@ -86,7 +88,25 @@ def parse(raw_target: str, config: Config) -> Target:
     # spelled: %2e%2e, or between encoded separators (a%2F..%2Fb, %5C..) that an agent may
     # decode before it splits. An encoded separator between names (cmd%2Fz) passes as sent.
     for segment in agent_path.split("/"):
-        decoded = unquote(segment)
-        if "\x00" in decoded or any(part in (".", "..") for part in _SEPARATORS.split(decoded)):
+        decoded = _as_an_agent_may_read(segment)
+        if "\x00" in decoded or any(_is_dot_segment(part) for part in _SEPARATORS.split(decoded)):
             raise ProxyError("bad-target", "the agent path must not contain a '.' or '..' segment (however encoded) or a NUL")
     return Target(ip_text, port, agent_path + (sep + query if sep else ""))
+
+
+def _as_an_agent_may_read(segment: str) -> str:
+    """A path segment decoded as the most lenient agent would: percent-decoded until
+    nothing changes (a server that decodes twice reads %252e as "."), with UTF-8's
+    overlong forms of "." (%c0%ae) read as dots."""
+    data = segment.encode("latin-1", "replace")
+    for _ in range(_DECODE_ROUNDS):
+        decoded = unquote_to_bytes(data)
+        if decoded == data:
+            break
+        data = decoded
+    return _OVERLONG_DOT.sub(b".", data).decode("latin-1")
+
+
+def _is_dot_segment(part: str) -> bool:
+    """"." or "..", also with path parameters (``..;x``: servlet containers drop them)."""
+    return part.split(";", 1)[0] in (".", "..")

@@ -78,6 +78,16 @@ BAD_HOST = {
     "path": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p/x\r\n\r\n",
     "port-not-digits": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p:80a\r\n\r\n",
 }
+# RFC 9112 5.2: a server rejects obsolete line folding (or unfolds it; unfolded, a folded
+# Host would read "a b"); and the request line ends in HTTP/1.x (no HTTP/0.9, no 2).
+BAD_LINES = {
+    "folded-host": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: a\r\n b\r\n\r\n",
+    "folded-other": b"GET /agent/v1/checkin HTTP/1.1\r\nHost: p\r\nX-A: 1\r\n\t2\r\n\r\n",
+    "space-before-first-field": b"GET /agent/v1/checkin HTTP/1.1\r\n X-A: 1\r\nHost: p\r\n\r\n",
+    "http-0.9": b"GET /agent/v1/checkin\r\n\r\n",
+    "http-2.0": b"GET /agent/v1/checkin HTTP/2.0\r\nHost: p\r\n\r\n",
+    "http-lower-case": b"GET /agent/v1/checkin http/1.1\r\nHost: p\r\n\r\n",
+}
 # ... and these are good Host headers, or none where none is needed.
 GOOD_HOST = {
     "none-on-http-1.0": b"GET /agent/v1/one HTTP/1.0\r\n\r\n",
@@ -121,6 +131,11 @@ def test_a_missing_repeated_or_malformed_host_is_400_and_not_forwarded(worker, o
     assert_refused(worker, origin, request_bytes)
 
 
+@pytest.mark.parametrize("request_bytes", BAD_LINES.values(), ids=BAD_LINES.keys())
+def test_folded_lines_and_other_versions_are_400_and_not_forwarded(worker, origin, request_bytes):
+    assert_refused(worker, origin, request_bytes)
+
+
 def test_good_host_headers_and_http_1_0_without_one_are_relayed(tmp_path):
     origin = ScriptedOrigin([OK] * len(GOOD_HOST))
     proc = start_worker(write_config(tmp_path, f"http://127.0.0.1:{origin.port}"), tmp_path)
@@ -157,3 +172,38 @@ def test_well_framed_requests_still_pass_on_one_connection(worker, origin):
     received = b"".join(origin.requests)
     assert b"POST /agent/v1/checkin HTTP/1.1\r\n" in received and b"\r\n\r\nhello" in received
     assert b"GET /agent/v1/next?a=%00 HTTP/1.1\r\n" in received
+
+
+@pytest.mark.parametrize("expect", [True, False])
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(tmp_path, expect):
+    """Content-Length over limits.max_body_bytes: 413 at once, no "100 Continue" inviting
+    the body, nothing relayed; the connection is closed (the body is never read)."""
+    origin = ScriptedOrigin([OK])
+    config = write_config(tmp_path, f"http://127.0.0.1:{origin.port}", limits={"max_body_bytes": 1000})
+    proc = start_worker(config, tmp_path)
+    try:
+        port = yaml.safe_load(config.read_text())["listen"]["port"]
+        connections = origin.connections
+        for length in (1001, 5_000_000):   # over the limit; over waitress's own cap too
+            head = (f"POST /agent/v1/upload HTTP/1.1\r\nHost: p\r\nContent-Length: {length}\r\n"
+                    + ("Expect: 100-continue\r\n" if expect else "") + "\r\n").encode()
+            answer, closed = exchange(port, head, timeout=5)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer
+            assert b"100 Continue" not in answer and closed
+            assert b"\r\nX-Agent-Proxy-Error: body-too-large\r\n" in answer
+        time.sleep(0.2)
+        assert origin.connections == connections
+        # At the limit, Expect gets its 100 Continue and the body goes through.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /agent/v1/upload HTTP/1.1\r\nHost: p\r\nContent-Length: 1000\r\n"
+                         b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"x" * 1000)
+            rest = b""
+            while data := sock.recv(65536):
+                rest += data
+        assert b"HTTP/1.1 200 OK" in rest, rest
+        assert len(origin.requests) == 1
+    finally:
+        assert proc.stop() == 0, proc.output()
+        origin.close()

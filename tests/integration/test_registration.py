@@ -140,7 +140,7 @@ def test_register_without_public_url(upstream, tmp_path):
     config = config_for(tmp_path, upstream, None)
     result = cli("register", "-c", str(config))
     assert (result.returncode, result.stderr.strip()) == (
-        1, f"agent-proxy: {config}: public_url is not set; the upstream needs it to reach this proxy",
+        2, f"agent-proxy: {config}: public_url: not set; the upstream needs it to reach this proxy",
     )
 
 

@@ -315,3 +315,95 @@ def test_overload_is_refused_at_once_and_recovers(origin, tmp_path, http):
         assert 'agent_proxy_rejected_total{reason="overload"} 5.0' in metrics
     finally:
         proc.stop()
+
+
+def _raw(port: int, request: bytes, timeout: float = 5) -> bytes:
+    """Send ``request`` on a fresh connection; everything until the worker closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    return answer
+
+
+def _port(worker) -> int:
+    return int(worker["url"].rsplit(":", 1)[1])
+
+
+def test_a_head_answer_keeps_the_origins_framing_headers_or_none(tmp_path):
+    """RFC 9110 9.3.2: a HEAD answer's Content-Length, if any, is the origin's; a proxy adds
+    no made-up 0 and no chunked framing (whose last chunk would follow the head as a body),
+    nor a Server header of its own to the origin's answer."""
+    from tests.origin import Closing, ScriptedOrigin
+
+    origin = ScriptedOrigin([
+        Closing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: 1\r\n\r\n"),
+        Closing(b"HTTP/1.1 200 OK\r\nX-Head: 2\r\n\r\n"),
+        Closing(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nServer: origin/1\r\nX-Head: 3\r\n\r\n"),
+    ])
+    proc = start_worker(write_config(tmp_path, origin.url), tmp_path)
+    try:
+        port = yaml.safe_load((tmp_path / "agent-proxy.yaml").read_text())["listen"]["port"]
+        for n in (1, 2, 3):
+            answer = _raw(port, b"HEAD /agent/v1/file HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            lines = head.decode().lower().split("\r\n")
+            assert lines[0] == "http/1.1 200 ok" and f"x-head: {n}" in lines and body == b"", answer
+            assert not [line for line in lines if line.startswith(("transfer-encoding", "server: agent-proxy"))], answer
+            lengths = [line for line in lines if line.startswith("content-length")]
+            assert lengths == (["content-length: 1234"] if n == 3 else []), answer
+        assert b"server: origin/1" in answer.lower()
+    finally:
+        assert proc.stop() == 0, proc.output()
+        origin.close()
+
+
+@pytest.mark.parametrize("path", ["/_proxy/health", "/_proxy/ready", "/_proxy/features", "/_proxy/metrics"])
+def test_head_is_answered_wherever_get_is(worker, http, path):
+    get = http.request("GET", worker["url"] + path)
+    head = http.request("HEAD", worker["url"] + path)
+    assert head.status == get.status and head.data == b""
+    assert head.headers.get("Content-Type") == get.headers.get("Content-Type")
+    if path != "/_proxy/metrics":   # a scrape's length changes with every request counted
+        assert head.headers["Content-Length"] == str(len(get.data))
+
+
+def test_a_401_says_how_to_authenticate(worker, http):
+    response = http.request("GET", worker["url"] + "/_proxy/v2/features")
+    assert response.status == 401 and response.headers["X-Agent-Proxy-Error"] == "bad-signature"
+    assert response.headers["WWW-Authenticate"] == "AgentProxy-HMAC"
+
+
+@pytest.mark.parametrize("target", [b"127.0.0.1:22", b"/agent/v1/checkin"])
+def test_connect_is_405_with_allow_whatever_its_target(worker, origin, target):
+    since = len(origin.received)
+    answer = _raw(_port(worker), b"CONNECT " + target + b" HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("HTTP/1.1 405 ") and "\r\nX-Agent-Proxy-Error: method-not-allowed" in head, answer
+    assert "\r\nAllow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in head
+    assert origin.arrivals("", since) == 0
+
+
+def test_options_asterisk_is_refused_for_what_it_is(worker, origin):
+    since = len(origin.received)
+    answer = _raw(_port(worker), b"OPTIONS * HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nX-Agent-Proxy-Error: bad-target" in head
+    assert "asterisk-form target (OPTIONS *)" in json.loads(body)["description"]
+    assert origin.arrivals("", since) == 0
+
+
+def test_an_ipv4_mapped_address_from_the_front_is_stamped_as_ipv4(worker, http):
+    """The upstream keys an agent by (proxy_id, client IP): ::ffff:127.0.0.9 and 127.0.0.9
+    are one agent, so the proxy writes it one way. X-Forwarded-Proto's scheme is read in any case."""
+    response = http.request("GET", worker["url"] + "/echo", headers={
+        "X-Forwarded-For": "::ffff:127.0.0.9", "X-Forwarded-Proto": "HTTPS"})
+    assert response.status == 200
+    seen = headers_of(json.loads(response.data))
+    assert seen["x-agent-proxy-client-ip"] == ["127.0.0.9"] and seen["x-forwarded-for"] == ["127.0.0.9"]
+    assert seen["forwarded"] == ['for="127.0.0.9";by="site-a"'] and seen["x-forwarded-proto"] == ["https"]
+    ts, sig = re.fullmatch(r"v1 ts=(\d+), sig=([0-9a-f]{64})", seen["x-agent-proxy-signature"][0]).groups()
+    assert sig == signing.signature(SECRET.encode(), int(ts), "site-a", "GET", "/base/echo", "127.0.0.9")

@@ -89,7 +89,7 @@ def test_registration_handshakes_with_the_real_worker_and_is_idempotent():
     ({}, "missing X-Agent-Proxy-Id"),
     (signed(b"not-the-secret-of-site-a", "site-a", "POST", "/api/v1/agent-proxies"), "signature does not match"),
     (signed(SECRET_A, "site-z", "POST", "/api/v1/agent-proxies"), "unknown proxy_id 'site-z'"),
-    (signed(SECRET_A, "site-a", "POST", "/api/v1/agent-proxies", ts=int(time.time()) - 3600), "s off"),
+    (signed(SECRET_A, "site-a", "POST", "/api/v1/agent-proxies", ts=int(time.time()) - 3600), "s old (allowed: 300 s either way)"),
     (signed(SECRET_A, "site-a", "POST", "/api/v1/other"), "signature does not match"),
 ])
 def test_registration_with_a_bad_signature_is_401(headers, reason):

@@ -28,8 +28,8 @@ def test_authorization_round_trip():
         ({"method": "POST"}, "does not match"),
         ({"proxy_id": "site-b"}, "does not match"),
         ({"secret": b"another-secret-another-secret!!"}, "does not match"),
-        ({"now": 1000 + 301}, "301 s off"),
-        ({"now": 1000 - 301}, "-301 s off"),
+        ({"now": 1000 + 301}, "is 301 s old"),
+        ({"now": 1000 - 301}, "is 301 s in the future"),
     ],
 )
 def test_authorization_refused(change, message):

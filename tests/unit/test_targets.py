@@ -29,7 +29,8 @@ def test_literal_agent_ip_is_accepted_with_path_and_query_raw():
     assert targets.parse("/_proxy/agents/10.0.0.2/2003", NARROW).path_and_query == "/"
 
 
-@pytest.mark.parametrize("path", ["/cmd%2Fz", "/a%5Cb", "/v1/..x/x..", "/a/.hidden", "/%2e%2e%2e"])
+@pytest.mark.parametrize("path", ["/cmd%2Fz", "/a%5Cb", "/v1/..x/x..", "/a/.hidden", "/%2e%2e%2e", "/a;b=c/d",
+                                  "/..x;y", "/%25", "/%2541"])
 def test_an_agent_path_without_dot_segments_passes_as_sent(path):
     assert targets.parse(f"/_proxy/agents/10.0.0.2/2003{path}", NARROW).path_and_query == path
 
@@ -76,6 +77,18 @@ def test_names_and_odd_encodings_are_bad_targets(ip):
         ("/_proxy/agents/10.0.0.2/2003/a%5C..%5Cb", 400, "bad-target"),
         ("/_proxy/agents/10.0.0.2/2003/a/.%2e/b", 400, "bad-target"),
         ("/_proxy/agents/10.0.0.2/2003/a/b%00", 400, "bad-target"),
+        # what servlet containers, double decoders and lenient UTF-8 decoders read as dot segments
+        ("/_proxy/agents/10.0.0.2/2003/..;/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/.;/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/..;jsessionid=1/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/..%3b/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/%2e%2e%3B/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/%252e%252e/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/%25252e%25252e/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a%252f..%252fb", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/%c0%ae%c0%ae/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/%e0%80%ae%e0%80%ae/secret", 400, "bad-target"),
+        ("/_proxy/agents/10.0.0.2/2003/a%2500", 400, "bad-target"),
     ],
 )
 def test_targets_outside_the_rules(raw, status, code):
