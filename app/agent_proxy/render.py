@@ -162,6 +162,18 @@ def check_variables(variables: dict[str, Any]) -> None:
         raise ConfigError(problems)
 
 
+def number_over(limit: int) -> str:
+    """A regular expression matching the decimal numbers greater than ``limit`` (leading
+    zeros allowed), for a config that must compare a number it cannot hold: HAProxy
+    2.6's ``req.hdr_val`` reads a Content-Length as a 32-bit integer, and 2**32 + 1000
+    wraps to 1000."""
+    digits = str(limit)
+    longer = f"[1-9][0-9]{{{len(digits)},}}"
+    same_length = [f"{digits[:i]}[{int(d) + 1}-9][0-9]{{{len(digits) - i - 1}}}"
+                   for i, d in enumerate(digits) if d != "9"]
+    return "^0*(?:" + "|".join([longer, *same_length]) + ")$"
+
+
 def _quotable_error_body(code: str, description: str) -> str:
     """errors.body() for a single-quoted config string: ' and $ (nginx variables) escaped."""
     return errors.body(code, description).decode().replace("'", "\\u0027").replace("$", "\\u0024")
@@ -172,7 +184,7 @@ def render(name: str, config: Config, variables: dict[str, Any] | None = None) -
     if name not in TEMPLATES:
         raise KeyError(f"unknown template {name!r}; one of: {', '.join(TEMPLATES)}")
     context = {"config": config, "worker_ports": config.worker_ports(), "upstream": upstream_parts(config),
-               "errors": errors.CATALOGUE, "error_body": _quotable_error_body}
+               "errors": errors.CATALOGUE, "error_body": _quotable_error_body, "number_over": number_over}
     if name == "node-haproxy-key":  # read only for the one template that holds it
         context["secret_base64"] = base64.b64encode(config.read_secret()).decode()
     check_variables(variables or {})

@@ -134,8 +134,12 @@ class StrictRequestParser(HTTPRequestParser):
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
         limit = getattr(self.adj, BODY_LIMIT, None)
-        if self.headers_finished and self.error is None and limit is not None and self.content_length > limit:
-            # Refused before the body is read: with or without Expect: 100-continue.
+        if (self.expect_continue and self.headers_finished and self.error is None and limit is not None
+                and self.content_length > limit):
+            # The client waits for "100 Continue" before it sends the body: refused now,
+            # nothing is left unread. (Without Expect the body is on its way: the app reads
+            # it, up to waitress's cap, and refuses it then. Closing on unread bytes would
+            # reset the connection, and the node front would lose the 413 with it.)
             self.error = RequestEntityTooLarge(f"a body of {self.content_length} bytes is over limits.max_body_bytes ({limit})")
             self.completed = True
         if self.error is not None:
@@ -417,7 +421,8 @@ def serve(config_path: str, port: int | None = None) -> int:
         reason = f"cannot listen on {listen}: {getattr(exc, 'strerror', None) or exc}"
         logs.event(log, reason, logging.ERROR)
         raise errors.CommandError(reason) from None
-    # The parser refuses a body over the limit from its Content-Length, before reading it.
+    # The parser refuses a body over the limit from its Content-Length when the client
+    # waits for "100 Continue" before sending it.
     setattr(server.adj, BODY_LIMIT, limits.max_body_bytes)
     for listener in socket_map.values():
         if isinstance(listener, BaseWSGIServer):

@@ -69,7 +69,7 @@ def test_apply_checks_renders_tests_and_installs_both_firewalls_and_the_front(no
     assert sorted(p.name for p in firewall.iterdir()) == ["rules.v4", "rules.v6", "vars.yaml"]
     # The front's variables from the node's file, as the role rendered them.
     assert "default-server check inter 7s " in front.read_text()
-    assert "log stdout format raw local0 info" in front.read_text()
+    assert "log stdout len 65535 format raw local0 info" in front.read_text()
     assert key_map(config).read_text() == f"key {base64.b64encode(SECRET.encode()).decode()}\n"
     assert sorted(p.name for p in key_map(config).parent.glob("psk*")) == ["psk", "psk.haproxy-map"]
 

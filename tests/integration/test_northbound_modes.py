@@ -444,3 +444,86 @@ def test_both_modes_send_the_origin_the_same_stamped_headers(nodes, origin):
         stamped[mode]["other"] = sorted(n for n in got if n not in STAMPED and n != "content-length")
         stamped[mode]["target"] = record["target"]
     assert stamped["native"] == stamped["worker"]
+
+
+def exchange_tls(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """``request`` as raw bytes over TLS from the agent; all that came back until the front closed."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout, source_address=(AGENT, 0))) as tls:
+        tls.sendall(request)
+        answer = b""
+        try:
+            while data := tls.recv(65536):
+                answer += data
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("length", [2 ** 32 + 1000, 2 ** 63 - 1, 2 ** 64 - 1])
+def test_a_content_length_too_large_to_hold_is_413(node, origin, length):
+    """Over limits.max_body_bytes whatever its width: HAProxy 2.6 reads a header as a
+    32-bit number, and 2**32 + 1000 would pass as 1000. (Past 64 bits HAProxy's own
+    parser refuses the head with its HTML 400, haproxy/README.md.)"""
+    before = len(origin.received)
+    answer = exchange_tls(node.port, f"POST /echo HTTP/1.1\r\nHost: p\r\nContent-Length: {length}\r\n\r\n".encode()
+                          + b"x" * 20000)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"\r\nx-agent-proxy-error: body-too-large" in answer.lower(), answer[:300]
+    assert len(origin.received) == before
+
+
+@pytest.mark.parametrize("target", ["/_proxy/features%zz", "/_proxy/%zz", "/_proxy/health%", "/%2F_proxy/nothing%zz",
+                                    "/_proxy/feat%2"])
+def test_proxy_paths_with_bad_escapes_stay_with_the_workers(node, origin, target):
+    before = len(origin.received)
+    status, headers, data = call(node.port, "GET", target)
+    assert (status, headers["x-agent-proxy-error"]) == (404, "not-found"), data
+    status, headers, _ = call(node.port, "GET", "/_proxy/agents/10.0.0.2/2003/cmd%zz")
+    assert (status, headers["x-agent-proxy-error"]) == (401, "bad-signature")
+    assert len(origin.received) == before
+    seen = echo(node.port, "/agent/v1/odd%zz?q=%")    # a northbound path the same: relayed as sent
+    assert seen["target"] == "/base/agent/v1/odd%zz?q=%"
+
+
+def test_hop_by_hop_headers_of_an_answer_are_dropped(node, tmp_path):
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n"
+              b"Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTE: trailers\r\nTrailer: X-Sum\r\nX-Kept: yes\r\n\r\nok")
+    origin = ScriptedOrigin([answer])
+    front = start_node(tmp_path, origin.url, 1, [], name=f"hop-{node.mode}", mode=node.mode, **AGENTS_ONLY)
+    try:
+        status, headers, data = call(front.port, "GET", "/echo")
+        assert (status, data, headers["x-kept"]) == (200, b"ok", "yes")
+        assert not {"keep-alive", "proxy-authenticate", "proxy-connection", "upgrade", "te", "trailer"} & set(headers)
+    finally:
+        front.stop()
+        origin.close()
+
+
+@pytest.mark.parametrize("bad", [b"GET /echo HTTP/1.1\r\n\r\n", b"GET /echo HTTP/1.1\r\nHost: a b\r\n\r\n",
+                                 b"GET /echo HTTP/1.1\r\nHost: p\r\nX-A: a\x01b\r\n\r\n"],
+                         ids=["no-host", "bad-host", "control-byte"])
+def test_nothing_after_a_bad_request_is_read_as_a_next_one(node, origin, bad):
+    """RFC 9112 6.1: after a 400 for a request's framing the connection closes; a request
+    pipelined behind it never reaches the upstream."""
+    before = len(origin.received)
+    answer = exchange_tls(node.port, bad + b"GET /echo/smuggled HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), answer[:300]
+    assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", answer)) == 1, answer
+    assert len(origin.received) == before
+
+
+def test_every_access_line_is_json_even_for_what_haproxy_refuses(node):
+    """A request HAProxy's parser refuses (two differing Host headers) and one with a long
+    target: each access line is one JSON object (not "bytes_in": -, not cut at 1 KiB)."""
+    exchange_tls(node.port, b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    target = "/agent/v1/" + "long" * 800
+    status, _, _ = call(node.port, "GET", target)
+    assert status == 200
+    found = []
+    # access_lines() parses every line: one that is not JSON fails here.
+    wait_until(lambda: found.extend(l for l in access_lines(node) if l.get("target") == target) or found,
+               5, "the long target's access line")
+    if node.mode == "native":
+        refused = [l for l in access_lines(node) if l["status"] == 400 and l["client_ip"] == AGENT]
+        assert refused and refused[-1]["bytes_in"] == 0
