@@ -169,29 +169,28 @@ def raw_target(env: dict) -> str:
     return target
 
 
+def _unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address, an IPv4-mapped IPv6 one as IPv4; None when it is none."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped else addr
+
+
 @functools.lru_cache(maxsize=8192)
 def canonical_ip(text: str) -> str:
     """An address as the proxy writes it: compressed, IPv4-mapped IPv6 as IPv4; ``text``
     as it is when it is no address."""
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return text
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
+    addr = _unmapped(text)
+    return text if addr is None else str(addr)
 
 
 @functools.lru_cache(maxsize=8192)
 def _in_networks(ip: str, networks: tuple) -> bool:
     """Is ``ip`` inside one of ``networks``? Remembered: agents call again and again."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in networks)
+    addr = _unmapped(ip)
+    return addr is not None and any(addr.version == n.version and addr in n for n in networks)
 
 
 # -- the application
