@@ -249,12 +249,10 @@ class Proxy:
             forwarded = env.get("HTTP_X_FORWARDED_FOR")
             if forwarded:
                 # The trusted front appends the address it saw; that is the last element.
-                candidate = forwarded.rsplit(",", 1)[-1].strip()
-                try:
-                    ipaddress.ip_address(candidate)
-                except ValueError:
-                    raise ProxyError("bad-forwarded-for", "unparseable X-Forwarded-For from the front") from None
-                return canonical_ip(candidate)
+                addr = _unmapped(forwarded.rsplit(",", 1)[-1].strip())
+                if addr is None:
+                    raise ProxyError("bad-forwarded-for", "unparseable X-Forwarded-For from the front")
+                return str(addr)
         return peer
 
     def verify_upstream(self, req: falcon.Request, target: str) -> None:
@@ -430,7 +428,7 @@ class Northbound:
         headers = relayed_headers(req, resp, _NORTHBOUND_DROPPED)
         if headers is None:  # Max-Forwards 0: answered here
             return
-        proto = env.get("HTTP_X_FORWARDED_PROTO") if env.get("REMOTE_ADDR") in proxy.trusted else None
+        proto = env.get("HTTP_X_FORWARDED_PROTO") if canonical_ip(env.get("REMOTE_ADDR", "")) in proxy.trusted else None
         proto = proto.lower() if proto and proto.lower() in ("http", "https") else env.get("wsgi.url_scheme", "http")
         ts = int(time.time())
         sig = signing.signature(proxy.secret, ts, config.proxy_id, req.method, target, ip)

@@ -18,16 +18,17 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import __version__, config as configuration
-from .config import ConfigError, MIN_SECRET_LENGTH, is_address
-from .errors import CommandError
-from .hostport import hostport, is_host_name
+from .config import ConfigError, MIN_SECRET_LENGTH, is_host
+from .errors import CommandError, printable
+from .hostport import hostport
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 VERSION = f"agent-proxy {__version__}"  # `version` and `--version`
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"agent-proxy: {message}", file=sys.stderr)
+    # One line, whatever a peer (the upstream, a socket error) put into the message.
+    print(f"agent-proxy: {printable(message, 2000)}", file=sys.stderr)
     return code
 
 
@@ -62,7 +63,7 @@ def _config_text(proxy_id: str, upstream_url: str | None, public_url: str, direc
 
 
 # The config keys init writes from its options: a problem with one names the option.
-_INIT_OPTIONS = {"proxy_id": "--proxy-id", "upstream.url": "--upstream-url", "public_url": "--public-url"}
+_INIT_OPTIONS = {"proxy_id": "--proxy-id", "upstream.url": "--upstream-url"}
 MAX_DAYS = 3650  # renew-cert --days: ten years
 
 
@@ -106,7 +107,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     # Absolute: the config names its certificate, key and secret by these paths.
     directory = Path(args.config_dir).absolute()
     for hostname in args.hostname or []:
-        if not (is_address(hostname) or is_host_name(hostname)):
+        if not is_host(hostname):
             raise ConfigError([f"--hostname {configuration.shown(hostname)}: not an IP address or a host name "
                                "(ASCII letters, digits, hyphens and dots)"])
     hostnames = args.hostname or [socket.getfqdn()]

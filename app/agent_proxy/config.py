@@ -125,7 +125,7 @@ def _url(value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"must not carry credentials, a query or a fragment, got {shown(text)}")
     host, bracketed = parts.hostname, parts.netloc.startswith("[")
-    if not (is_address(host) and ":" in host if bracketed else is_address(host) or is_host_name(host)):
+    if not (is_address(host) and ":" in host if bracketed else is_host(host)):
         raise ValueError(f"has a host that is neither an IP address ([...] for IPv6) nor a host name, got {shown(text)}")
     if port == 0:
         raise ValueError(f"has port 0, got {shown(text)}")
@@ -160,7 +160,7 @@ def _address(value: Any) -> IPAddress:
 
 def _host(value: Any) -> str:
     text = _str(value)
-    if not (is_address(text) or is_host_name(text)):
+    if not is_host(text):
         raise ValueError(f"is not an IP address or host name: {shown(text)}")
     return text
 
@@ -169,6 +169,11 @@ def shown(value: Any, limit: int = 80) -> str:
     """``value`` as an error line quotes it: repr, cut short past ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def is_host(text: str) -> bool:
+    """Is ``text`` an IP address or a host name (hostport.is_host_name)?"""
+    return is_address(text) or is_host_name(text)
 
 
 def is_address(text: str) -> bool:

@@ -88,7 +88,7 @@ class _Upstream:
                     f"the upstream {self.url} did not answer within {self.config.upstream.read_timeout:g} s"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
-                raise CommandError(f"talking to the upstream {self.url} failed: {printable(str(exc))}") from None
+                raise CommandError(f"talking to the upstream {self.url} failed: {exc}") from None
         finally:
             conn.close()
         try:
@@ -100,10 +100,10 @@ class _Upstream:
     def unexpected(self, status: int, answer: dict) -> CommandError:
         if status == 401:
             return CommandError(
-                f"the upstream {self.url} refused this proxy's signature: {printable(str(answer.get('description') or 'no reason given'))} "
+                f"the upstream {self.url} refused this proxy's signature: {answer.get('description') or 'no reason given'} "
                 f"(check that it holds the shared secret of proxy_id {self.config.proxy_id})"
             )
-        reason = printable(": ".join(str(answer[k]) for k in ("title", "description") if answer.get(k)))
+        reason = ": ".join(str(answer[k]) for k in ("title", "description") if answer.get(k))
         return CommandError(f"the upstream {self.url} answered {status}{': ' + reason if reason else ''}")
 
 
@@ -187,14 +187,14 @@ def register(config: Config, warn: Callable[[str], None] = _warn) -> str:
     if status in (200, 201):
         for line in compare_features(config, answer):
             warn(line)
-        names = printable(", ".join(map(str, answer.get("features") or []))) or "none"
+        names = ", ".join(map(str, answer.get("features") or [])) or "none"
         how = "registered with" if status == 201 else "was already registered (refreshed) with"
         return (
             f"{config.proxy_id} {how} {upstream.url}; "
             f"the upstream reached this proxy at {config.public_url} (features: {names})"
         )
     if status == 502:
-        reason = printable(str(answer.get("description") or answer.get("title") or "no reason given"))
+        reason = answer.get("description") or answer.get("title") or "no reason given"
         raise CommandError(
             f"the upstream {upstream.url} could not complete the handshake with this proxy "
             f"(public_url {config.public_url}): {reason}"

@@ -133,9 +133,8 @@ class StrictRequestParser(HTTPRequestParser):
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
-        limit = getattr(self.adj, BODY_LIMIT, None)
-        if (self.expect_continue and self.headers_finished and self.error is None and limit is not None
-                and self.content_length > limit):
+        if (self.expect_continue and self.headers_finished and self.error is None
+                and self.content_length > (limit := getattr(self.adj, BODY_LIMIT, self.content_length))):
             # The client waits for "100 Continue" before it sends the body: refused now,
             # nothing is left unread. (Without Expect the body is on its way: the app reads
             # it, up to waitress's cap, and refuses it then. Closing on unread bytes would
@@ -152,8 +151,7 @@ class StrictRequestParser(HTTPRequestParser):
         first_line, _, header = header_plus.partition(b"\r\n")
         if _CONTROL_BYTES.search(first_line):
             raise ParsingError("control bytes in the request line")
-        version = _VERSION.search(first_line)
-        if version is None:
+        if not _VERSION.search(first_line):
             raise ParsingError("a request line without HTTP/1.x at its end (HTTP/0.9 and 2 are not served here)")
         if header[:1] in (b" ", b"\t") or b"\n " in header or b"\n\t" in header:
             raise ParsingError("obsolete line folding (RFC 9112 5.2)")

@@ -84,19 +84,6 @@ def test_required_keys_are_named():
         ({**MINIMAL, "limits": {"drain_seconds": 1e308}}, "limits.drain_seconds: must be a number of seconds, more than 0 and at most 86400, got 1e+308"),
         ({**MINIMAL, "limits": {"max_body_bytes": 1 << 41}}, "limits.max_body_bytes: must be between 0 and 1099511627776"),
         ({**MINIMAL, "limits": {"threads": 10 ** 400}}, "limits.threads: must be between 1 and 1024, got 1000000"),
-        # URLs: the host, the port, the path, the characters
-        ({**MINIMAL, "upstream": {"url": "https://exa mple.com:3302"}}, "upstream.url: must not contain spaces, control or non-ASCII characters"),
-        ({**MINIMAL, "upstream": {"url": "https://b\u00fccher.example"}}, "upstream.url: must not contain spaces, control or non-ASCII characters"),
-        ({**MINIMAL, "upstream": {"url": "https://8.7.6.5:0"}}, "upstream.url: has port 0"),
-        ({**MINIMAL, "upstream": {"url": "https://8.7.6.5:65536"}}, "upstream.url: is not a valid URL (Port out of range 0-65535)"),
-        ({**MINIMAL, "upstream": {"url": "https://host_name:3302"}}, "upstream.url: has a host that is neither"),
-        ({**MINIMAL, "upstream": {"url": "https://1.2.3.4.5:3302"}}, "upstream.url: has a host that is neither"),
-        ({**MINIMAL, "upstream": {"url": "https://127.1:3302"}}, "upstream.url: has a host that is neither"),
-        ({**MINIMAL, "upstream": {"url": "https://0x7f000001:3302"}}, "upstream.url: has a host that is neither"),
-        ({**MINIMAL, "upstream": {"url": "https://[10.0.0.1]:3302"}}, "upstream.url: is not a valid URL (An IPv4 address cannot be in brackets)"),
-        ({**MINIMAL, "upstream": {"url": "https://[cp.example]:3302"}}, "upstream.url: is not a valid URL"),
-        ({**MINIMAL, "upstream": {"url": "https://cp.example/api%20v1"}}, "upstream.url: has a path with characters other than"),
-        ({**MINIMAL, "upstream": {"url": "https://cp.example/it's"}}, "upstream.url: has a path with characters other than"),
         ({**MINIMAL, "public_url": "https://bad host!:2002"}, "public_url: must not contain spaces"),
         ({**MINIMAL, "public_url": "https://4.3.2.1:2002/\x1b[31m"}, "public_url: must not contain spaces, control"),
         ({**MINIMAL, "listen": {"host": "local host"}}, "listen.host: is not an IP address or host name: 'local host'"),
@@ -108,6 +95,25 @@ def test_each_mistake_is_one_line_naming_the_key(data, expected):
     found = problems(data)
     assert len(found) == 1, found
     assert found[0].startswith("agent-proxy.yaml: ") and expected in found[0]
+
+
+# URLs: the host, the port, the path, the characters (public_url is checked alike, above).
+@pytest.mark.parametrize("url, expected", [
+    ("https://exa mple.com:3302", "upstream.url: must not contain spaces, control or non-ASCII characters"),
+    ("https://b\u00fccher.example", "upstream.url: must not contain spaces, control or non-ASCII characters"),
+    ("https://8.7.6.5:0", "upstream.url: has port 0"),
+    ("https://8.7.6.5:65536", "upstream.url: is not a valid URL (Port out of range 0-65535)"),
+    ("https://host_name:3302", "upstream.url: has a host that is neither"),
+    ("https://1.2.3.4.5:3302", "upstream.url: has a host that is neither"),
+    ("https://127.1:3302", "upstream.url: has a host that is neither"),
+    ("https://0x7f000001:3302", "upstream.url: has a host that is neither"),
+    ("https://[10.0.0.1]:3302", "upstream.url: is not a valid URL (An IPv4 address cannot be in brackets)"),
+    ("https://[cp.example]:3302", "upstream.url: is not a valid URL"),
+    ("https://cp.example/api%20v1", "upstream.url: has a path with characters other than"),
+    ("https://cp.example/it's", "upstream.url: has a path with characters other than"),
+])
+def test_each_bad_upstream_url_is_one_line(url, expected):
+    test_each_mistake_is_one_line_naming_the_key({**MINIMAL, "upstream": {"url": url}}, expected)
 
 
 def test_all_problems_are_reported_together():
