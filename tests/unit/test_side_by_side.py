@@ -41,3 +41,14 @@ def test_bad_arguments_are_one_line_and_exit_2():
     for args in [(), ("lonely",), ("a/b", "true"), ("ok", "echo started", "a b", "true")]:
         done = run(*args)
         assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, (args, done)
+
+
+def test_a_failed_commands_last_lines_come_again_at_the_end():
+    # A CI log shows its tail: a failure's cause must be there, not above the other's output.
+    numbered = "for i in $(seq 1 30); do echo line-$i; done"
+    done = run("a", f"{numbered}; exit 2", "b", "sleep 1; echo b-done")
+    lines = done.stdout.splitlines()
+    again = lines.index("side-by-side: a FAILED; its last 20 lines again:")
+    assert lines[again + 1:] == [f"a | line-{i}" for i in range(11, 31)]
+    assert lines.index("b | b-done") < again
+    assert "again" not in run("a", numbered, "b", "true").stdout
