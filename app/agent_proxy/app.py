@@ -756,6 +756,7 @@ class _Counted:
                 # waitress sends the head with the first piece: none went out, so the
                 # answer can still be the error it is (502 bad-answer, 504).
                 status, headers, data = wsgi_answer(proxy.origin_failure(info, exc))
+                self._args[0].pop(RELAYED, None)   # the proxy's own answer: its Server header
                 self._start_response(status, headers, sys.exc_info())
                 self._sent = len(data)
                 yield data

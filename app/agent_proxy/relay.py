@@ -43,8 +43,6 @@ MAX_HEAD = 64 * 1024  # status line and headers of one answer; also the trailers
 MAX_HEADERS = 100     # header lines of one answer; also trailer lines
 MAX_INTERIM = 8       # 1xx answers skipped before the final one
 MAX_CHUNK_LINE = 4096  # a chunk size with its extensions
-# Idle connections older than this are checked for a close by the origin before reuse.
-IDLE_CHECK_AFTER = 1.0
 # Answers up to this size are read whole; larger ones are streamed.
 BUFFER_LIMIT = 256 * 1024
 # A receive timeout is set again only when it would change by more than this: the head
@@ -192,13 +190,12 @@ def client_context(ca_file: str | None, verify: bool = True, cert: str | None = 
 class Connection:
     """One connection to an origin and the bytes received on it but not yet consumed."""
 
-    __slots__ = ("sock", "buffer", "used", "counted", "idle", "timeout", "deadline")
+    __slots__ = ("sock", "buffer", "counted", "idle", "timeout", "deadline")
 
     def __init__(self, sock: socket.socket, idle: float):
         self.sock = sock
         self.idle = idle      # the receive timeout outside a head: the longest pause in a body
         self.buffer = bytearray()
-        self.used = 0.0       # monotonic time it was last given back to the cache
         self.counted = False  # counted against the cache's limit
         self.timeout = 0.0    # the receive timeout set on the socket
         self.deadline = None  # while a head is read: when it must have arrived (monotonic)
@@ -448,10 +445,12 @@ class ConnectionCache:
         conn = self._idle().pop(origin, None)
         if conn is None:
             return None
-        # A readable idle socket means the origin closed it (or sent garbage): drop it.
-        # Origins keep idle connections for seconds, so a recently used one is not checked.
+        # A readable idle socket means the origin closed it or sent bytes past its last
+        # answer: either way the next answer read from it would not be the next request's.
+        # Checked at every reuse, however recent (one poll(2)): bytes that came 50 ms after
+        # an answer would otherwise be relayed as the answer to another agent's request.
         # poll, not select: select() cannot watch a descriptor past 1,023.
-        if conn.buffer or (time.monotonic() - conn.used > IDLE_CHECK_AFTER and _readable(conn.sock)):
+        if conn.buffer or _readable(conn.sock):
             self.discard(conn)
             return None
         return conn
@@ -461,7 +460,6 @@ class ConnectionCache:
         if origin in idle or len(idle) >= self._per_thread:
             old = idle.pop(origin, None) or idle.pop(next(iter(idle)))
             self.discard(old)
-        conn.used = time.monotonic()
         if not conn.counted:
             with self._lock:
                 if self._kept >= self._limit:

@@ -111,6 +111,7 @@ def test_a_bad_answer_is_a_502_bad_answer_with_one_log_line_and_the_connection_d
     status, headers, body, _ = fetch(worker.url + "/bad")
     assert (status, headers["x-agent-proxy-error"]) == (502, "bad-answer")
     assert reason in json.loads(body)["description"]
+    assert headers["server"] == "agent-proxy"   # the proxy's own answer, streamed or not
     assert fetch(worker.url + "/after")[2] == b"b"
     assert (len(origin.requests), origin.connections) == (3, 2)  # nothing resent; the bad connection not reused
     wait_until(lambda: len(worker.access_lines()) == 3, 5, "three access lines")
@@ -184,6 +185,29 @@ def test_a_get_on_a_reused_connection_the_origin_closed_is_sent_again_once(scrip
     assert origin.connections == 2
 
 
+# -- bytes past the end of an answer
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+
+
+@pytest.mark.parametrize("method, first", [
+    ("GET", [OK_A, SMUGGLED]),                                          # a whole answer more
+    ("HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n", b"SMUGGLED"]),  # a body to a HEAD
+    ("GET", [b"HTTP/1.1 204 No Content\r\n\r\n", b"junk"]),             # a body to a 204
+])
+def test_bytes_after_an_answer_never_become_the_next_requests_answer(scripted_worker, method, first):
+    """Every agent's requests share the upstream connections: what an origin sends after an
+    answer, even 50 ms after it, is not the next request's answer, which may be another
+    agent's. The connection it came on is dropped and the next request gets its own answer."""
+    origin, worker = scripted_worker(Drip(first, 0.05), OK_B, OK_A)
+    assert fetch(worker.url + "/first", "-X", method, *(["-I"] if method == "HEAD" else []))[0] in (200, 204)
+    time.sleep(0.3)   # the extra bytes are in the idle connection's socket now
+    assert fetch(worker.url + "/second")[:3:2] == (200, b"b")
+    assert fetch(worker.url + "/third")[:3:2] == (200, b"a")
+    assert [r.split(b" ", 2)[1] for r in origin.requests] == [b"/first", b"/second", b"/third"]
+
+
 # -- the head deadline
 
 
@@ -219,10 +243,9 @@ def test_a_worker_past_1024_descriptors_reuses_an_idle_upstream_connection(tmp_p
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) > 1100, 10, "the worker holding the idle connections")
         bodies = []
-        for _ in range(4):  # each on the one upstream connection, idle for longer than IDLE_CHECK_AFTER
+        for _ in range(4):  # each on the one upstream connection, polled before its reuse
             status, _, body, _ = fetch(f"http://127.0.0.1:{port}/x")
             bodies.append((status, body))
-            time.sleep(1.3)
         assert bodies == [(200, b"a"), (200, b"b"), (200, b"a"), (200, b"b")]
         assert origin.connections == 1
     finally:
