@@ -155,11 +155,21 @@ class Drip(list):
         self.interval = interval
 
 
+class Early(bytes):
+    """In a script: sent as soon as the request's head has arrived, before its body is read;
+    then the connection is held ``hold`` seconds without reading, and closed."""
+
+    def __new__(cls, answer: bytes, hold: float = 0):
+        early = super().__new__(cls, answer)
+        early.hold = hold
+        return early
+
+
 class ScriptedOrigin:
     """Answers the n-th request (over all connections) with ``script[n]``, byte for byte.
 
     A script item is bytes (sent; the connection stays open), ``Closing`` (sent, then the
-    connection closed), ``CLOSE`` (closed without an answer) or a ``Drip``. Requests past
+    connection closed), ``CLOSE`` (closed without an answer), a ``Drip`` or ``Early``. Requests past
     the end of the script are recorded and never answered.
     """
 
@@ -202,6 +212,13 @@ class ScriptedOrigin:
                 head, _, data = data.partition(b"\r\n\r\n")
                 fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
                 length = next((int(v) for n, v in fields if n.lower() == b"content-length"), 0)
+                with self._lock:
+                    early = self.script.pop(0) if self.script and isinstance(self.script[0], Early) else None
+                if early is not None:
+                    self.requests.append(head + b"\r\n\r\n" + data[:length])   # what came with the head
+                    conn.sendall(early)
+                    time.sleep(early.hold)
+                    return
                 while len(data) < length:
                     data += conn.recv(65536)
                 with self._lock:

@@ -80,6 +80,8 @@ _STATUS = re.compile(_STATUS_LINE)
 _FIELD = re.compile(_FIELD_LINE)
 _NAME = re.compile(_TCHAR + rb"+")
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+# Whole interim answers, which an origin may send while a body is still coming.
+_INTERIM_HEAD = re.compile(rb"HTTP/1\.[01] 1[0-9][0-9][^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n")
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TCHAR + rb"+(?:[ \t]*=[ \t]*(?:" + _TCHAR + rb"+|" + _QUOTED + rb"))?)*"
 )
@@ -571,18 +573,64 @@ def request_head(method: str, target: str, headers: list[tuple[str, str]], lengt
     return "\r\n".join(lines).encode("latin-1", "surrogateescape")
 
 
-def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | None) -> None:
+def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | None) -> bool:
+    """Send the request; False if the origin's final answer began before all of a large
+    body was sent (the rest is then not sent, and the connection ends with that answer).
+
+    An origin may refuse a request before reading its body (a 401 or a 413) and stop
+    reading (RFC 9112 9.5 asks a client to watch for that); its answer is relayed,
+    not a send that fails or times out.
+    """
     if payload is not None or not length:
         conn.sock.sendall(head + payload if payload else head)
-        return
+        return True
     conn.sock.sendall(head)
     remaining = length
     while remaining:
+        if _readable(conn.sock) and _answer_began(conn):
+            return False
         chunk = body.read(min(CHUNK, remaining))
         if not chunk:
             raise OriginError("the client's body ended early")
-        conn.sock.sendall(chunk)
+        try:
+            conn.sock.sendall(chunk)
+        except (*TIMED_OUT, BrokenPipeError, ConnectionResetError):
+            if conn.buffer or _readable(conn.sock) and _answer_began(conn):
+                return False
+            raise
         remaining -= len(chunk)
+    return True
+
+
+def _answer_began(conn: Connection) -> bool:
+    """Whether the origin, readable while the body is sent, has begun its final answer (or
+    closed the connection); what it sent stays in the buffer for the head to be read from.
+    A TLS record without data (a session ticket) and whole 1xx answers are not a beginning."""
+    sock = conn.sock
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(0)
+            try:
+                data = sock.recv(RECEIVE)
+            finally:
+                sock.settimeout(conn.timeout)
+        else:
+            data = sock.recv(RECEIVE, socket.MSG_DONTWAIT)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    except OSError:  # a reset: reading the head says so
+        return True
+    if not data:
+        return True
+    buffer = conn.buffer
+    buffer += data
+    end = 0
+    while match := _INTERIM_HEAD.match(buffer, end):
+        end = match.end()
+    rest = bytes(buffer[end:end + 10])
+    # An interim answer still arriving is not a final one either.
+    unfinished = rest in (b"HTTP/1.1 1"[:len(rest)], b"HTTP/1.0 1"[:len(rest)]) and b"\r\n\r\n" not in buffer[end:]
+    return bool(rest) and not unfinished
 
 
 def answer_head(conn: Connection) -> Head:
@@ -649,9 +697,11 @@ def forward(
             raise OriginError(f"cannot connect to {origin.authority}: {exc.strerror or exc}") from None
         try:
             conn.deadline = deadline
-            _send(conn, request, body, length, payload)
+            whole = _send(conn, request, body, length, payload)
             head = answer_head(conn)
             conn.deadline = None
+            if not whole:  # answered before the body was all sent: not a connection to reuse
+                head.connection |= {"close"}
         except BaseException as exc:
             cache.discard(conn)
             if isinstance(exc, TIMED_OUT):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from kit import start_node, start_worker, wait_until, write_config
-from tests.origin import CLOSE, Closing, Drip, ScriptedOrigin
+from tests.origin import CLOSE, Closing, Drip, Early, ScriptedOrigin
 
 TIMEOUTS = {"head_timeout": 1, "idle_timeout": 1, "read_timeout": 5}
 OK_A = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
@@ -206,6 +206,40 @@ def test_bytes_after_an_answer_never_become_the_next_requests_answer(scripted_wo
     assert fetch(worker.url + "/second")[:3:2] == (200, b"b")
     assert fetch(worker.url + "/third")[:3:2] == (200, b"a")
     assert [r.split(b" ", 2)[1] for r in origin.requests] == [b"/first", b"/second", b"/third"]
+
+
+# -- an answer before the body was all sent (RFC 9112 9.5)
+
+
+REFUSED = b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 15\r\n\r\n{\"error\":\"no\"}\n"
+UPLOAD = 9_000_000   # under limits.max_body_bytes, over what the sockets between them hold
+
+
+@pytest.mark.parametrize("hold", [0, 8], ids=["then closes", "then stops reading"])
+def test_an_origin_refusing_an_upload_before_its_body_is_relayed_as_it_answered(scripted_worker, tmp_path, hold):
+    """The origin answers 401 to the head of a large upload and reads no more of it: the
+    agent gets that 401 (not a 502 for the closed connection, nor a 504 for a send that
+    cannot finish), and the next request goes on a fresh connection."""
+    origin, worker = scripted_worker(Early(REFUSED, hold), OK_B)
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"u" * UPLOAD)
+    started = time.monotonic()
+    status, headers, body, _ = fetch(worker.url + "/upload", "-H", "Expect:", "--data-binary", f"@{upload}")
+    assert (status, body) == (401, b'{"error":"no"}\n'), headers
+    assert "x-agent-proxy-error" not in headers
+    assert time.monotonic() - started < 5   # at most one send timeout (idle_timeout, 1 s)
+    assert fetch(worker.url + "/after")[:3:2] == (200, b"b")
+    assert origin.connections == 2
+
+
+def test_an_interim_answer_during_an_upload_does_not_stop_it(scripted_worker, tmp_path):
+    """A 100 Continue the origin sends unasked while the body comes is skipped: the body is
+    sent whole and the final answer relayed."""
+    origin, worker = scripted_worker(Drip([b"HTTP/1.1 100 Continue\r\n\r\n", OK_A], 0), OK_B)
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"u" * UPLOAD)
+    assert fetch(worker.url + "/upload", "-H", "Expect:", "--data-binary", f"@{upload}")[:3:2] == (200, b"a")
+    assert len(origin.requests[0].partition(b"\r\n\r\n")[2]) == UPLOAD
 
 
 # -- the head deadline

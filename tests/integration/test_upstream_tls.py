@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -44,6 +45,22 @@ def test_verified_with_ca_file_and_client_certificate(pki, tmp_path):
     finally:
         origin.stop()
 
+
+def test_a_large_upload_goes_whole_over_tls(pki, tmp_path):
+    """A streamed body over TLS 1.3: the session tickets the origin sends after the
+    handshake arrive while the body is sent, and are no answer that stops it."""
+    origin = Origin(tls=(str(pki / "origin.crt"), str(pki / "origin.key"))).start()
+    body = bytes(range(256)) * 12_000   # 3 MB, over what a worker reads whole
+    config = write_config(tmp_path, origin.url, upstream={"url": origin.url, "ca_file": str(pki / "origin.crt")})
+    proc = start_worker(config, tmp_path)
+    try:
+        port = yaml.safe_load(config.read_text())["listen"]["port"]
+        response = urllib3.request("POST", f"http://127.0.0.1:{port}/echo", body=body, retries=False, timeout=30)
+        seen = json.loads(response.data)
+        assert (response.status, seen["body_size"], seen["body_sha256"]) == (200, len(body), hashlib.sha256(body).hexdigest())
+    finally:
+        proc.stop()
+        origin.stop()
 
 def test_unverifiable_upstream_is_a_502_naming_tls(pki, tmp_path):
     origin = Origin(tls=(str(pki / "origin.crt"), str(pki / "origin.key"))).start()
