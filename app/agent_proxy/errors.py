@@ -40,7 +40,7 @@ CATALOGUE: dict[str, Error] = {e.code: e for e in (
     Error("body-too-large", 413, "Body too large", "a request body over `limits.max_body_bytes`"),
     Error("too-many-connections", 429, "Too many connections", "the nginx front: a request on a connection past `front.max_conn_per_source` from one client address (with `Retry-After: 1`; the HAProxy front closes such a connection instead)"),
     Error("header-too-large", 431, "Header too large", "a request head over waitress's limit (262,144 bytes)"),
-    Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback)"),
+    Error("internal-error", 500, "Internal error", "a fault in the proxy itself (logged with a traceback; the native front: HAProxy's own 500, `termination_state` `I...` in its access line)"),
     Error("bad-answer", 502, "Bad gateway", "the origin's answer breaks HTTP/1.1 and nothing was relayed yet"),
     Error("worker-failed", 502, "Bad gateway", "no whole answer from the node front's worker: it closed the connection or broke HTTP/1.1, or its head was over the HAProxy front's 16 KiB buffer (the nginx front: or no worker could be reached)"),
     Error("upstream-unreachable", 502, "Bad gateway", "no connection to the upstream (refused, TLS failed, ...)"),

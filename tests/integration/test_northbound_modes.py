@@ -27,7 +27,7 @@ import yaml
 from agent_proxy import signing
 from agent_proxy.tlsutil import self_signed
 from kit import AGENT, SECRET, free_port, headers_of, start_node, wait_until
-from tests.origin import Origin, ScriptedOrigin
+from tests.origin import Closing, Origin, ScriptedOrigin
 
 MODES = ["worker", "native"]
 MAX_BODY = 4 * 1024 * 1024
@@ -332,20 +332,56 @@ def test_upstream_down_is_502(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_control_character_in_an_answers_header_or_a_status_past_599_is_502_bad_answer(mode, tmp_path):
+def test_a_control_character_in_an_answers_header_a_status_outside_100_599_or_another_version_is_502_bad_answer(
+        mode, tmp_path):
     """RFC 9110 5.5: NUL in a field value is never relayed, nor any control character but
-    TAB; RFC 9110 15: a status is 100-599."""
+    TAB; RFC 9110 15: a status is 100-599; RFC 9112 2.5: an HTTP/1.1 answer says HTTP/1.0
+    or HTTP/1.1 (HAProxy would relay 099 without its Content-Length, and HTTP/1.2 as 1.1)."""
     answers = [b"HTTP/1.1 200 OK\r\nX-A: a" + c + b"b\r\nContent-Length: 2\r\n\r\nok" for c in (b"\x00", b"\x01", b"\x7f")]
-    answers.append(b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok")
-    origin = ScriptedOrigin(answers + [b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nContent-Length: 2\r\n\r\nok"])
+    answers += [b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok" for status in (b"600 Beyond", b"099 Low", b"000 Zero")]
+    answers += [version + b" 200 OK\r\nContent-Length: 2\r\n\r\nok" for version in (b"HTTP/1.2", b"HTTP/2.0")]
+    good = [b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nContent-Length: 2\r\n\r\nok",
+            Closing(b"HTTP/1.0 200 OK\r\nX-A: a\tb\r\nContent-Length: 2\r\n\r\nok")]
+    origin = ScriptedOrigin(answers + good)
     front = start_node(tmp_path, origin.url, 1, [], name=f"ctl-{mode}", mode=mode, **AGENTS_ONLY)
     try:
-        for _ in answers:
+        for answer in answers:
             status, headers, data = call(front.port, "GET", "/echo")
             assert_contract_error(status, headers, data, 502, "bad-answer", "Bad gateway")
-            assert "sent a bad answer" in json.loads(data)["description"]
-        status, headers, data = call(front.port, "GET", "/echo")
-        assert (status, headers["x-a"], data) == (200, "a\tb", b"ok")
+            assert "sent a bad answer" in json.loads(data)["description"], answer
+        for _ in good:
+            status, headers, data = call(front.port, "GET", "/echo")
+            assert (status, headers["x-a"], data) == (200, "a\tb", b"ok")
+    finally:
+        front.stop()
+        origin.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_origin_that_closes_after_an_interim_answer_gets_the_contracts_error_or_a_cut(mode, tmp_path):
+    """No final answer came: the agent gets the contract's JSON error or a cut connection,
+    never HAProxy's own HTML page. Through the workers: 502 bad-answer. Native
+    (haproxy/README.md): the interim answer is relayed; then a POST gets 502, and a GET,
+    which HAProxy's retry-on empty-response tries to resend, 500 internal-error or the cut."""
+    origin = ScriptedOrigin([Closing(b"HTTP/1.1 100 Continue\r\n\r\n")] * 4)
+    front = start_node(tmp_path, origin.url, 1, [], name=f"interim-{mode}", mode=mode, **AGENTS_ONLY)
+    try:
+        for method in ("POST", "GET", "GET", "GET"):
+            answer = exchange_tls(front.port, f"{method} /echo HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+                                              f"{'Content-Length: 0' if method == 'POST' else ''}\r\n\r\n".encode())
+            assert b"<html>" not in answer, answer
+            final = re.sub(rb"^HTTP/1\.1 1\d\d [^\r]*\r\n\r\n", b"", answer)  # the interim answer, if relayed
+            if mode == "worker" or method == "POST":
+                expected = {"worker": "bad-answer", "native": "upstream-unreachable"}[mode]
+                assert final.startswith(b"HTTP/1.1 502 "), answer
+            elif final:
+                expected = "internal-error"
+                assert final.startswith(b"HTTP/1.1 500 "), answer
+            else:
+                continue
+            head, _, data = final.partition(b"\r\n\r\n")
+            assert f"\r\nx-agent-proxy-error: {expected}\r\n".encode() in head.lower() + b"\r\n", answer
+            assert json.loads(data)["title"] in ("Bad gateway", "Internal error")
     finally:
         front.stop()
         origin.close()
