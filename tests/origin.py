@@ -214,8 +214,9 @@ class ScriptedOrigin:
                 length = next((int(v) for n, v in fields if n.lower() == b"content-length"), 0)
                 with self._lock:
                     early = self.script.pop(0) if self.script and isinstance(self.script[0], Early) else None
+                    if early is not None:
+                        self.requests.append(head + b"\r\n\r\n" + data[:length])   # what came with the head
                 if early is not None:
-                    self.requests.append(head + b"\r\n\r\n" + data[:length])   # what came with the head
                     conn.sendall(early)
                     time.sleep(early.hold)
                     return

@@ -587,7 +587,7 @@ def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | Non
     conn.sock.sendall(head)
     remaining = length
     while remaining:
-        if _readable(conn.sock) and _answer_began(conn):
+        if _answer_began(conn):
             return False
         chunk = body.read(min(CHUNK, remaining))
         if not chunk:
@@ -595,7 +595,7 @@ def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | Non
         try:
             conn.sock.sendall(chunk)
         except (*TIMED_OUT, BrokenPipeError, ConnectionResetError):
-            if conn.buffer or _readable(conn.sock) and _answer_began(conn):
+            if _answer_began(conn):
                 return False
             raise
         remaining -= len(chunk)
@@ -603,10 +603,12 @@ def _send(conn: Connection, head: bytes, body, length: int, payload: bytes | Non
 
 
 def _answer_began(conn: Connection) -> bool:
-    """Whether the origin, readable while the body is sent, has begun its final answer (or
-    closed the connection); what it sent stays in the buffer for the head to be read from.
-    A TLS record without data (a session ticket) and whole 1xx answers are not a beginning."""
+    """Whether the origin has begun its final answer (or closed the connection) while the
+    body is sent; what it sent stays in the buffer for the head to be read from. A TLS
+    record without data (a session ticket) and whole 1xx answers are not a beginning."""
     sock = conn.sock
+    if not _readable(sock):
+        return False
     try:
         if isinstance(sock, ssl.SSLSocket):
             sock.settimeout(0)
