@@ -10,7 +10,8 @@ request goes out in one send (head and a small body together), the answer's head
 parsed from one buffer, and its body is framed by the rules of RFC 9112 section 6.3 (no
 body for HEAD, 1xx, 204 and 304; chunked; Content-Length; otherwise until the origin
 closes). Bodies pass through as bytes: small answers are read whole (cheaper than
-streaming them), large ones stream in 256 KiB reads. Nothing is decoded, nothing is
+streaming them), large ones stream in 256 KiB reads; a chunked body goes on as it is
+received, the chunks of one receive in one piece. Nothing is decoded, nothing is
 decompressed, redirects are relayed as they are.
 
 The answer is read by one grammar, RFC 9112's, and strictly: origins and agents may be
@@ -247,16 +248,38 @@ class Connection:
             yield data
 
     def unchunk(self) -> Iterator[bytes]:
-        """A chunked body's data, up to and including its last chunk and trailers (dropped)."""
+        """A chunked body's data, up to and including its last chunk and trailers (dropped).
+
+        Chunks already received are handed on together, in one piece, just before the
+        next wait for the origin: each piece costs the server a write, and an origin
+        sending one-byte chunks would otherwise cost one per chunk. No byte is held back
+        while waiting.
+        """
+        buffer = self.buffer
+        pending = bytearray()
         while True:
+            if pending and (len(pending) >= CHUNK or buffer.find(b"\n", 0, MAX_CHUNK_LINE + 2) < 0):
+                yield bytes(pending)  # the next size line is not here yet
+                pending.clear()
             line = self.read_line(MAX_CHUNK_LINE, "a chunk size line")
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
                 raise ProtocolError(f"bad chunk size line {line[:40]!r}")
             size = int(match.group(1), 16)
             if size == 0:
+                if pending:
+                    yield bytes(pending)
                 self.skip_trailers()
                 return
+            if len(buffer) >= size + 2:  # the whole chunk is here
+                if buffer[size:size + 2] != b"\r\n":
+                    raise ProtocolError("a chunk longer than its size (no CRLF after its data)")
+                pending += buffer[:size]
+                del buffer[:size + 2]
+                continue
+            if pending:
+                yield bytes(pending)
+                pending.clear()
             yield from self.stream(size)
             if self.read_exactly(2) != b"\r\n":
                 raise ProtocolError("a chunk longer than its size (no CRLF after its data)")

@@ -164,6 +164,24 @@ def test_a_whole_chunked_answer_ends_with_its_last_chunk_and_content_length_besi
     assert [line["outcome"] for line in worker.access_lines()] == ["complete", "complete"]
 
 
+def test_one_byte_chunks_reach_the_client_as_few_chunks(scripted_worker):
+    """An origin sending its body in one-byte chunks (a cheap way to make a relay work
+    for each byte) gets it relayed whole, re-chunked as it was received, not byte by byte."""
+    answer = CHUNKED + b"1\r\nx\r\n" * 50_000 + b"0\r\n\r\n"
+    _, worker = scripted_worker(answer)
+    received = raw_get(worker.port)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    body, chunks = b"", 0
+    while (size := int(rest[:rest.index(b"\r\n")], 16)) > 0:
+        start = rest.index(b"\r\n") + 2
+        body += rest[start:start + size]
+        rest = rest[start + size + 2:]
+        chunks += 1
+    assert (body, rest) == (b"x" * 50_000, b"0\r\n\r\n")  # the last chunk, no trailers
+    assert chunks <= 100  # 300 KB arrive in a few receives; one chunk each, not 50,000
+
+
 # -- retries only when safe
 
 

@@ -300,3 +300,48 @@ def test_random_content_lengths_and_chunk_sizes_are_read_or_a_protocol_error(len
     # latin-1: each character one byte (the superscript digits pass str.isdigit())
     read_or_refuse(OK + b"Content-Length: " + length.encode("latin-1") + b"\r\n\r\nhello")
     read_or_refuse(OK + b"Transfer-Encoding: chunked\r\n\r\n" + size.encode("latin-1") + b"\r\nhello\r\n0\r\n\r\n")
+
+
+# -- chunks handed on: what has arrived goes on together, and nothing waits
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\nX-T: 1\r\n\r\n"
+
+
+def test_chunks_already_received_are_handed_on_in_one_piece():
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    conn = relay.Connection(ours, 1.0)
+    conn.buffer += chunked(*[b"x"] * 10_000)
+    try:
+        assert list(conn.unchunk()) == [b"x" * 10_000]
+    finally:
+        conn.close()
+
+
+BODY = chunked(b"ab", b"cd", b"efghij", b"k")
+
+
+@pytest.mark.parametrize("cut", range(1, len(BODY)))
+def test_every_byte_received_is_handed_on_before_waiting_for_more(cut):
+    """The origin has sent the answer up to ``cut`` and waits: what came before the cut
+    is handed on without a wait (a wait would time out), then the rest follows."""
+    # the body's bytes before the cut: those of each chunk's data that lie before it
+    before = b"".join(match.group(1)[:max(0, cut - match.start(1))]
+                      for match in re.finditer(rb"\r\n([a-k]+)\r\n", BODY))
+    ours, theirs = socket.socketpair()
+    conn = relay.Connection(ours, 0.5)
+    conn.buffer += BODY[:cut]
+    pieces = conn.unchunk()
+    try:
+        got = b""
+        while len(got) < len(before):
+            got += next(pieces)  # socket.timeout here: a byte that had arrived was held back
+        assert got == before
+        theirs.sendall(BODY[cut:])
+        theirs.close()
+        assert got + b"".join(pieces) == b"abcdefghijk"
+        assert not conn.buffer  # the trailers were read to their end
+    finally:
+        conn.close()
