@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             status = run.run(args.results, work_dir, keys=keys, workloads=run.SMOKE_WORKLOADS,
                              seconds=args.seconds or 1, rounds=args.rounds or 1, warmup=0, big_bytes=4 * 2**20,
-                             with_chart=with_chart, stem="smoke", scale_size=scale.SMOKE)
+                             with_chart=with_chart, stem="smoke", scale_size=scale.SMOKE, tiny=20_000)
             return status or costs(work_dir / "costs", args.results, 1, 1, "smoke-costs")
         if args.scale:
             return run.run(args.results, work_dir, keys=[], workloads=[], seconds=0, rounds=0, warmup=0,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                            scale_size=scale.FULL)
         return run.run(args.results, work_dir, keys=keys, workloads=run.WORKLOADS,
                        seconds=args.seconds or 4, rounds=args.rounds or 3, warmup=1, big_bytes=100 * 2**20,
-                       with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S"))
+                       with_chart=with_chart, stem=time.strftime("bench-%Y%m%d-%H%M%S"), tiny=200_000)
     finally:
         if args.keep:
             print(f"[bench] work directory kept: {work_dir}")

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,21 +223,32 @@ class Lab:
         return BenchPath("direct", "origin directly (nginx)", f"http://127.0.0.1:{self.origin_port}",
                          self.origin_pids, self.origin_pids)
 
-    def haproxy_alone(self) -> BenchPath:
+    def haproxy_alone(self, name: str = "haproxy-alone", origin_port: int | None = None) -> BenchPath:
+        """HAProxy alone in front of the origin (or of the one on ``origin_port``)."""
         port = free_port()
-        cfg = haproxy_alone_config(self.dir, port, self.origin_port)
-        proc = self._start("haproxy-alone", ["haproxy", "-f", str(cfg), "-db"], "127.0.0.1", port)
+        directory = self.dir / name
+        directory.mkdir()
+        cfg = haproxy_alone_config(directory, port, origin_port or self.origin_port)
+        proc = self._start(name, ["haproxy", "-f", str(cfg), "-db"], "127.0.0.1", port)
         return BenchPath("haproxy", "HAProxy alone -> origin", f"http://127.0.0.1:{port}",
                          procstat.with_children(proc.pid), self.origin_pids)
 
-    def worker_config(self, name: str, **overrides) -> Path:
-        return write_config(self.dir / name, f"http://127.0.0.1:{self.origin_port}", **overrides)
+    def worker_config(self, name: str, origin_port: int | None = None, **overrides) -> Path:
+        return write_config(self.dir / name, f"http://127.0.0.1:{origin_port or self.origin_port}", **overrides)
 
-    def single_worker(self, name: str = "worker", title: str = "one worker -> origin", **overrides) -> BenchPath:
+    def single_worker(self, name: str = "worker", title: str = "one worker -> origin", origin_port: int | None = None,
+                      **overrides) -> BenchPath:
+        """One worker in front of the origin (or of the one on ``origin_port``)."""
         port = free_port()
-        config = self.worker_config(name, listen={"host": "127.0.0.1", "port": port}, **overrides)
+        config = self.worker_config(name, origin_port, listen={"host": "127.0.0.1", "port": port}, **overrides)
         proc = self._worker(config, port, name)
         return BenchPath(name, title, f"http://127.0.0.1:{port}", [proc.pid], self.origin_pids, [proc.pid])
+
+    def chunky_origin(self, chunks: int) -> int:
+        """bench.chunky answering ``chunks`` one-byte chunks to every request; its port."""
+        port = free_port()
+        self._start("chunky", [sys.executable, str(Path(__file__).with_name("chunky.py")), str(port), str(chunks)], "127.0.0.1", port)
+        return port
 
     def unpinned_worker(self) -> BenchPath:
         """The `worker` path with ``limits.pin_cpu: false``: what pinning buys, side by side."""

@@ -152,6 +152,14 @@ def _paths_markdown(results: dict) -> list[str]:
                 f"{b['bytes'] / 2**20 / b['seconds']:.0f} | {b['rss_before_mib']:.1f} | {b['peak_rss_mib']:.1f} | "
                 f"{b['rss_growth_mib']:.1f} |"
             )
+    if results.get("tiny_chunks"):
+        first = results["tiny_chunks"][0]
+        lines += ["", f"## An origin sending one-byte chunks ({first['chunks_in']:,} in each answer, {first['downloads']} answers)", "",
+                  "| relay | ms an answer | CPU ms an answer | chunks out | × HAProxy CPU |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for row in results["tiny_chunks"]:
+            lines.append(f"| {row['relay']} | {row['seconds'] * 1e3:.1f} | {row['cpu_seconds'] * 1e3:.2f} | {row['chunks_out']:,} | "
+                         f"{_fmt(row['ratio_to_haproxy'], '.1f')} |")
     heads = results.get("headlines") or {"node": None}
     lines += ["", "## Headline", "", *(f"- {key}: {headline_text(head)}" for key, head in heads.items()), ""]
     return lines

@@ -133,12 +133,58 @@ def big_bodies(lab: Lab) -> list[dict]:
     return out
 
 
+def dechunk(raw: bytes) -> tuple[bytes, int]:
+    """A chunked body as received (``curl --raw``): its data and how many chunks carried it."""
+    data, chunks, at = bytearray(), 0, 0
+    while True:
+        end = raw.index(b"\r\n", at)
+        size = int(raw[at:end].split(b";")[0], 16)
+        if not size:
+            return bytes(data), chunks
+        data += raw[end + 2:end + 2 + size]
+        chunks += 1
+        at = end + 2 + size + 2
+
+
+def tiny_chunks(lab: Lab, chunks: int, downloads: int = 3) -> list[dict]:
+    """An answer of ``chunks`` one-byte chunks through one worker and through HAProxy alone:
+    each relay's CPU for ``downloads`` such answers, and how many chunks the client got."""
+    origin = lab.chunky_origin(chunks)
+    relays = [lab.single_worker("tiny-worker", "one worker", origin_port=origin),
+              lab.haproxy_alone("tiny-haproxy", origin_port=origin)]
+    out = []
+    for path in relays:
+        cpu_before, started, sent = procstat.run_seconds(path.relay_pids), time.monotonic(), []
+        for _ in range(downloads):
+            done = subprocess.run(["curl", "-s", "--raw", "--max-time", "60", path.url("/tiny")],
+                                  capture_output=True, timeout=90)
+            try:
+                data, pieces = dechunk(done.stdout)
+            except ValueError:  # not chunked as it should be: said below
+                data, pieces = b"", 0
+            if done.returncode or data != b"x" * chunks:
+                raise RuntimeError(f"{chunks} one-byte chunks through {path.key}: curl exit {done.returncode}, "
+                                   f"{len(data)} bytes received")
+            sent.append(pieces)
+        cpu = procstat.run_seconds(path.relay_pids) - cpu_before
+        out.append({"relay": path.title.split(" ->")[0], "chunks_in": chunks, "downloads": downloads, "chunks_out": max(sent),
+                    "seconds": (time.monotonic() - started) / downloads, "cpu_seconds": cpu / downloads})
+        log(f"{chunks:,} one-byte chunks through {path.key}: {cpu / downloads * 1e3:.2f} ms CPU each, "
+            f"{max(sent):,} chunks out")
+    reference = out[-1]["cpu_seconds"]
+    for row in out:
+        row["ratio_to_haproxy"] = row["cpu_seconds"] / reference if reference else None
+    return out
+
+
 def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[Workload], seconds: float,
-        rounds: int, warmup: float, big_bytes: int, with_chart: bool, stem: str, scale_size=None) -> int:
-    """The paths ``keys`` (none: skipped) and, given ``scale_size``, the scale measurements (bench/scale.py)."""
+        rounds: int, warmup: float, big_bytes: int, with_chart: bool, stem: str, scale_size=None,
+        tiny: int = 0) -> int:
+    """The paths ``keys`` (none: skipped), ``big_bytes`` up and down, an answer of ``tiny``
+    one-byte chunks (0: skipped) and, given ``scale_size``, the scale measurements (bench/scale.py)."""
     results = {"machine": machine(), "settings": {
         "seconds": seconds, "rounds": rounds, "warmup_seconds": warmup, "wrk": "-t2 (-t1 at c1) --timeout 5s",
-        "workloads": [w.__dict__ for w in workloads] if keys else [], "big_bytes": big_bytes,
+        "workloads": [w.__dict__ for w in workloads] if keys else [], "big_bytes": big_bytes, "tiny_chunks": tiny,
         "worker_logging": "info, json (the default config): one access log line per request to a file",
         "southbound_agents_tls": False,
     }, "paths": {}}
@@ -172,6 +218,8 @@ def run(results_dir: Path, work_dir: Path, *, keys: list[str], workloads: list[W
             }
         if big_bytes:
             results["big_bodies"] = big_bodies(lab)
+        if tiny:
+            results["tiny_chunks"] = tiny_chunks(lab, tiny)
         if scale_size is not None:
             from . import scale
 
