@@ -253,10 +253,19 @@ class Connection:
         Chunks already received are handed on together, in one piece, just before the
         next wait for the origin: each piece costs the server a write, and an origin
         sending one-byte chunks would otherwise cost one per chunk. No byte is held back
-        while waiting.
+        while waiting, nor when the framing breaks: what came before the fault goes on
+        first, as it would have chunk by chunk.
         """
-        buffer = self.buffer
         pending = bytearray()
+        try:
+            yield from self._unchunk(pending)
+        except ProtocolError:
+            if pending:
+                yield bytes(pending)
+            raise
+
+    def _unchunk(self, pending: bytearray) -> Iterator[bytes]:
+        buffer = self.buffer
         while True:
             if pending and (len(pending) >= CHUNK or buffer.find(b"\n", 0, MAX_CHUNK_LINE + 2) < 0):
                 yield bytes(pending)  # the next size line is not here yet
@@ -269,12 +278,13 @@ class Connection:
             if size == 0:
                 if pending:
                     yield bytes(pending)
+                    pending.clear()
                 self.skip_trailers()
                 return
             if len(buffer) >= size + 2:  # the whole chunk is here
+                pending += buffer[:size]
                 if buffer[size:size + 2] != b"\r\n":
                     raise ProtocolError("a chunk longer than its size (no CRLF after its data)")
-                pending += buffer[:size]
                 del buffer[:size + 2]
                 continue
             if pending:

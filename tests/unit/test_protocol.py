@@ -320,6 +320,28 @@ def test_chunks_already_received_are_handed_on_in_one_piece():
         conn.close()
 
 
+
+@pytest.mark.parametrize("data, before", [
+    (b"5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n", b"hello"),
+    (b"5\r\nhello\r\n5\r\nhello, world\r\n0\r\n\r\n", b"hellohello"),  # the size's worth, then no CRLF
+    (b"5\r\nhello\r\n0\r\nNoColon\r\n\r\n", b"hello"),
+], ids=["bad size line", "chunk longer than its size", "bad trailer"])
+def test_the_data_before_a_fault_is_handed_on_before_the_error(data, before):
+    """As chunk by chunk: the client gets the head and the bytes before the fault, then
+    its connection is cut, whether or not the fault came in the same receive."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    conn = relay.Connection(ours, 1.0)
+    conn.buffer += data
+    pieces, got = conn.unchunk(), []
+    try:
+        with pytest.raises(ProtocolError):
+            for piece in pieces:
+                got.append(piece)
+        assert b"".join(got) == before
+    finally:
+        conn.close()
+
 BODY = chunked(b"ab", b"cd", b"efghij", b"k")
 
 
