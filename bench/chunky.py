@@ -31,9 +31,11 @@ def serve(port: int, chunks: int) -> None:
                     return
                 self.wfile.write(whole)
 
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    with socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler) as server:
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    with Server(("127.0.0.1", port), Handler) as server:
         server.serve_forever()
 
 

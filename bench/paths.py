@@ -247,7 +247,8 @@ class Lab:
     def chunky_origin(self, chunks: int) -> int:
         """bench.chunky answering ``chunks`` one-byte chunks to every request; its port."""
         port = free_port()
-        self._start("chunky", [sys.executable, str(Path(__file__).with_name("chunky.py")), str(port), str(chunks)], "127.0.0.1", port)
+        argv = [sys.executable, str(Path(__file__).with_name("chunky.py")), str(port), str(chunks)]
+        self._start("chunky", argv, "127.0.0.1", port)
         return port
 
     def unpinned_worker(self) -> BenchPath:

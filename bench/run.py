@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from kit import dechunk
+
 from . import load, procstat, report
 from .load import Workload
 from .paths import BenchPath, Lab
@@ -133,43 +135,30 @@ def big_bodies(lab: Lab) -> list[dict]:
     return out
 
 
-def dechunk(raw: bytes) -> tuple[bytes, int]:
-    """A chunked body as received (``curl --raw``): its data and how many chunks carried it."""
-    data, chunks, at = bytearray(), 0, 0
-    while True:
-        end = raw.index(b"\r\n", at)
-        size = int(raw[at:end].split(b";")[0], 16)
-        if not size:
-            return bytes(data), chunks
-        data += raw[end + 2:end + 2 + size]
-        chunks += 1
-        at = end + 2 + size + 2
-
-
 def tiny_chunks(lab: Lab, chunks: int, downloads: int = 3) -> list[dict]:
     """An answer of ``chunks`` one-byte chunks through one worker and through HAProxy alone:
     each relay's CPU for ``downloads`` such answers, and how many chunks the client got."""
     origin = lab.chunky_origin(chunks)
-    relays = [lab.single_worker("tiny-worker", "one worker", origin_port=origin),
-              lab.haproxy_alone("tiny-haproxy", origin_port=origin)]
+    relays = {"one worker": lab.single_worker("tiny-worker", origin_port=origin),
+              "HAProxy alone": lab.haproxy_alone("tiny-haproxy", origin_port=origin)}
     out = []
-    for path in relays:
+    for name, path in relays.items():
         cpu_before, started, sent = procstat.run_seconds(path.relay_pids), time.monotonic(), []
         for _ in range(downloads):
             done = subprocess.run(["curl", "-s", "--raw", "--max-time", "60", path.url("/tiny")],
                                   capture_output=True, timeout=90)
             try:
-                data, pieces = dechunk(done.stdout)
+                data, pieces, _ = dechunk(done.stdout)
             except ValueError:  # not chunked as it should be: said below
                 data, pieces = b"", 0
             if done.returncode or data != b"x" * chunks:
-                raise RuntimeError(f"{chunks} one-byte chunks through {path.key}: curl exit {done.returncode}, "
+                raise RuntimeError(f"{chunks} one-byte chunks through {name}: curl exit {done.returncode}, "
                                    f"{len(data)} bytes received")
             sent.append(pieces)
         cpu = procstat.run_seconds(path.relay_pids) - cpu_before
-        out.append({"relay": path.title.split(" ->")[0], "chunks_in": chunks, "downloads": downloads, "chunks_out": max(sent),
+        out.append({"relay": name, "chunks_in": chunks, "downloads": downloads, "chunks_out": max(sent),
                     "seconds": (time.monotonic() - started) / downloads, "cpu_seconds": cpu / downloads})
-        log(f"{chunks:,} one-byte chunks through {path.key}: {cpu / downloads * 1e3:.2f} ms CPU each, "
+        log(f"{chunks:,} one-byte chunks through {name}: {cpu / downloads * 1e3:.2f} ms CPU each, "
             f"{max(sent):,} chunks out")
     reference = out[-1]["cpu_seconds"]
     for row in out:

@@ -9,7 +9,7 @@ rendered HAProxy front (kit.node), and the clients tests use against a front (ki
 """
 
 from . import netns
-from .clients import LoadResult, echo_via, headers_of, proxy_v2_header, run_load
+from .clients import LoadResult, dechunk, echo_via, headers_of, proxy_v2_header, run_load
 from .config import AGENT_PROXY, PYTHON, REPO, SECRET, VENV_BIN, merged, write_config
 from .files import write_private
 from .node import (
@@ -23,7 +23,7 @@ from .wait import connects, wait_for_port, wait_until
 __all__ = [
     "AGENT", "AGENT_PROXY", "BALANCER", "HAPROXY", "LIMITED_AGENT", "MAX_CONN_PER_SOURCE", "NGINX", "PYTHON", "REPO",
     "SECRET", "VENV_BIN", "LoadResult", "NodeFront", "Process", "ProcessError", "all_up", "connects",
-    "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "node_with_origin", "proxy_v2_header", "render",
+    "dechunk", "echo_via", "free_port", "free_ports", "headers_of", "merged", "netns", "node_with_origin", "proxy_v2_header", "render",
     "run_load", "server_stats", "start_haproxy", "start_node", "start_origin", "start_upstream", "start_worker",
     "stat_rows", "stats_command", "wait_for_port", "wait_until", "write_config", "write_private",
 ]

@@ -1,4 +1,5 @@
-"""Clients for tests against a node front: a bounded load, a PROXY protocol header, /echo over TLS."""
+"""Clients for tests against a node front: a bounded load, a PROXY protocol header, /echo over TLS,
+and a reader of chunked framing as a client received it."""
 
 from __future__ import annotations
 
@@ -106,3 +107,18 @@ def headers_of(record: dict) -> dict[str, list[str]]:
     return found
 
 
+
+
+def dechunk(raw: bytes) -> tuple[bytes, int, bytes]:
+    """A chunked body as received (``curl --raw``, a raw socket): its data, how many
+    chunks carried it, and what follows the last chunk's size line (trailers, blank line).
+    Raises ValueError where the framing is not chunked."""
+    data, chunks, at = bytearray(), 0, 0
+    while True:
+        end = raw.index(b"\r\n", at)
+        size = int(raw[at:end].split(b";")[0], 16)
+        if not size:
+            return bytes(data), chunks, raw[end + 2:]
+        data += raw[end + 2:end + 2 + size]
+        chunks += 1
+        at = end + 2 + size + 2

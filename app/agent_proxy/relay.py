@@ -265,9 +265,11 @@ class Connection:
             raise
 
     def _unchunk(self, pending: bytearray) -> Iterator[bytes]:
+        # ``pending`` holds only bytes taken from the buffer: it is handed on before every
+        # step that may receive, so it never outgrows what one receive left there.
         buffer = self.buffer
         while True:
-            if pending and (len(pending) >= CHUNK or buffer.find(b"\n", 0, MAX_CHUNK_LINE + 2) < 0):
+            if pending and buffer.find(b"\n", 0, MAX_CHUNK_LINE + 2) < 0:
                 yield bytes(pending)  # the next size line is not here yet
                 pending.clear()
             line = self.read_line(MAX_CHUNK_LINE, "a chunk size line")
@@ -275,21 +277,18 @@ class Connection:
             if match is None:
                 raise ProtocolError(f"bad chunk size line {line[:40]!r}")
             size = int(match.group(1), 16)
-            if size == 0:
-                if pending:
-                    yield bytes(pending)
-                    pending.clear()
-                self.skip_trailers()
-                return
-            if len(buffer) >= size + 2:  # the whole chunk is here
+            if size and len(buffer) >= size + 2:  # the whole chunk is here
                 pending += buffer[:size]
                 if buffer[size:size + 2] != b"\r\n":
                     raise ProtocolError("a chunk longer than its size (no CRLF after its data)")
                 del buffer[:size + 2]
                 continue
-            if pending:
+            if pending:  # what follows may wait for the origin
                 yield bytes(pending)
                 pending.clear()
+            if size == 0:
+                self.skip_trailers()
+                return
             yield from self.stream(size)
             if self.read_exactly(2) != b"\r\n":
                 raise ProtocolError("a chunk longer than its size (no CRLF after its data)")

@@ -320,7 +320,6 @@ def test_chunks_already_received_are_handed_on_in_one_piece():
         conn.close()
 
 
-
 @pytest.mark.parametrize("data, before", [
     (b"5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n", b"hello"),
     (b"5\r\nhello\r\n5\r\nhello, world\r\n0\r\n\r\n", b"hellohello"),  # the size's worth, then no CRLF
@@ -341,6 +340,7 @@ def test_the_data_before_a_fault_is_handed_on_before_the_error(data, before):
         assert b"".join(got) == before
     finally:
         conn.close()
+
 
 BODY = chunked(b"ab", b"cd", b"efghij", b"k")
 
