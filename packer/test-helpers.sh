@@ -24,7 +24,10 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 # ssh_host NAME PORT: an ssh_config block for the guest NAME at 127.0.0.1:PORT, with the
 # test's key ($T/id_ed25519) and one SSH connection for the whole test (the compliance
 # suite runs hundreds of commands; every new key exchange costs a TCG guest a second or
-# more), its socket at $T/ssh-NAME.
+# more), its socket at $T/ssh-NAME. Keepalives give up on a guest after two silent
+# minutes: sshd answers none while it opens a login session, and a starved TCG guest once
+# took 41 s to do so, which the former 30 s limit turned into "mux_client_request_session:
+# read from master failed: Broken pipe" (seen once in make test).
 ssh_host() {
   cat <<EOF_HOST
 Host $1
@@ -38,8 +41,8 @@ Host $1
   LogLevel ERROR
   BatchMode yes
   ConnectTimeout 5
-  ServerAliveInterval 5
-  ServerAliveCountMax 6
+  ServerAliveInterval 10
+  ServerAliveCountMax 12
   ControlMaster auto
   ControlPath $T/ssh-$1
   ControlPersist 900

@@ -190,7 +190,9 @@ $node_hosts
 EOF
 export ANSIBLE_CONFIG=$REPO/ansible/ansible.cfg ANSIBLE_NOCOLOR=1 ANSIBLE_HOST_KEY_CHECKING=False
 export ANSIBLE_HOME=$T/ansible-home ANSIBLE_LOCAL_TEMP=$T/ansible-home/tmp
-export ANSIBLE_SSH_ARGS="-F $T/ssh_config -o ControlMaster=auto -o ControlPersist=900"
+# Ansible rides on the test's own SSH connection to each node ($T/ssh-NAME, opened while
+# waiting for the boot), instead of opening one more login session per node and run.
+export ANSIBLE_SSH_ARGS="-F $T/ssh_config -o ControlMaster=auto -o ControlPersist=900 -o ControlPath=$T/ssh-%n"
 # A TCG guest sharing two cores with another (make test runs test-image.sh beside this) can
 # take longer than Ansible's default 10 s to start sudo: seen once as "Timeout (12s)
 # waiting for privilege escalation prompt" on the first task. The connection and become
