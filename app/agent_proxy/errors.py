@@ -12,8 +12,10 @@ from __future__ import annotations
 import http
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import falcon
+if TYPE_CHECKING:  # only named in annotations: the CLI starts without Falcon
+    import falcon
 
 ERROR_HEADER = "X-Agent-Proxy-Error"
 

@@ -3,6 +3,7 @@
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -448,3 +449,18 @@ def test_serve_that_cannot_listen_says_why_on_stderr(tmp_path):
     result = run("serve", "-c", str(path))
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("agent-proxy: cannot listen on no-such-host.invalid:8002: ")
+
+
+def test_commands_other_than_serve_start_without_falcon(tmp_path):
+    # Each command an appliance's role or an operator runs pays for what it imports; under
+    # a slow CPU Falcon alone is seconds, and only the server needs it.
+    assert run("init", "--config-dir", str(tmp_path), "--proxy-id", "site-a",
+               "--upstream-url", "https://8.7.6.5:3302").returncode == 0
+    config = str(tmp_path / "agent-proxy.yaml")
+    for argv in (["check-config", "-c", config], ["render", "node-haproxy", "-c", config], ["--help"]):
+        probe = ("import contextlib, io, sys\nfrom agent_proxy.cli import main\n"
+                 "with contextlib.redirect_stdout(io.StringIO()):\n"
+                 "    try:\n        code = main(sys.argv[1:])\n    except SystemExit as exc:\n        code = exc.code\n"
+                 "print(code, 'falcon' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        assert result.stdout.split() == ["0", "False"], (argv, result.stdout, result.stderr)
