@@ -298,12 +298,17 @@ PIDS+=("$LOAD_PID")
 workers() { for node in "${NODES[@]}"; do guest "$node" pgrep -u agent-proxy | sed "s/^/$node:/"; done | sort; }
 workers_before=$(workers)
 [[ -n $workers_before ]] || fail "no worker runs as agent-proxy on the nodes"
+# A copy of a unit in /etc/systemd/system would hide the package's (a hand edit, an old
+# install): the role removes it.
+guest node1 sudo cp /lib/systemd/system/agent-proxy-front.service /etc/systemd/system/
 playbook rolling-upgrade rolling-upgrade.yml -e "rolling_agent_proxy=$REPO/.venv/bin/agent-proxy"
+! guest node1 test -e /etc/systemd/system/agent-proxy-front.service \
+  || fail "rolling-upgrade.yml left node1's copy of agent-proxy-front.service in /etc/systemd/system"
 workers_after=$(workers)
 [[ -z $(comm -12 <(echo "$workers_before") <(echo "$workers_after")) ]] \
   || fail "rolling-upgrade.yml left workers running that it was to replace: $(comm -12 <(echo "$workers_before") <(echo "$workers_after"))"
 end_load rolling-upgrade
-step "rolling-upgrade.yml under load (every worker replaced, no failed GET)"
+step "rolling-upgrade.yml under load (every worker replaced, no failed GET; a unit copy removed)"
 
 start_load power-off 300
 PIDS+=("$LOAD_PID")
