@@ -18,7 +18,7 @@ import urllib3
 import yaml
 
 from kit import (
-    free_port, headers_of, render, run_load, server_stats, start_haproxy, start_node, start_origin,
+    all_up, free_port, headers_of, render, run_load, server_stats, start_haproxy, start_node, start_origin,
     wait_for_port, wait_until, write_config,
 )
 
@@ -63,7 +63,9 @@ def balancer(nodes, origin, tmp_path_factory):
     )
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
-        wait_until(lambda: all(row["status"] == "UP" for row in server_stats(socket_path, "nodes").values()), 10, "all nodes UP in the balancer")
+        # HAProxy may open the front's port before its stats socket: all_up counts a socket
+        # not there yet as "not yet" (a make test run failed on the bare call).
+        wait_until(lambda: all_up(socket_path, "nodes"), 10, "all nodes UP in the balancer")
         yield {"url": f"https://127.0.0.1:{port}", "socket": socket_path, "monitor": f"http://127.0.0.1:{monitor_port}/_lb/health", "proc": proc}
     finally:
         proc.stop()
