@@ -57,7 +57,8 @@ start_load() {
 }
 # end_load NAME: stops it and fails unless every GET was answered 200.
 end_load() {
-  kill -TERM "$LOAD_PID"
+  kill -TERM "$LOAD_PID" 2>/dev/null \
+    || fail "the load ($1) had stopped at its bound before the step was over (a slower machine: give start_load more seconds)"
   wait "$LOAD_PID" || fail "the load ($1) exited with $?: $(cat "$T/load-$1.err")"
   LOAD_PID=
   python3 - "$T/load-$1.json" "$1" "$TEST_NAME" <<'PY'
