@@ -94,12 +94,10 @@ guest() { ssh -F "$T/ssh_config" appliance "$@"; }
 
 # boot NAME SEED_ENV [NETDEV_OPTIONS]: a VM on a fresh overlay of the image; its console
 # goes to $T/NAME.serial.log.
-# -nodefaults: no floppy, CD-ROM, parallel port or VGA, whose drivers the guest would
-# load for nothing (a boot ~10 s shorter under TCG, measured on an idle machine).
 boot() {
   local name=$1 seed=$2 netdev=${3:-}
   qemu-img create -q -f qcow2 -b "$OUT/agent-proxy.qcow2" -F qcow2 "$T/$name.qcow2"
-  qemu-system-x86_64 -machine pc,accel=tcg -cpu max -smp 2 -m 1536 -display none -nodefaults \
+  "${QEMU[@]}" -smp 2 -m 1536 \
     -drive "file=$T/$name.qcow2,if=virtio" \
     -netdev "user,id=n0$netdev" -device virtio-net,netdev=n0 \
     -fw_cfg "name=opt/agent-proxy/authorized_keys,file=$T/id_ed25519.pub" \

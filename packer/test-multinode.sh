@@ -72,11 +72,9 @@ UPSTREAM_ALLOW_INSECURE=true
 SEED
 
 # -- boot both nodes from one image, each on its own overlay, in parallel
-# -nodefaults: no floppy, CD-ROM, parallel port or VGA, whose drivers the guest would
-# load for nothing (a boot ~10 s shorter under TCG, measured on an idle machine).
 for node in "${NODES[@]}"; do
   qemu-img create -q -f qcow2 -b "$OUT/agent-proxy.qcow2" -F qcow2 "$T/$node.qcow2"
-  qemu-system-x86_64 -machine pc,accel=tcg -cpu max -smp 1 -m 1024 -display none -nodefaults \
+  "${QEMU[@]}" -smp 1 -m 1024 \
     -drive "file=$T/$node.qcow2,if=virtio" \
     -netdev "user,id=n0,hostname=$node,hostfwd=tcp:127.0.0.1:${SSH_PORT[$node]}-:22,hostfwd=tcp:127.0.0.1:${FRONT_PORT[$node]}-:2002" \
     -device virtio-net,netdev=n0 \
