@@ -1,0 +1,22 @@
+# Sourced by the scripts that run playbooks on TCG guests to check them: the image build's
+# second run (packer/run-playbook.sh, which must change nothing) and packer/test-multinode.sh.
+#
+# Under TCG every module Ansible runs costs the guest seconds: a new Python that unpacks the
+# module and compiles Ansible's module_utils from a zip each time (a ping, on an idle guest:
+# 2.0-2.8 s, against 1.2-1.3 s with the same files compiled once). Mitogen for Ansible (the
+# mitogen package, ansible/requirements.txt) keeps one Python per guest and user for the
+# whole run and runs the same modules in it: the appliance playbook's run that changes
+# nothing took 52 s instead of 174 s on one guest. The roles and modules are the same; the
+# image that ships is provisioned with Ansible's own strategy (the build's first run), and
+# the host's role tests (tests/integration/test_role_key_material.py) use it too.
+# ANSIBLE_MITOGEN=0 runs these with Ansible's own strategy as well.
+
+# use_mitogen VENV: the ansible-playbook runs that follow use Mitogen's linear strategy
+# from VENV, unless ANSIBLE_MITOGEN=0; fails when VENV has no mitogen.
+use_mitogen() {
+  [[ ${ANSIBLE_MITOGEN:-1} == 0 ]] && return 0
+  local package
+  package=$("$1/bin/python" -c 'import ansible_mitogen, os; print(os.path.dirname(ansible_mitogen.__file__))' 2> /dev/null) \
+    || return 1
+  export ANSIBLE_STRATEGY_PLUGINS=$package/plugins/strategy ANSIBLE_STRATEGY=mitogen_linear
+}
