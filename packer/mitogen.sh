@@ -12,11 +12,18 @@
 # ANSIBLE_MITOGEN=0 runs these with Ansible's own strategy as well.
 
 # use_mitogen VENV: the ansible-playbook runs that follow use Mitogen's linear strategy
-# from VENV, unless ANSIBLE_MITOGEN=0; fails when VENV has no mitogen.
+# from VENV, unless ANSIBLE_MITOGEN=0; says so and fails when VENV has no mitogen.
+# Mitogen starts its Python on a guest (over SSH, then sudo) within ANSIBLE_TIMEOUT: the
+# default 10 s was too short for a TCG guest beside the host's tests ("UNREACHABLE!
+# Connection timed out." on the first task, seen once in make test), so it is at least 120 s
+# here. A timeout, not a check.
 use_mitogen() {
   [[ ${ANSIBLE_MITOGEN:-1} == 0 ]] && return 0
   local package
-  package=$("$1/bin/python" -c 'import ansible_mitogen, os; print(os.path.dirname(ansible_mitogen.__file__))' 2> /dev/null) \
-    || return 1
+  package=$("$1/bin/python" -c 'import ansible_mitogen, os; print(os.path.dirname(ansible_mitogen.__file__))' 2> /dev/null) || {
+    echo "use_mitogen: no mitogen in $1: run ansible/lint.sh, which installs it (ANSIBLE_MITOGEN=0 runs without)" >&2
+    return 1
+  }
   export ANSIBLE_STRATEGY_PLUGINS=$package/plugins/strategy ANSIBLE_STRATEGY=mitogen_linear
+  ((${ANSIBLE_TIMEOUT:-10} >= 120)) || export ANSIBLE_TIMEOUT=120
 }

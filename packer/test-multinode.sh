@@ -195,16 +195,15 @@ export ANSIBLE_HOME=$T/ansible-home ANSIBLE_LOCAL_TEMP=$T/ansible-home/tmp
 export ANSIBLE_SSH_ARGS="-F $T/ssh_config -o ControlMaster=auto -o ControlPersist=900 -o ControlPath=$T/ssh-%n"
 # A TCG guest sharing two cores with another (make test runs test-image.sh beside this) can
 # take longer than Ansible's default 10 s to start sudo: seen once as "Timeout (12s)
-# waiting for privilege escalation prompt" on the first task. Mitogen also starts its
-# Python on the guest within this time (packer/mitogen.sh). The connection and become
-# timeout, not a check.
-export ANSIBLE_TIMEOUT=120
+# waiting for privilege escalation prompt" on the first task. The connection and become
+# timeout, not a check (under Mitogen at least 120 s: packer/mitogen.sh).
+export ANSIBLE_TIMEOUT=60
 # Facts gathered by the first run serve the later ones (each module costs seconds under TCG).
 export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGIN_CONNECTION=$T/facts
 # Mitogen's strategy: the same roles, three times faster on TCG guests (packer/mitogen.sh).
 # shellcheck source=packer/mitogen.sh
 source packer/mitogen.sh
-use_mitogen "$REPO/.venv" || fail "no mitogen in .venv: run ansible/lint.sh (ANSIBLE_MITOGEN=0 runs without)"
+use_mitogen "$REPO/.venv" || fail "Mitogen's strategy is not available (above)"
 # playbook NAME FILE ARGS...: runs it, keeps its output in $T/NAME.log, prints its recap.
 playbook() {
   local name=$1 file=$2
