@@ -14,6 +14,7 @@ property of each test case.
 
 from __future__ import annotations
 
+import argparse
 import re
 import warnings
 from pathlib import Path
@@ -42,6 +43,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where the program is installed on the host (default: %(default)s)")
     group.addoption("--ap-summary", default="out/compliance-summary.txt",
                     help="where to write the one-page summary (default: %(default)s)")
+    group.addoption("--ap-probe-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                    help="how long one TLS or HTTP probe run on the host may take before it counts "
+                         "as no answer (default: %(default)s; raise it for a slow host, e.g. an "
+                         "emulated VM on a busy machine)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return value
 
 
 def control_id(function_name: str) -> str | None:
@@ -66,7 +81,7 @@ _nodes: dict[int, Node] = {}
 def node_for(config: pytest.Config, host) -> Node:
     if id(host) not in _nodes:
         _nodes[id(host)] = Node(host, config.getoption("--ap-config"), config.getoption("--ap-front-config"),
-                                config.getoption("--ap-install-dir"))
+                                config.getoption("--ap-install-dir"), config.getoption("--ap-probe-timeout"))
     return _nodes[id(host)]
 
 

@@ -121,14 +121,15 @@ class LabNode:
 
     # -- auditing
 
-    def audit(self, name: str) -> tuple[subprocess.CompletedProcess, Path]:
-        """Run the compliance suite against this node; returns the run and its JUnit XML."""
+    def audit(self, name: str, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
+        """Run the compliance suite against this node, with more pytest ``options``; returns
+        the run and its JUnit XML."""
         junit = self.root / f"{name}.xml"
         argv = netns.prefix(self.namespace) + [
             str(Path(sys.executable).parent / "pytest"), "tests/compliance", "--hosts=local://",
             f"--ap-config={self.config_path}", f"--ap-install-dir={Path(sys.prefix)}",
             f"--ap-summary={self.root / (name + '-summary.txt')}", f"--junitxml={junit}",
-            "-p", "no:cacheprovider", "-q",
+            "-p", "no:cacheprovider", "-q", *options,
         ]
         result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
         return result, junit

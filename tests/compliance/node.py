@@ -37,11 +37,14 @@ class Proc:
 class Node:
     """One audited host: its configuration and how its services are run."""
 
-    def __init__(self, host, config_path: str, front_config: str | None, install_dir: str):
+    def __init__(self, host, config_path: str, front_config: str | None, install_dir: str,
+                 probe_timeout: float = 10.0):
         self.host = host
         self.config_path = config_path
         self.front_config_option = front_config
         self.install_dir = install_dir
+        # The bound of one TLS or HTTP probe run on the host (--ap-probe-timeout).
+        self.probe_timeout = probe_timeout
 
     # -- the configuration, read on the host
 

@@ -20,10 +20,11 @@ FEATURES_PATH = "/_proxy/v2/features"
 # Where the host has no curl (a minimal image), the same request with its python3.
 PYTHON_GET = """
 import ssl, sys, urllib.error, urllib.request
-insecure, url, headers = sys.argv[1] == "-k", sys.argv[2], dict(h.split(": ", 1) for h in sys.argv[3:])
+insecure, timeout, url = sys.argv[1] == "-k", float(sys.argv[2]), sys.argv[3]
+headers = dict(h.split(": ", 1) for h in sys.argv[4:])
 context = ssl._create_unverified_context() if insecure else None
 try:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10, context=context) as answer:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout, context=context) as answer:
         status, body = answer.status, answer.read()
 except urllib.error.HTTPError as error:
     status, body = error.code, error.read()
@@ -31,15 +32,16 @@ sys.stdout.write(body.decode("utf-8", "replace") + "\\n" + str(status))
 """
 
 
-def http_get(host, url: str, *headers: str, insecure: bool = False) -> tuple[int, str]:
-    """(status, body) of a GET run on the host: curl, else python3."""
+def http_get(node, url: str, *headers: str, insecure: bool = False) -> tuple[int, str]:
+    """(status, body) of a GET run on the node's host (curl, else python3), within --ap-probe-timeout."""
+    host, timeout = node.host, f"{node.probe_timeout:g}"
     if host.exists("curl"):
-        argv = ["curl", "-sS", "--max-time", "10", "-w", "\\n%{http_code}"] + (["-k"] if insecure else [])
+        argv = ["curl", "-sS", "--max-time", timeout, "-w", "\\n%{http_code}"] + (["-k"] if insecure else [])
         for header in headers:
             argv += ["-H", header]
         argv.append(url)
     else:
-        argv = ["python3", "-c", PYTHON_GET, "-k" if insecure else "-", url, *headers]
+        argv = ["python3", "-c", PYTHON_GET, "-k" if insecure else "-", timeout, url, *headers]
     result = host.run(" ".join(shlex.quote(a) for a in argv))
     body, _, status = result.stdout.rpartition("\n")
     assert result.rc == 0, f"GET {url} on the host failed: {result.stderr.strip()[-300:]}"
@@ -51,13 +53,13 @@ def worker_url(node, port: int, path: str) -> str:
 
 
 def test_AP_EP_01_health(host, node, control, worker_port):
-    status, body = http_get(host, worker_url(node, worker_port, "/_proxy/health"))
+    status, body = http_get(node, worker_url(node, worker_port, "/_proxy/health"))
     assert status == 200, f"/_proxy/health on {worker_port} answered {status}: {body[:200]}"
     control.note(f"200 {body.strip()[:60]}")
 
 
 def test_AP_EP_02_ready(host, node, control, worker_port):
-    status, body = http_get(host, worker_url(node, worker_port, "/_proxy/ready"))
+    status, body = http_get(node, worker_url(node, worker_port, "/_proxy/ready"))
     assert status == 200, f"/_proxy/ready on {worker_port} answered {status}: {body[:200]}"
     control.note(f"200 {body.strip()[:60]}")
 
@@ -86,7 +88,7 @@ def signed_features(node) -> str:
 def test_AP_EP_03_features_running(host, node, control, worker_port):
     # With listen_control the upstream's paths are on the worker's control listener.
     port = node.config.control_port_of(worker_port) or worker_port
-    status, body = http_get(host, worker_url(node, port, FEATURES_PATH), signed_features(node),
+    status, body = http_get(node, worker_url(node, port, FEATURES_PATH), signed_features(node),
                             *upstream_source_headers(node))
     assert status == 200, f"signed {FEATURES_PATH} on {port} answered {status}: {body[:200]}"
     features = json.loads(body)
@@ -96,7 +98,7 @@ def test_AP_EP_03_features_running(host, node, control, worker_port):
 
 
 def test_AP_EP_04_front_health(host, node, control):
-    status, body = http_get(host, node.front_url("/_proxy/health"), insecure=True)
+    status, body = http_get(node, node.front_url("/_proxy/health"), insecure=True)
     assert status == 200, f"/_proxy/health through the front answered {status}: {body[:200]}"
     control.note(f"200 through {node.front_url('')}")
 
@@ -106,6 +108,6 @@ def test_AP_EP_05_control_paths_refused_on_the_client_port(host, node, control):
     upstream's paths through front.port: the workers answer them on their control listener only."""
     if node.config.listen_control is None:
         pytest.skip("listen_control is not set: the upstream's paths share front.port")
-    status, body = http_get(host, node.front_url(FEATURES_PATH), signed_features(node), insecure=True)
+    status, body = http_get(node, node.front_url(FEATURES_PATH), signed_features(node), insecure=True)
     assert status == 404, f"signed {FEATURES_PATH} through the client port {node.front_target} answered {status}: {body[:200]}"
     control.note(f"signed {FEATURES_PATH} through {node.front_target}: 404")

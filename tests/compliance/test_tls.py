@@ -17,7 +17,7 @@ WARN_DAYS = 30
 
 def handshake(host, node, version: str, extra: str = ""):
     openssl = host.find_command("openssl")
-    return host.run(f"timeout 10 {openssl} s_client -connect {node.front_target} -{version} {extra} </dev/null")
+    return host.run(f"timeout {node.probe_timeout:g} {openssl} s_client -connect {node.front_target} -{version} {extra} </dev/null")
 
 
 def served(result) -> str | None:
@@ -95,7 +95,7 @@ def test_AP_TLS_07_front_serves_configured_certificate(host, node, control):
     openssl = host.find_command("openssl")
     target = node.front_target
     fingerprint = f"{openssl} x509 -noout -fingerprint -sha256"
-    on_wire = host.run(f"timeout 10 {openssl} s_client -connect {target} </dev/null 2>/dev/null | {fingerprint}")
+    on_wire = host.run(f"timeout {node.probe_timeout:g} {openssl} s_client -connect {target} </dev/null 2>/dev/null | {fingerprint}")
     on_disk = host.run(f"{fingerprint} -in {shlex.quote(node.config.tls.cert_file)}")
     assert on_wire.rc == 0 and on_wire.stdout.strip(), f"no certificate from the front at {target}"
     assert on_disk.rc == 0, f"cannot read {node.config.tls.cert_file}: {on_disk.stderr.strip()}"
