@@ -26,10 +26,13 @@ SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 DISK_SIZE_MB=3072
 BUILD_USER=admin
 
-# What the disk is made of; the image's roles add the application on top.
+# What the disk is made of; the image's roles add the application on top. python3-apt:
+# Ansible's apt module needs it on the target (ansible/README.md). Without it, the module
+# installs it itself (an apt-get update and install: tens of seconds of the build's first
+# run under TCG), and under Mitogen's strategy it cannot, and the task fails.
 BASE_PACKAGES=(
   linux-image-amd64 systemd systemd-sysv udev dbus kmod
-  openssh-server sudo python3 ca-certificates chrony
+  openssh-server sudo python3 python3-apt ca-certificates chrony
   haproxy iptables iproute2 netbase less
 )
 GUEST_PACKAGES=$(sed -e 's/#.*//' "$REPO/packer/guest-packages" | xargs)
