@@ -17,9 +17,10 @@ total_start=$SECONDS
 step_start=$SECONDS
 step() { echo "image: $1 in $((SECONDS - step_start)) s"; step_start=$SECONDS; }
 
-HTTP_PID=
+HTTP_PID= DEB_PID=
 cleanup() {
-  if [[ -n $HTTP_PID ]]; then kill "$HTTP_PID"; wait "$HTTP_PID" 2>/dev/null || [[ $? == 143 ]]; fi
+  local pid
+  for pid in $HTTP_PID $DEB_PID; do kill "$pid" 2>/dev/null && { wait "$pid" 2>/dev/null || [[ $? == 143 ]]; }; done
 }
 trap cleanup EXIT
 
@@ -32,12 +33,21 @@ fi
 rm -rf "$BUILD"
 mkdir -p "$BUILD/www" "$BUILD/ssh"
 
+# The package the role installs in the image (out/agent-proxy_VERSION_amd64.deb), built
+# beside the base disk: the two share nothing, and mmdebstrap often waits on the mirror.
+deb/build.sh > "$BUILD/deb.log" 2>&1 &
+DEB_PID=$!
 base_disk=$(packer/base-disk.sh | tail -1)
 step "base disk"
-
-# The package the role installs in the image (out/agent-proxy_VERSION_amd64.deb).
-deb/build.sh
-step "package"
+if ! wait "$DEB_PID"; then
+  DEB_PID=
+  cat "$BUILD/deb.log" >&2
+  echo "image: building the package failed (above; $BUILD/deb.log)" >&2
+  exit 1
+fi
+DEB_PID=
+cat "$BUILD/deb.log"
+step "package (built beside the base disk)"
 
 # The build's local apt repository, on loopback only; the guest sees it at 10.0.2.2.
 ln -s "$OUT/cache/apt" "$BUILD/www/apt"
