@@ -71,6 +71,8 @@ build {
       "apt-get clean",
       "rm -rf /var/lib/apt/lists/* /tmp/* /var/tmp/*",
       "rm -f /etc/ssh/ssh_host_* /home/${var.ssh_username}/.ssh/authorized_keys",
+      # Ansible's folders from the playbook's runs (remote temp files, Mitogen's).
+      "rm -rf /root/.ansible /home/${var.ssh_username}/.ansible",
       "truncate -s 0 /etc/machine-id",
       "journalctl --rotate --vacuum-time=1s --quiet",
       "rm -rf /var/log/journal/*",

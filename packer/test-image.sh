@@ -136,7 +136,11 @@ fi
 [[ $(guest ip -o -4 addr show dev eth0) == *'inet 10.0.2.15/24 '*'valid_lft forever'* ]] \
   || fail "eth0 has not the seed's static address: $(guest ip -o -4 addr show dev eth0)"
 [[ $(guest chronyc -n sources) == *' 10.0.2.2 '* ]] || fail "chrony does not use the seed's NTP server: $(guest chronyc -n sources)"
-step "first boot (state $state; OK on console and journal; secret in no log; hostname, address, NTP from the seed)"
+# Nothing of the build is left: its SSH key, Ansible's folders in the homes it ran in.
+! guest grep -q agent-proxy-build .ssh/authorized_keys || fail "the build's SSH key is still authorized in the image"
+leftovers=$(guest sudo find /root /home -maxdepth 2 -name .ansible)
+[[ -z $leftovers ]] || fail "the build left Ansible's folders in the image: $leftovers"
+step "first boot (state $state; OK on console and journal; secret in no log; hostname, address, NTP from the seed; no build leftovers)"
 
 if [[ -n $(find tests/compliance -name 'test_*.py' ! -name test_lab_node.py) ]]; then
   # AP-TLS-08 (upstream verified over https) fails, rightly, for this seed's plain http
