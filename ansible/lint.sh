@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of ansible/: ansible-lint (production profile), a syntax check of every
 # playbook, and defaults vs. meta/argument_specs.yml of every role. Installs the pinned
-# ansible-core and ansible-lint (ansible/requirements.txt; with mitogen, which the VM tests
-# run their checking playbooks under) into the project .venv first.
+# ansible-core and ansible-lint (ansible/requirements.txt; with mitogen, which the image
+# build and the two-node VM test run their playbooks under) into the project .venv first.
 # Whether the roles work and are idempotent is proven on a real host: the image build
 # runs playbooks/appliance.yml twice and fails if the second run changes anything.
 set -euo pipefail

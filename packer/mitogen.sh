@@ -1,15 +1,15 @@
-# Sourced by the scripts that run playbooks on TCG guests to check them: the image build's
-# second run (packer/run-playbook.sh, which must change nothing) and packer/test-multinode.sh.
+# Sourced by the scripts that run playbooks on TCG guests: the image build's two runs
+# (packer/run-playbook.sh; the second must change nothing) and packer/test-multinode.sh.
 #
 # Under TCG every module Ansible runs costs the guest seconds: a new Python that unpacks the
 # module and compiles Ansible's module_utils from a zip each time (a ping, on an idle guest:
 # 2.0-2.8 s, against 1.2-1.3 s with the same files compiled once). Mitogen for Ansible (the
 # mitogen package, ansible/requirements.txt) keeps one Python per guest and user for the
 # whole run and runs the same modules in it: the appliance playbook's run that changes
-# nothing took 52 s instead of 174 s on one guest. The roles and modules are the same; the
-# image that ships is provisioned with Ansible's own strategy (the build's first run), and
-# the host's role tests (tests/integration/test_role_key_material.py) use it too.
-# ANSIBLE_MITOGEN=0 runs these with Ansible's own strategy as well.
+# nothing took 52 s instead of 174 s on one guest, the build's first run 90 s instead of
+# 249 s. The roles and modules are the same. Ansible's own strategy, the one operators
+# run, is what ANSIBLE_MITOGEN=0 gives all of these; the host's role tests
+# (tests/integration/test_role_key_material.py) and `make vagrant-demo` always use it.
 
 # use_mitogen VENV: the ansible-playbook runs that follow use Mitogen's linear strategy
 # from VENV, unless ANSIBLE_MITOGEN=0; says so and fails when VENV has no mitogen.

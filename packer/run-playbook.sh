@@ -23,12 +23,10 @@ export ANSIBLE_SSH_ARGS="-o ControlMaster=auto -o ControlPersist=120s -o UserKno
 export ANSIBLE_PIPELINING=True
 # Facts gathered by the first run serve the second (each module costs seconds under TCG).
 export ANSIBLE_GATHERING=smart ANSIBLE_CACHE_PLUGIN=jsonfile ANSIBLE_CACHE_PLUGIN_CONNECTION=$BUILD/facts
-# The first run provisions with Ansible's own strategy; the second only checks, under Mitogen.
-if [[ $RUN == second ]]; then
-  # shellcheck source=packer/mitogen.sh
-  source "$REPO/packer/mitogen.sh"
-  use_mitogen "$REPO/.venv" || exit 2
-fi
+# Both runs under Mitogen's strategy (packer/mitogen.sh; ANSIBLE_MITOGEN=0: Ansible's own).
+# shellcheck source=packer/mitogen.sh
+source "$REPO/packer/mitogen.sh"
+use_mitogen "$REPO/.venv" || exit 2
 LOG=$BUILD/playbook-$RUN.log
 start=$SECONDS
 # The image installs the application from the package `make deb` built and Debian packages only.
