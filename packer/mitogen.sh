@@ -7,7 +7,7 @@
 # mitogen package, ansible/requirements.txt) keeps one Python per guest and user for the
 # whole run and runs the same modules in it: the appliance playbook's run that changes
 # nothing took 52 s instead of 174 s on one guest, the build's first run 90 s instead of
-# 249 s. The roles and modules are the same. Ansible's own strategy, the one operators
+# 197-249 s. The roles and modules are the same. Ansible's own strategy, the one operators
 # run, is what ANSIBLE_MITOGEN=0 gives all of these; the host's role tests
 # (tests/integration/test_role_key_material.py) and `make vagrant-demo` always use it.
 
