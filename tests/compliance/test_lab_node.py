@@ -24,23 +24,23 @@ pytestmark = pytest.mark.netns
 NOT_APPLICABLE = {("AP-FW-04", "-"), ("AP-OPS-01", "-"), ("AP-OPS-02", "8002"), ("AP-OPS-02", "8003")}
 
 
-def durations(junit) -> dict[str, float]:
-    """control -> seconds its test case took, from the suite's JUnit XML."""
-    found = {}
+def controls(junit):
+    """(properties, test case) of each control in the suite's JUnit XML."""
     for case in ET.parse(junit).getroot().iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         if "control" in props:
-            found[props["control"]] = float(case.get("time"))
-    return found
+            yield props, case
+
+
+def durations(junit) -> dict[str, float]:
+    """control -> seconds its test case took."""
+    return {props["control"]: float(case.get("time")) for props, case in controls(junit)}
 
 
 def outcomes(junit) -> dict[tuple[str, str], str]:
-    """(control, instance) -> passed, warned, failed or skipped, from the suite's JUnit XML."""
+    """(control, instance) -> passed, warned, failed or skipped."""
     found = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        if "control" not in props:
-            continue
+    for props, case in controls(junit):
         status = "warned" if "warn" in props else "passed"
         if case.find("failure") is not None or case.find("error") is not None:
             status = "failed"
